@@ -1,0 +1,18 @@
+//! The shared model of a signal pipeline.
+//!
+//! Everything here is pure: the `SignalPipeline` spec users write ([`spec`]), its validation
+//! ([`validate`]), the manifest file the worker reads ([`manifest`]), ClickHouse column types
+//! ([`column_type`]), how a message becomes a RowBinary row ([`row_encoder`]), the DDL the operator
+//! runs ([`ddl`]) and the Redis cache key template ([`cache_key`]). No I/O happens in this crate.
+
+pub mod column_type;
+pub mod quantity;
+pub mod server_version;
+pub mod spec;
+pub mod status;
+
+pub use column_type::ColumnType;
+pub use quantity::{ByteSize, HumanDuration};
+pub use server_version::ServerVersion;
+pub use spec::*;
+pub use status::*;

@@ -1,0 +1,448 @@
+//! The `SignalPipeline` spec: the public API that users write in YAML.
+//!
+//! These types are plain serde + schemars data, shared by the worker (which reads a manifest file)
+//! and the operator (which enables the `kube` feature to derive the custom resource from them).
+//! Every field carries a doc comment because it becomes the `kubectl explain` text.
+//! Checks that the schema cannot express live in [`crate::validate`].
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::{ByteSize, HumanDuration};
+
+/// A NATS JetStream stream, a ClickHouse table and the workers that move signals from one to the other.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource),
+    kube(
+        group = "signals.dev",
+        version = "v1alpha1",
+        kind = "SignalPipeline",
+        plural = "signalpipelines",
+        shortname = "sigp",
+        category = "signals",
+        namespaced,
+        status = "crate::status::SignalPipelineStatus",
+        doc = "A NATS JetStream stream ingested into a ClickHouse table by a scaled set of workers.",
+        scale(
+            spec_replicas_path = ".spec.workers.replicas",
+            status_replicas_path = ".status.replicas",
+            label_selector_path = ".status.selector"
+        ),
+        printcolumn(name = "Stream", type_ = "string", json_path = ".spec.stream.name"),
+        printcolumn(name = "Table", type_ = "string", json_path = ".status.table"),
+        printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+        printcolumn(name = "Lag", type_ = "integer", json_path = ".status.consumer.numPending"),
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    )
+)]
+pub struct SignalPipelineSpec {
+    /// How to reach the NATS server that holds the stream.
+    pub nats: NatsSpec,
+    /// The JetStream stream that receives the signals.
+    pub stream: StreamSpec,
+    /// The durable pull consumer the workers share.
+    #[serde(default)]
+    pub consumer: ConsumerSpec,
+    /// The ClickHouse table the signals land in, and how each message becomes a row.
+    pub clickhouse: ClickHouseSpec,
+    /// The worker Deployment: replicas, image, batching and resources.
+    #[serde(default)]
+    pub workers: WorkersSpec,
+    /// Where messages that cannot become a row are published. Without it they are terminated and counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterSpec>,
+    /// An optional Redis cache of the latest row per key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+    /// What happens to the stream, consumer and table when the pipeline is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// A reference to a Secret in the pipeline's namespace.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    pub name: String,
+}
+
+/// Credentials taken from a Secret; the keys a Secret may hold depend on the server.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthSpec {
+    /// The Secret that holds the credentials. NATS keys: `creds` | `token` | `user` + `password`;
+    /// ClickHouse keys: `user`, `password`; Redis keys: `password` (and optionally `user`).
+    pub secret_ref: SecretRef,
+}
+
+/// How to reach NATS.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsSpec {
+    /// NATS server URL, e.g. `nats://nats.signals.svc:4222`. Several may be given separated by commas.
+    pub url: String,
+    /// Credentials for NATS (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// Where JetStream keeps the stream's data. Cannot change after creation.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum StorageKind {
+    /// On disk.
+    #[default]
+    File,
+    /// In memory.
+    Memory,
+}
+
+/// When JetStream removes messages from the stream.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum RetentionKind {
+    /// Kept until a limit (age, bytes, count) is reached.
+    #[default]
+    Limits,
+    /// Kept while a consumer is interested in them.
+    Interest,
+    /// Removed once acknowledged.
+    Workqueue,
+}
+
+/// What JetStream does when the stream is full.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum DiscardKind {
+    /// Drop the oldest messages.
+    #[default]
+    Old,
+    /// Refuse new messages.
+    New,
+}
+
+/// The JetStream stream.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StreamSpec {
+    /// Stream name: letters, digits, `-` and `_`. Cannot change.
+    pub name: String,
+    /// Subjects the stream captures, wildcards allowed (`signals.>`).
+    pub subjects: Vec<String>,
+    /// `file` or `memory`. Cannot change.
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// `limits`, `interest` or `workqueue`.
+    #[serde(default)]
+    pub retention: RetentionKind,
+    /// `old` or `new`: what to discard when a limit is reached.
+    #[serde(default)]
+    pub discard: DiscardKind,
+    /// Oldest message kept, e.g. `7d` (unlimited when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<HumanDuration>,
+    /// Largest stream size, e.g. `10Gi` (unlimited when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
+    /// Most messages kept (unlimited when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_msgs: Option<i64>,
+    /// Largest message the stream accepts, e.g. `1Mi` (server default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_msg_size: Option<ByteSize>,
+    /// Number of stream replicas in a NATS cluster (1 to 5).
+    #[serde(default = "default_stream_replicas")]
+    pub replicas: u8,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate, e.g. `2m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window: Option<HumanDuration>,
+}
+
+fn default_stream_replicas() -> u8 {
+    1
+}
+
+/// Which messages a new consumer starts with.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum DeliverPolicyKind {
+    /// Every message in the stream.
+    #[default]
+    All,
+    /// Only messages published after the consumer was created.
+    New,
+}
+
+/// The durable pull consumer.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsumerSpec {
+    /// Durable consumer name (default: the pipeline's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable_name: Option<String>,
+    /// Only messages on this subject (wildcards allowed) are consumed; all of the stream when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_subject: Option<String>,
+    /// How long a delivered message may stay unacknowledged before it is redelivered.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait: HumanDuration,
+    /// Deliveries of one message before JetStream gives up on it.
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: i64,
+    /// Most messages delivered and not yet acknowledged, across all workers.
+    #[serde(default = "default_max_ack_pending")]
+    pub max_ack_pending: i64,
+    /// `all` or `new`: where a newly created consumer starts. Cannot change.
+    #[serde(default)]
+    pub deliver_policy: DeliverPolicyKind,
+}
+
+impl Default for ConsumerSpec {
+    fn default() -> Self {
+        Self {
+            durable_name: None,
+            filter_subject: None,
+            ack_wait: default_ack_wait(),
+            max_deliver: default_max_deliver(),
+            max_ack_pending: default_max_ack_pending(),
+            deliver_policy: DeliverPolicyKind::All,
+        }
+    }
+}
+
+fn default_ack_wait() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_max_deliver() -> i64 {
+    5
+}
+fn default_max_ack_pending() -> i64 {
+    20_000
+}
+
+/// The ClickHouse table.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClickHouseSpec {
+    /// ClickHouse HTTP URL, e.g. `http://clickhouse.signals.svc:8123`.
+    pub url: String,
+    /// Database name. Cannot change.
+    pub database: String,
+    /// Table name. Cannot change.
+    pub table: String,
+    /// Credentials for ClickHouse (Secret keys `user`, `password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// Table engine: `MergeTree` or `ReplacingMergeTree`, optionally with arguments.
+    #[serde(default = "default_engine")]
+    pub engine: String,
+    /// PARTITION BY expression, e.g. `toYYYYMM(event_time)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_by: Option<String>,
+    /// ORDER BY columns or expressions (an empty list orders by `tuple()`).
+    #[serde(default)]
+    pub order_by: Vec<String>,
+    /// TTL expression, e.g. `toDateTime(event_time) + INTERVAL 90 DAY` (ClickHouse 19.6 or later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// The table's columns and where each value comes from.
+    pub columns: Vec<ColumnSpec>,
+}
+
+fn default_engine() -> String {
+    "MergeTree".to_string()
+}
+
+/// One column of the table and the message value it is filled from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ColumnSpec {
+    /// Column name: letters, digits and `_`, not starting with a digit.
+    pub name: String,
+    /// ClickHouse type: String, Bool, Int8..Int64, UInt8..UInt64, Float32, Float64, Decimal(P,S), Date,
+    /// DateTime, DateTime64(p), UUID, and Nullable(T), LowCardinality(T), Array(T), Map(String, T) of those.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// Where the value comes from: a JSON path into the message (`$.a.b`; `$` is the whole message) or
+    /// metadata: `@subject`, `@sequence` (stream sequence), `@timestamp` (stream time), `@header:Name`.
+    pub from: String,
+    /// Value used when the source is missing or null, written as ClickHouse would print it (`0`, `unknown`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+}
+
+/// The workers that move messages from the consumer into the table.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkersSpec {
+    /// Number of worker pods (ignored while `autoscale` is set).
+    #[serde(default = "default_worker_replicas")]
+    pub replicas: i32,
+    /// Worker image; the operator's default when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// When a batch is written to ClickHouse.
+    #[serde(default)]
+    pub batch: BatchSpec,
+    /// CPU and memory for each worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourcesSpec>,
+    /// Scale replicas with the consumer's lag (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSpec>,
+    /// Messages larger than this are poison (default `1Mi`).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: ByteSize,
+}
+
+impl Default for WorkersSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_worker_replicas(),
+            image: None,
+            batch: BatchSpec::default(),
+            resources: None,
+            autoscale: None,
+            max_message_bytes: default_max_message_bytes(),
+        }
+    }
+}
+
+fn default_worker_replicas() -> i32 {
+    1
+}
+fn default_max_message_bytes() -> ByteSize {
+    ByteSize(1024 * 1024)
+}
+
+/// A batch is written when any one of its limits is reached.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchSpec {
+    /// Rows in a batch.
+    #[serde(default = "default_batch_rows")]
+    pub max_rows: u32,
+    /// Encoded bytes in a batch, e.g. `8Mi`.
+    #[serde(default = "default_batch_bytes")]
+    pub max_bytes: ByteSize,
+    /// Longest time the first message of a batch waits, e.g. `1s`.
+    #[serde(default = "default_batch_wait")]
+    pub max_wait: HumanDuration,
+}
+
+impl Default for BatchSpec {
+    fn default() -> Self {
+        Self {
+            max_rows: default_batch_rows(),
+            max_bytes: default_batch_bytes(),
+            max_wait: default_batch_wait(),
+        }
+    }
+}
+
+fn default_batch_rows() -> u32 {
+    10_000
+}
+fn default_batch_bytes() -> ByteSize {
+    ByteSize(8 * 1024 * 1024)
+}
+fn default_batch_wait() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+
+/// Container resources, as Kubernetes quantities (`100m`, `64Mi`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourcesSpec {
+    /// Requested resources, e.g. `{cpu: 100m, memory: 64Mi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    /// Resource limits, e.g. `{memory: 256Mi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// Lag-driven replica count.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoscaleSpec {
+    /// Fewest workers.
+    #[serde(default = "default_min_replicas")]
+    pub min_replicas: i32,
+    /// Most workers.
+    pub max_replicas: i32,
+    /// Pending messages one worker is expected to keep up with.
+    pub target_lag_per_replica: i64,
+    /// How long the lag must stay low before replicas are removed (default `5m`).
+    #[serde(default = "default_stabilization")]
+    pub scale_down_stabilization: HumanDuration,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+fn default_stabilization() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+
+/// The dead-letter destination.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetterSpec {
+    /// Subject poison messages are published to, with headers `Signal-Poison-Reason`,
+    /// `Signal-Original-Subject` and `Signal-Stream-Sequence`.
+    pub subject: String,
+}
+
+/// The Redis latest-value cache.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheSpec {
+    /// The Redis server.
+    pub redis: RedisSpec,
+    /// Key template over column names, e.g. `wallet:{wallet_address}:latest`.
+    pub key: String,
+    /// Columns written into the hash at the key.
+    pub fields: Vec<String>,
+    /// Expiry set on each key after it is written, e.g. `5m`.
+    pub ttl: HumanDuration,
+}
+
+/// How to reach Redis.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisSpec {
+    /// Redis URL, e.g. `redis://redis.signals.svc:6379`.
+    pub url: String,
+    /// Credentials for Redis (Secret key `password`, optionally `user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// What deleting the pipeline does to the stream, consumer and table.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// Leave them in place.
+    #[default]
+    Retain,
+    /// Delete the consumer, the stream and the table.
+    Delete,
+}
+
+impl SignalPipelineSpec {
+    /// The durable consumer name: `consumer.durableName`, or the pipeline's name.
+    pub fn durable_name<'a>(&'a self, pipeline_name: &'a str) -> &'a str {
+        self.consumer.durable_name.as_deref().unwrap_or(pipeline_name)
+    }
+}
