@@ -21,12 +21,20 @@ pub enum ColumnType {
     Float32,
     Float64,
     /// Decimal(P, S) with 1 <= P <= 38 and 0 <= S <= P.
-    Decimal { precision: u8, scale: u8 },
+    Decimal {
+        precision: u8,
+        scale: u8,
+    },
     Date,
     /// DateTime with an optional time zone, e.g. `DateTime('UTC')`.
-    DateTime { timezone: Option<String> },
+    DateTime {
+        timezone: Option<String>,
+    },
     /// DateTime64(p) with 0 <= p <= 9 and an optional time zone.
-    DateTime64 { precision: u8, timezone: Option<String> },
+    DateTime64 {
+        precision: u8,
+        timezone: Option<String>,
+    },
     Uuid,
     Nullable(Box<ColumnType>),
     LowCardinality(Box<ColumnType>),
@@ -46,7 +54,10 @@ pub struct TypeError {
 impl ColumnType {
     /// Parses a ClickHouse type name such as `Nullable(DateTime64(3, 'UTC'))`.
     pub fn parse(text: &str) -> Result<Self, TypeError> {
-        let fail = |reason: String| TypeError { text: text.to_string(), reason };
+        let fail = |reason: String| TypeError {
+            text: text.to_string(),
+            reason,
+        };
         let mut parser = Parser { rest: text.trim() };
         let parsed = parser.parse_type().map_err(fail)?;
         if !parser.rest.trim().is_empty() {
@@ -60,9 +71,10 @@ impl ColumnType {
     fn check_nesting(&self) -> Result<(), String> {
         match self {
             ColumnType::Nullable(inner) => match inner.as_ref() {
-                ColumnType::Nullable(_) | ColumnType::Array(_) | ColumnType::Map(_) | ColumnType::LowCardinality(_) => {
-                    Err(format!("Nullable cannot wrap {inner}"))
-                }
+                ColumnType::Nullable(_)
+                | ColumnType::Array(_)
+                | ColumnType::Map(_)
+                | ColumnType::LowCardinality(_) => Err(format!("Nullable cannot wrap {inner}")),
                 other => other.check_nesting(),
             },
             ColumnType::LowCardinality(inner) => {
@@ -147,7 +159,10 @@ impl fmt::Display for ColumnType {
                 Some(z) => write!(f, "DateTime({z})"),
                 None => f.write_str("DateTime"),
             },
-            ColumnType::DateTime64 { precision, timezone } => match tz(timezone) {
+            ColumnType::DateTime64 {
+                precision,
+                timezone,
+            } => match tz(timezone) {
                 Some(z) => write!(f, "DateTime64({precision}, {z})"),
                 None => write!(f, "DateTime64({precision})"),
             },
@@ -205,12 +220,17 @@ impl<'a> Parser<'a> {
         let len = self.rest.bytes().take_while(u8::is_ascii_digit).count();
         let (digits, rest) = self.rest.split_at(len);
         self.rest = rest;
-        digits.parse().map_err(|_| "expected a small number".to_string())
+        digits
+            .parse()
+            .map_err(|_| "expected a small number".to_string())
     }
 
     fn quoted(&mut self) -> Result<String, String> {
         self.skip_space();
-        let body = self.rest.strip_prefix('\'').ok_or("expected a quoted time zone")?;
+        let body = self
+            .rest
+            .strip_prefix('\'')
+            .ok_or("expected a quoted time zone")?;
         let end = body.find('\'').ok_or("unterminated quote")?;
         let zone = body[..end].to_string();
         self.rest = &body[end + 1..];
@@ -218,7 +238,11 @@ impl<'a> Parser<'a> {
     }
 
     fn optional_timezone(&mut self) -> Result<Option<String>, String> {
-        Ok(if self.rest.trim_start().starts_with('\'') { Some(self.quoted()?) } else { None })
+        Ok(if self.rest.trim_start().starts_with('\'') {
+            Some(self.quoted()?)
+        } else {
+            None
+        })
     }
 
     fn parse_type(&mut self) -> Result<ColumnType, String> {
@@ -260,9 +284,16 @@ impl<'a> Parser<'a> {
                 if precision > 9 {
                     return Err(format!("DateTime64 precision {precision} is above 9"));
                 }
-                let timezone = if self.eat(',') { self.optional_timezone()? } else { None };
+                let timezone = if self.eat(',') {
+                    self.optional_timezone()?
+                } else {
+                    None
+                };
                 self.expect(')')?;
-                Ok(ColumnType::DateTime64 { precision, timezone })
+                Ok(ColumnType::DateTime64 {
+                    precision,
+                    timezone,
+                })
             }
             "Decimal" => {
                 self.expect('(')?;
@@ -274,7 +305,9 @@ impl<'a> Parser<'a> {
                     return Err(format!("Decimal precision {precision} is outside 1..=38"));
                 }
                 if scale > precision {
-                    return Err(format!("Decimal scale {scale} is larger than its precision {precision}"));
+                    return Err(format!(
+                        "Decimal scale {scale} is larger than its precision {precision}"
+                    ));
                 }
                 Ok(ColumnType::Decimal { precision, scale })
             }
@@ -337,7 +370,10 @@ mod tests {
             let parsed = ColumnType::parse(text).unwrap();
             assert_eq!(parsed.to_string(), text);
         }
-        assert_eq!(ColumnType::parse(" Decimal( 9 ,2 ) ").unwrap().to_string(), "Decimal(9, 2)");
+        assert_eq!(
+            ColumnType::parse(" Decimal( 9 ,2 ) ").unwrap().to_string(),
+            "Decimal(9, 2)"
+        );
     }
 
     #[test]
@@ -357,7 +393,13 @@ mod tests {
     fn knows_the_oldest_server_for_each_type() {
         let min = |t: &str| ColumnType::parse(t).unwrap().minimum_server();
         assert_eq!(min("String"), None);
-        assert_eq!(min("Array(DateTime64(3))"), Some((ServerVersion::new(20, 1), "DateTime64")));
-        assert_eq!(min("Map(String, Bool)"), Some((ServerVersion::new(21, 12), "Bool")));
+        assert_eq!(
+            min("Array(DateTime64(3))"),
+            Some((ServerVersion::new(20, 1), "DateTime64"))
+        );
+        assert_eq!(
+            min("Map(String, Bool)"),
+            Some((ServerVersion::new(21, 12), "Bool"))
+        );
     }
 }

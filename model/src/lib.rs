@@ -6,6 +6,7 @@
 //! runs ([`ddl`]) and the Redis cache key template ([`cache_key`]). No I/O happens in this crate.
 
 pub mod column_type;
+pub mod credentials;
 pub mod quantity;
 pub mod server_version;
 pub mod spec;

@@ -37,7 +37,9 @@ impl HumanDuration {
         while !rest.is_empty() {
             let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
             if digits == 0 {
-                return Err(format!("invalid duration `{text}`: expected a number, e.g. `30s`, `5m`, `7d`"));
+                return Err(format!(
+                    "invalid duration `{text}`: expected a number, e.g. `30s`, `5m`, `7d`"
+                ));
             }
             let number: u64 = rest[..digits]
                 .parse()
@@ -52,8 +54,16 @@ impl HumanDuration {
                 "m" => Duration::from_secs(number.saturating_mul(60)),
                 "h" => Duration::from_secs(number.saturating_mul(3600)),
                 "d" => Duration::from_secs(number.saturating_mul(86_400)),
-                "" => return Err(format!("invalid duration `{text}`: missing unit (ms, s, m, h, d)")),
-                other => return Err(format!("invalid duration `{text}`: unknown unit `{other}` (ms, s, m, h, d)")),
+                "" => {
+                    return Err(format!(
+                        "invalid duration `{text}`: missing unit (ms, s, m, h, d)"
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "invalid duration `{text}`: unknown unit `{other}` (ms, s, m, h, d)"
+                    ));
+                }
             };
             total = total.saturating_add(part);
         }
@@ -122,7 +132,9 @@ impl ByteSize {
         let text = text.trim();
         let digits = text.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("invalid byte size `{text}`: expected a number such as `1000`, `8Mi` or `10Gi`"));
+            return Err(format!(
+                "invalid byte size `{text}`: expected a number such as `1000`, `8Mi` or `10Gi`"
+            ));
         }
         let number: u64 = text[..digits]
             .parse()
@@ -152,7 +164,12 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (suffix, size) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        for (suffix, size) in [
+            ("Ti", 1u64 << 40),
+            ("Gi", 1 << 30),
+            ("Mi", 1 << 20),
+            ("Ki", 1 << 10),
+        ] {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{suffix}", self.0 / size);
             }
@@ -215,13 +232,30 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print_back() {
-        assert_eq!(HumanDuration::parse("7d").unwrap().0, Duration::from_secs(7 * 86_400));
-        assert_eq!(HumanDuration::parse("1h30m").unwrap().0, Duration::from_secs(5400));
-        assert_eq!(HumanDuration::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            HumanDuration::parse("7d").unwrap().0,
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(
+            HumanDuration::parse("1h30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
         assert_eq!(HumanDuration::parse("1h30m").unwrap().to_string(), "1h30m");
         assert_eq!(HumanDuration::parse("90s").unwrap().to_string(), "1m30s");
-        assert!(HumanDuration::parse("30").unwrap_err().contains("missing unit"));
-        assert!(HumanDuration::parse("3w").unwrap_err().contains("unknown unit `w`"));
+        assert!(
+            HumanDuration::parse("30")
+                .unwrap_err()
+                .contains("missing unit")
+        );
+        assert!(
+            HumanDuration::parse("3w")
+                .unwrap_err()
+                .contains("unknown unit `w`")
+        );
         assert!(HumanDuration::parse("").is_err());
     }
 
@@ -231,7 +265,11 @@ mod tests {
         assert_eq!(ByteSize::parse("10G").unwrap().0, 10_000_000_000);
         assert_eq!(ByteSize::parse("1000").unwrap().0, 1000);
         assert_eq!(ByteSize(8 << 20).to_string(), "8Mi");
-        assert!(ByteSize::parse("8MB").unwrap_err().contains("unknown suffix `MB`"));
+        assert!(
+            ByteSize::parse("8MB")
+                .unwrap_err()
+                .contains("unknown suffix `MB`")
+        );
         let from_int: ByteSize = serde_json::from_str("4096").unwrap();
         assert_eq!(from_int.0, 4096);
         assert!(serde_json::from_str::<ByteSize>("-1").is_err());

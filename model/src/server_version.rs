@@ -20,8 +20,14 @@ impl ServerVersion {
         let mut parts = text.trim().split('.');
         let major = parts.next()?.parse().ok()?;
         let minor_text = parts.next().unwrap_or("0");
-        let digits: String = minor_text.chars().take_while(char::is_ascii_digit).collect();
-        Some(Self { major, minor: digits.parse().ok()? })
+        let digits: String = minor_text
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        Some(Self {
+            major,
+            minor: digits.parse().ok()?,
+        })
     }
 
     /// Servers before 22.2 ignore `insert_deduplication_token`, so batches are deduplicated only by
@@ -53,8 +59,14 @@ mod tests {
 
     #[test]
     fn parses_release_strings() {
-        assert_eq!(ServerVersion::parse("18.16.1"), Some(ServerVersion::new(18, 16)));
-        assert_eq!(ServerVersion::parse("26.9.1.1-stable"), Some(ServerVersion::new(26, 9)));
+        assert_eq!(
+            ServerVersion::parse("18.16.1"),
+            Some(ServerVersion::new(18, 16))
+        );
+        assert_eq!(
+            ServerVersion::parse("26.9.1.1-stable"),
+            Some(ServerVersion::new(26, 9))
+        );
         assert_eq!(ServerVersion::parse("nonsense"), None);
         assert!(ServerVersion::new(18, 16) < ServerVersion::new(20, 1));
         assert!(!ServerVersion::new(18, 16).supports_insert_deduplication_token());

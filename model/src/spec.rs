@@ -36,13 +36,21 @@ use crate::quantity::{ByteSize, HumanDuration};
         printcolumn(name = "Stream", type_ = "string", json_path = ".spec.stream.name"),
         printcolumn(name = "Table", type_ = "string", json_path = ".status.table"),
         printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
-        printcolumn(name = "Lag", type_ = "integer", json_path = ".status.consumer.numPending"),
+        printcolumn(
+            name = "Lag",
+            type_ = "integer",
+            json_path = ".status.consumer.numPending"
+        ),
         printcolumn(
             name = "Ready",
             type_ = "string",
             json_path = ".status.conditions[?(@.type==\"Ready\")].status"
         ),
-        printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        )
     )
 )]
 pub struct SignalPipelineSpec {
@@ -443,6 +451,9 @@ pub enum DeletionPolicy {
 impl SignalPipelineSpec {
     /// The durable consumer name: `consumer.durableName`, or the pipeline's name.
     pub fn durable_name<'a>(&'a self, pipeline_name: &'a str) -> &'a str {
-        self.consumer.durable_name.as_deref().unwrap_or(pipeline_name)
+        self.consumer
+            .durable_name
+            .as_deref()
+            .unwrap_or(pipeline_name)
     }
 }
