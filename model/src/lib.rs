@@ -7,10 +7,13 @@
 
 pub mod column_type;
 pub mod credentials;
+pub mod ddl;
 pub mod quantity;
+pub mod row_encoder;
 pub mod server_version;
 pub mod spec;
 pub mod status;
+pub mod value_source;
 
 pub use column_type::ColumnType;
 pub use quantity::{ByteSize, HumanDuration};

@@ -1,0 +1,517 @@
+//! The ClickHouse DDL the operator runs for a pipeline's table, as pure text built from the spec.
+//!
+//! Statements are written for the server's version: features the server lacks are reported by
+//! [`unsupported_features`] (and refused by [`create_table_sql`]) rather than sent and failed on.
+//! `LowCardinality` is treated as unsupported before 19.0: on 18.x it exists only behind
+//! `allow_experimental_low_cardinality_type=1`, and an experimental setting is not something the
+//! operator should switch on for a production table by itself.
+
+use std::fmt;
+
+use crate::column_type::{ColumnType, TypeError};
+use crate::server_version::ServerVersion;
+use crate::spec::{ClickHouseSpec, ColumnSpec};
+
+/// Table engines the operator creates (optionally with arguments, e.g. `ReplacingMergeTree(version)`).
+pub const SUPPORTED_ENGINES: [&str; 2] = ["MergeTree", "ReplacingMergeTree"];
+
+/// A feature of the spec that the server is too old for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsupported {
+    /// The feature and where it is used, e.g. ``DateTime64 (column `event_time`)``.
+    pub what: String,
+    /// The oldest release that has it.
+    pub minimum: ServerVersion,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} needs ClickHouse {} or later",
+            self.what, self.minimum
+        )
+    }
+}
+
+/// Why a statement could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DdlError {
+    #[error("column `{column}`: {source}")]
+    ColumnType { column: String, source: TypeError },
+    #[error("the table has no columns")]
+    NoColumns,
+    #[error("{what} must not be empty")]
+    EmptyName { what: &'static str },
+    #[error(
+        "engine `{engine}` is not supported: use {} (optionally with arguments)",
+        SUPPORTED_ENGINES.join(" or ")
+    )]
+    Engine { engine: String },
+    #[error("{clause} expression `{expression}` {problem}")]
+    Expression {
+        clause: &'static str,
+        expression: String,
+        problem: &'static str,
+    },
+    #[error(
+        "column `{column}`: ClickHouse refuses {type_text} by default (it is slower than the plain \
+         type; servers require allow_suspicious_low_cardinality_types): use LowCardinality only \
+         over String"
+    )]
+    SuspiciousLowCardinality { column: String, type_text: String },
+    #[error("{}; server is {server}", list_unsupported(.features))]
+    Unsupported {
+        features: Vec<Unsupported>,
+        server: ServerVersion,
+    },
+}
+
+fn list_unsupported(features: &[Unsupported]) -> String {
+    features
+        .iter()
+        .map(Unsupported::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Back-quotes an identifier, escaping what would end the quote.
+pub fn quote_identifier(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// `` `db`.`table` ``.
+pub fn qualified_table(database: &str, table: &str) -> String {
+    format!("{}.{}", quote_identifier(database), quote_identifier(table))
+}
+
+/// `CREATE DATABASE IF NOT EXISTS `db``.
+pub fn create_database_sql(database: &str) -> String {
+    format!(
+        "CREATE DATABASE IF NOT EXISTS {}",
+        quote_identifier(database)
+    )
+}
+
+/// `DROP TABLE IF EXISTS `db`.`table``.
+pub fn drop_table_sql(database: &str, table: &str) -> String {
+    format!("DROP TABLE IF EXISTS {}", qualified_table(database, table))
+}
+
+/// Parses a column's type text, naming the column when it is invalid or when ClickHouse would
+/// refuse it in a table.
+pub fn column_type(column: &ColumnSpec) -> Result<ColumnType, DdlError> {
+    let parsed = ColumnType::parse(&column.type_name).map_err(|source| DdlError::ColumnType {
+        column: column.name.clone(),
+        source,
+    })?;
+    if let Some(suspicious) = suspicious_low_cardinality(&parsed) {
+        return Err(DdlError::SuspiciousLowCardinality {
+            column: column.name.clone(),
+            type_text: suspicious.to_string(),
+        });
+    }
+    Ok(parsed)
+}
+
+/// Current servers refuse `LowCardinality` over fixed-size types (numbers, dates) unless
+/// `allow_suspicious_low_cardinality_types` is set; only String (possibly Nullable) is worth it.
+fn suspicious_low_cardinality(parsed: &ColumnType) -> Option<&ColumnType> {
+    match parsed {
+        ColumnType::LowCardinality(inner) => {
+            let base = match inner.as_ref() {
+                ColumnType::Nullable(base) => base.as_ref(),
+                base => base,
+            };
+            (*base != ColumnType::String).then_some(parsed)
+        }
+        ColumnType::Nullable(inner) | ColumnType::Array(inner) | ColumnType::Map(inner) => {
+            suspicious_low_cardinality(inner)
+        }
+        _ => None,
+    }
+}
+
+/// Features of `spec` that `server` lacks, each with the release that brought it. Columns whose type
+/// text does not parse are left to [`create_table_sql`], which reports them.
+pub fn unsupported_features(spec: &ClickHouseSpec, server: ServerVersion) -> Vec<Unsupported> {
+    let mut found = Vec::new();
+    for column in &spec.columns {
+        let Ok(parsed) = ColumnType::parse(&column.type_name) else {
+            continue;
+        };
+        if let Some((minimum, feature)) = parsed.minimum_server()
+            && server < minimum
+        {
+            found.push(Unsupported {
+                what: format!("{feature} (column `{}`)", column.name),
+                minimum,
+            });
+        }
+    }
+    if spec.ttl.is_some() && !server.supports_ttl() {
+        found.push(Unsupported {
+            what: "Table TTL".to_string(),
+            minimum: ServerVersion::new(19, 6),
+        });
+    }
+    found
+}
+
+/// The `CREATE TABLE IF NOT EXISTS` statement for `spec` on `server`.
+pub fn create_table_sql(spec: &ClickHouseSpec, server: ServerVersion) -> Result<String, DdlError> {
+    check_names(spec)?;
+    if spec.columns.is_empty() {
+        return Err(DdlError::NoColumns);
+    }
+    let mut column_lines = Vec::with_capacity(spec.columns.len());
+    for column in &spec.columns {
+        let parsed = column_type(column)?;
+        column_lines.push(format!("    {} {parsed}", quote_identifier(&column.name)));
+    }
+    let features = unsupported_features(spec, server);
+    if !features.is_empty() {
+        return Err(DdlError::Unsupported { features, server });
+    }
+
+    let mut sql = format!(
+        "CREATE TABLE IF NOT EXISTS {}\n(\n{}\n)\nENGINE = {}",
+        qualified_table(&spec.database, &spec.table),
+        column_lines.join(",\n"),
+        engine_clause(&spec.engine)?
+    );
+    if let Some(partition) = &spec.partition_by {
+        check_expression("PARTITION BY", partition)?;
+        sql.push_str(&format!("\nPARTITION BY {}", partition.trim()));
+    }
+    sql.push_str(&format!("\nORDER BY {}", order_by_clause(spec)?));
+    if let Some(ttl) = &spec.ttl {
+        check_expression("TTL", ttl)?;
+        sql.push_str(&format!("\nTTL {}", ttl.trim()));
+    }
+    Ok(sql)
+}
+
+/// `ALTER TABLE … ADD COLUMN` for one spec column. `IF NOT EXISTS` is added where the server knows
+/// it (not on 18.x), so a column added concurrently by someone else is not an error there.
+pub fn add_column_sql(
+    database: &str,
+    table: &str,
+    column: &ColumnSpec,
+    server: ServerVersion,
+) -> Result<String, DdlError> {
+    if column.name.is_empty() {
+        return Err(DdlError::EmptyName {
+            what: "column name",
+        });
+    }
+    let parsed = column_type(column)?;
+    let if_not_exists = if server.supports_add_column_if_not_exists() {
+        "IF NOT EXISTS "
+    } else {
+        ""
+    };
+    Ok(format!(
+        "ALTER TABLE {} ADD COLUMN {if_not_exists}{} {parsed}",
+        qualified_table(database, table),
+        quote_identifier(&column.name)
+    ))
+}
+
+fn check_names(spec: &ClickHouseSpec) -> Result<(), DdlError> {
+    if spec.database.is_empty() {
+        return Err(DdlError::EmptyName { what: "database" });
+    }
+    if spec.table.is_empty() {
+        return Err(DdlError::EmptyName { what: "table" });
+    }
+    if spec.columns.iter().any(|c| c.name.is_empty()) {
+        return Err(DdlError::EmptyName {
+            what: "column name",
+        });
+    }
+    Ok(())
+}
+
+/// `MergeTree()` or `ReplacingMergeTree(version)`: a supported engine name with balanced arguments.
+fn engine_clause(engine: &str) -> Result<String, DdlError> {
+    let engine = engine.trim();
+    let refuse = || DdlError::Engine {
+        engine: engine.to_string(),
+    };
+    let name_len = engine
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        .count();
+    let (name, rest) = engine.split_at(name_len);
+    let name = if name.is_empty() && rest.is_empty() {
+        "MergeTree"
+    } else {
+        name
+    };
+    if !SUPPORTED_ENGINES.contains(&name) {
+        return Err(refuse());
+    }
+    let rest = rest.trim();
+    if rest.is_empty() {
+        return Ok(format!("{name}()"));
+    }
+    let arguments = rest
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(refuse)?;
+    check_expression("ENGINE", arguments).map_err(|_| refuse())?;
+    Ok(format!("{name}({})", arguments.trim()))
+}
+
+/// One ORDER BY item is written bare, several as a tuple, none as `tuple()`. Items that name a
+/// column are quoted; anything else is an expression and kept as written.
+fn order_by_clause(spec: &ClickHouseSpec) -> Result<String, DdlError> {
+    let mut items = Vec::with_capacity(spec.order_by.len());
+    for item in &spec.order_by {
+        check_expression("ORDER BY", item)?;
+        let item = item.trim();
+        if spec.columns.iter().any(|c| c.name == item) {
+            items.push(quote_identifier(item));
+        } else {
+            items.push(item.to_string());
+        }
+    }
+    Ok(match items.len() {
+        0 => "tuple()".to_string(),
+        1 => items.remove(0),
+        _ => format!("({})", items.join(", ")),
+    })
+}
+
+/// Refuses expressions that would end or comment out the statement: they are user text pasted
+/// into DDL, so they must stay one balanced expression.
+fn check_expression(clause: &'static str, expression: &str) -> Result<(), DdlError> {
+    let fail = |problem: &'static str| DdlError::Expression {
+        clause,
+        expression: expression.to_string(),
+        problem,
+    };
+    if expression.trim().is_empty() {
+        return Err(fail("is empty"));
+    }
+    let mut depth: i32 = 0;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut previous = ' ';
+    for c in expression.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '`' | '"' => quote = Some(c),
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(fail("has an unmatched `)`"));
+                }
+            }
+            ';' => return Err(fail("must not contain `;`")),
+            '-' if previous == '-' => return Err(fail("must not contain a comment")),
+            '*' if previous == '/' => return Err(fail("must not contain a comment")),
+            _ => {}
+        }
+        previous = c;
+    }
+    if quote.is_some() {
+        return Err(fail("has an unterminated quote"));
+    }
+    if depth != 0 {
+        return Err(fail("has an unmatched `(`"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str, type_name: &str) -> ColumnSpec {
+        ColumnSpec {
+            name: name.to_string(),
+            type_name: type_name.to_string(),
+            from: format!("$.{name}"),
+            default: None,
+        }
+    }
+
+    fn spec(columns: Vec<ColumnSpec>) -> ClickHouseSpec {
+        ClickHouseSpec {
+            url: "http://localhost:8123".to_string(),
+            database: "risksignal".to_string(),
+            table: "transaction_signals".to_string(),
+            auth: None,
+            engine: "MergeTree".to_string(),
+            partition_by: None,
+            order_by: Vec::new(),
+            ttl: None,
+            columns,
+        }
+    }
+
+    const OLD: ServerVersion = ServerVersion::new(18, 16);
+    const CURRENT: ServerVersion = ServerVersion::new(24, 8);
+
+    #[test]
+    fn writes_a_full_create_table_statement() {
+        let mut table = spec(vec![
+            column("event_time", "DateTime64(3, 'UTC')"),
+            column("wallet", "LowCardinality(String)"),
+            column("amount", "Decimal( 18 ,4 )"),
+        ]);
+        table.engine = "ReplacingMergeTree(event_time)".to_string();
+        table.partition_by = Some("toYYYYMM(event_time)".to_string());
+        table.order_by = vec!["wallet".to_string(), "toDate(event_time)".to_string()];
+        table.ttl = Some("toDateTime(event_time) + INTERVAL 90 DAY".to_string());
+        let sql = create_table_sql(&table, CURRENT).unwrap();
+        assert_eq!(
+            sql,
+            "CREATE TABLE IF NOT EXISTS `risksignal`.`transaction_signals`\n(\n    \
+             `event_time` DateTime64(3, 'UTC'),\n    `wallet` LowCardinality(String),\n    \
+             `amount` Decimal(18, 4)\n)\nENGINE = ReplacingMergeTree(event_time)\n\
+             PARTITION BY toYYYYMM(event_time)\nORDER BY (`wallet`, toDate(event_time))\n\
+             TTL toDateTime(event_time) + INTERVAL 90 DAY"
+        );
+    }
+
+    #[test]
+    fn orders_by_tuple_when_no_key_and_defaults_the_engine() {
+        let mut table = spec(vec![column("id", "UInt64")]);
+        table.engine = String::new();
+        let sql = create_table_sql(&table, OLD).unwrap();
+        assert!(
+            sql.ends_with("ENGINE = MergeTree()\nORDER BY tuple()"),
+            "{sql}"
+        );
+        table.order_by = vec!["id".to_string()];
+        assert!(
+            create_table_sql(&table, OLD)
+                .unwrap()
+                .ends_with("ORDER BY `id`")
+        );
+    }
+
+    #[test]
+    fn quotes_identifiers_that_would_break_out() {
+        assert_eq!(quote_identifier("we`ird"), "`we\\`ird`");
+        assert_eq!(
+            create_database_sql("db`; DROP"),
+            "CREATE DATABASE IF NOT EXISTS `db\\`; DROP`"
+        );
+        assert_eq!(drop_table_sql("d", "t"), "DROP TABLE IF EXISTS `d`.`t`");
+    }
+
+    #[test]
+    fn add_column_uses_if_not_exists_only_where_the_server_has_it() {
+        let severity = column("severity", "UInt8");
+        assert_eq!(
+            add_column_sql("risksignal", "transaction_signals", &severity, OLD).unwrap(),
+            "ALTER TABLE `risksignal`.`transaction_signals` ADD COLUMN `severity` UInt8"
+        );
+        assert_eq!(
+            add_column_sql("risksignal", "transaction_signals", &severity, CURRENT).unwrap(),
+            "ALTER TABLE `risksignal`.`transaction_signals` ADD COLUMN IF NOT EXISTS `severity` UInt8"
+        );
+        let bad = column("x", "Int33");
+        assert!(matches!(
+            add_column_sql("d", "t", &bad, CURRENT),
+            Err(DdlError::ColumnType { .. })
+        ));
+    }
+
+    #[test]
+    fn lists_what_an_old_server_lacks_with_the_minimum_version() {
+        let mut table = spec(vec![
+            column("id", "UInt64"),
+            column("event_time", "DateTime64(3)"),
+            column("tags", "Map(String, String)"),
+            column("wallet", "LowCardinality(String)"),
+            column("flag", "Nullable(Bool)"),
+        ]);
+        table.ttl = Some("toDateTime(event_time) + INTERVAL 1 DAY".to_string());
+        let found = unsupported_features(&table, OLD);
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "DateTime64 (column `event_time`) needs ClickHouse 20.1 or later",
+                "Map (column `tags`) needs ClickHouse 21.8 or later",
+                "LowCardinality (column `wallet`) needs ClickHouse 19.0 or later",
+                "Bool (column `flag`) needs ClickHouse 21.12 or later",
+                "Table TTL needs ClickHouse 19.6 or later",
+            ]
+        );
+        assert!(unsupported_features(&table, CURRENT).is_empty());
+        let err = create_table_sql(&table, OLD).unwrap_err().to_string();
+        assert!(
+            err.starts_with("DateTime64 (column `event_time`) needs ClickHouse 20.1 or later;")
+                && err.ends_with("; server is 18.16"),
+            "{err}"
+        );
+        // 19.6 has TTL and LowCardinality but still lacks DateTime64.
+        let middle = unsupported_features(&table, ServerVersion::new(19, 6));
+        assert_eq!(middle.len(), 3);
+    }
+
+    #[test]
+    fn refuses_bad_engines_types_and_expressions() {
+        let mut table = spec(vec![column("id", "UInt64")]);
+        table.engine = "Log".to_string();
+        assert!(matches!(
+            create_table_sql(&table, CURRENT),
+            Err(DdlError::Engine { .. })
+        ));
+        table.engine = "MergeTree) ; DROP TABLE x; (".to_string();
+        assert!(create_table_sql(&table, CURRENT).is_err());
+        table.engine = "MergeTree".to_string();
+
+        table.partition_by = Some("toYYYYMM(ts); DROP TABLE x".to_string());
+        let err = create_table_sql(&table, CURRENT).unwrap_err().to_string();
+        assert!(err.contains("must not contain `;`"), "{err}");
+        table.partition_by = Some("toYYYYMM(ts".to_string());
+        assert!(
+            create_table_sql(&table, CURRENT)
+                .unwrap_err()
+                .to_string()
+                .contains("unmatched `(`")
+        );
+        table.partition_by = Some("x -- comment".to_string());
+        assert!(create_table_sql(&table, CURRENT).is_err());
+        // A `;` inside a string literal is data, not a statement end.
+        table.partition_by = Some("concat(id, ';')".to_string());
+        assert!(create_table_sql(&table, CURRENT).is_ok());
+
+        let suspicious = spec(vec![column("n", "Array(LowCardinality(Nullable(UInt32)))")]);
+        let err = create_table_sql(&suspicious, CURRENT)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refuses LowCardinality(Nullable(UInt32))"),
+            "{err}"
+        );
+
+        let bad = spec(vec![column("id", "Int33")]);
+        let err = create_table_sql(&bad, CURRENT).unwrap_err().to_string();
+        assert!(
+            err.starts_with("column `id`: invalid column type `Int33`"),
+            "{err}"
+        );
+        assert_eq!(
+            create_table_sql(&spec(Vec::new()), CURRENT),
+            Err(DdlError::NoColumns)
+        );
+    }
+}
