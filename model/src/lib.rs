@@ -5,14 +5,17 @@
 //! ([`column_type`]), how a message becomes a RowBinary row ([`row_encoder`]), the DDL the operator
 //! runs ([`ddl`]) and the Redis cache key template ([`cache_key`]). No I/O happens in this crate.
 
+pub mod cache_key;
 pub mod column_type;
 pub mod credentials;
 pub mod ddl;
+pub mod manifest;
 pub mod quantity;
 pub mod row_encoder;
 pub mod server_version;
 pub mod spec;
 pub mod status;
+pub mod validate;
 pub mod value_source;
 
 pub use column_type::ColumnType;

@@ -1,0 +1,443 @@
+//! Checks of a spec that its JSON schema cannot express, each naming the field at fault.
+//!
+//! The worker runs them at start-up and the operator before it touches anything, so a bad spec is
+//! reported once, clearly, instead of failing halfway through a reconcile or a batch.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::cache_key::KeyTemplate;
+use crate::row_encoder::RowEncoder;
+use crate::spec::SignalPipelineSpec;
+
+/// One problem with a spec: the field's path and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Every problem found in a spec.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationError {
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for ValidationError {
+    /// One line: `spec.a.b: what is wrong; spec.c: …`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Names NATS allows for streams and durable consumers.
+pub fn is_valid_nats_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Identifiers we accept for ClickHouse databases, tables and columns (no quoting surprises).
+pub fn is_valid_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 128
+}
+
+/// A NATS subject: dot-separated non-empty tokens; `*` as a whole token, `>` as the last one.
+pub fn subject_problem(subject: &str, wildcards_allowed: bool) -> Option<String> {
+    if subject.is_empty() {
+        return Some("empty subject".into());
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (index, token) in tokens.iter().enumerate() {
+        if token.is_empty() {
+            return Some(format!("`{subject}` has an empty token"));
+        }
+        if token.chars().any(char::is_whitespace) {
+            return Some(format!("`{subject}` contains white space"));
+        }
+        let wildcard = *token == "*" || *token == ">";
+        if wildcard && !wildcards_allowed {
+            return Some(format!("`{subject}` must not contain wildcards"));
+        }
+        if *token == ">" && index + 1 != tokens.len() {
+            return Some(format!("`{subject}`: `>` must be the last token"));
+        }
+        if !wildcard && token.contains(['*', '>']) {
+            return Some(format!("`{subject}`: wildcards must be whole tokens"));
+        }
+    }
+    None
+}
+
+/// True when the subject pattern (with `*`/`>` wildcards) matches the literal subject.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut literal = subject.split('.');
+    for token in pattern.split('.') {
+        match (token, literal.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (expected, Some(actual)) if expected == actual => {}
+            _ => return false,
+        }
+    }
+    literal.next().is_none()
+}
+
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+impl Checker {
+    fn check(&mut self, ok: bool, field: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.push(field, message());
+        }
+    }
+
+    fn push(&mut self, field: &str, message: String) {
+        self.errors.push(FieldError {
+            field: field.to_string(),
+            message,
+        });
+    }
+}
+
+fn url_with_scheme(url: &str, schemes: &[&str]) -> bool {
+    schemes.iter().any(|scheme| {
+        url.strip_prefix(scheme)
+            .and_then(|rest| rest.strip_prefix("://"))
+            .is_some_and(|host| !host.is_empty())
+    })
+}
+
+impl SignalPipelineSpec {
+    /// Checks the whole spec of the pipeline called `pipeline_name`.
+    pub fn validate(&self, pipeline_name: &str) -> Result<(), ValidationError> {
+        let mut c = Checker { errors: Vec::new() };
+
+        for (index, url) in self.nats.url.split(',').enumerate() {
+            c.check(
+                url_with_scheme(url.trim(), &["nats", "tls", "ws", "wss"]),
+                "spec.nats.url",
+                || format!("URL {} `{url}` must look like nats://host:4222", index + 1),
+            );
+        }
+
+        let stream = &self.stream;
+        c.check(is_valid_nats_name(&stream.name), "spec.stream.name", || {
+            format!("`{}` must be letters, digits, `-` and `_`", stream.name)
+        });
+        c.check(!stream.subjects.is_empty(), "spec.stream.subjects", || {
+            "at least one subject is required".into()
+        });
+        for (index, subject) in stream.subjects.iter().enumerate() {
+            if let Some(problem) = subject_problem(subject, true) {
+                c.push(&format!("spec.stream.subjects[{index}]"), problem);
+            }
+        }
+        c.check(
+            (1..=5).contains(&stream.replicas),
+            "spec.stream.replicas",
+            || format!("{} is outside 1..=5", stream.replicas),
+        );
+        if let Some(max) = stream.max_msgs {
+            c.check(max >= -1, "spec.stream.maxMsgs", || {
+                format!("{max} must be -1 (unlimited) or more")
+            });
+        }
+
+        let consumer = &self.consumer;
+        let durable = self.durable_name(pipeline_name);
+        c.check(
+            is_valid_nats_name(durable),
+            "spec.consumer.durableName",
+            || format!("`{durable}` must be letters, digits, `-` and `_`"),
+        );
+        if let Some(filter) = &consumer.filter_subject {
+            if let Some(problem) = subject_problem(filter, true) {
+                c.push("spec.consumer.filterSubject", problem);
+            }
+        }
+        c.check(
+            !consumer.ack_wait.0.is_zero(),
+            "spec.consumer.ackWait",
+            || "must be more than 0".into(),
+        );
+        c.check(
+            consumer.max_deliver == -1 || consumer.max_deliver >= 1,
+            "spec.consumer.maxDeliver",
+            || {
+                format!(
+                    "{} must be -1 (unlimited) or at least 1",
+                    consumer.max_deliver
+                )
+            },
+        );
+        c.check(
+            consumer.max_ack_pending == -1 || consumer.max_ack_pending >= 1,
+            "spec.consumer.maxAckPending",
+            || {
+                format!(
+                    "{} must be -1 (unlimited) or at least 1",
+                    consumer.max_ack_pending
+                )
+            },
+        );
+
+        let ch = &self.clickhouse;
+        c.check(
+            url_with_scheme(&ch.url, &["http", "https"]),
+            "spec.clickhouse.url",
+            || {
+                format!(
+                    "`{}` must be an HTTP URL such as http://clickhouse:8123",
+                    ch.url
+                )
+            },
+        );
+        c.check(
+            is_valid_identifier(&ch.database),
+            "spec.clickhouse.database",
+            || {
+                format!(
+                    "`{}` must be letters, digits and `_`, not starting with a digit",
+                    ch.database
+                )
+            },
+        );
+        c.check(
+            is_valid_identifier(&ch.table),
+            "spec.clickhouse.table",
+            || {
+                format!(
+                    "`{}` must be letters, digits and `_`, not starting with a digit",
+                    ch.table
+                )
+            },
+        );
+        c.check(
+            ch.engine
+                .trim_start()
+                .split('(')
+                .next()
+                .is_some_and(|e| e.trim().ends_with("MergeTree")),
+            "spec.clickhouse.engine",
+            || format!("`{}` is not a MergeTree-family engine", ch.engine),
+        );
+        c.check(!ch.columns.is_empty(), "spec.clickhouse.columns", || {
+            "at least one column is required".into()
+        });
+        let mut seen = HashSet::new();
+        for (index, column) in ch.columns.iter().enumerate() {
+            c.check(
+                is_valid_identifier(&column.name),
+                &format!("spec.clickhouse.columns[{index}].name"),
+                || {
+                    format!(
+                        "`{}` must be letters, digits and `_`, not starting with a digit",
+                        column.name
+                    )
+                },
+            );
+            c.check(
+                seen.insert(column.name.as_str()),
+                &format!("spec.clickhouse.columns[{index}].name"),
+                || format!("`{}` appears twice", column.name),
+            );
+        }
+        if let Err(errors) = RowEncoder::new(&ch.columns, self.workers.max_message_bytes.0 as usize)
+        {
+            for error in errors {
+                c.push(
+                    &format!("spec.clickhouse.columns{}", error.field),
+                    error.message,
+                );
+            }
+        }
+
+        let workers = &self.workers;
+        c.check(workers.replicas >= 0, "spec.workers.replicas", || {
+            format!("{} must not be negative", workers.replicas)
+        });
+        c.check(
+            workers.batch.max_rows >= 1,
+            "spec.workers.batch.maxRows",
+            || "must be at least 1".into(),
+        );
+        c.check(
+            workers.batch.max_bytes.0 >= 1024,
+            "spec.workers.batch.maxBytes",
+            || format!("{} is below the 1Ki minimum", workers.batch.max_bytes),
+        );
+        c.check(
+            !workers.batch.max_wait.0.is_zero(),
+            "spec.workers.batch.maxWait",
+            || "must be more than 0".into(),
+        );
+        c.check(
+            workers.max_message_bytes.0 >= 1,
+            "spec.workers.maxMessageBytes",
+            || "must be at least 1".into(),
+        );
+        if let Some(auto) = &workers.autoscale {
+            c.check(
+                auto.min_replicas >= 0,
+                "spec.workers.autoscale.minReplicas",
+                || "must not be negative".into(),
+            );
+            c.check(
+                auto.max_replicas >= auto.min_replicas.max(1),
+                "spec.workers.autoscale.maxReplicas",
+                || {
+                    format!(
+                        "{} must be at least minReplicas ({}) and 1",
+                        auto.max_replicas, auto.min_replicas
+                    )
+                },
+            );
+            c.check(
+                auto.target_lag_per_replica >= 1,
+                "spec.workers.autoscale.targetLagPerReplica",
+                || "must be at least 1".into(),
+            );
+        }
+
+        if let Some(dead_letter) = &self.dead_letter {
+            if let Some(problem) = subject_problem(&dead_letter.subject, false) {
+                c.push("spec.deadLetter.subject", problem);
+            } else {
+                // A dead letter that this pipeline's own consumer reads again would loop for ever.
+                let consumed = match &consumer.filter_subject {
+                    Some(filter) => subject_matches(filter, &dead_letter.subject),
+                    None => stream
+                        .subjects
+                        .iter()
+                        .any(|s| subject_matches(s, &dead_letter.subject)),
+                };
+                c.check(!consumed, "spec.deadLetter.subject", || {
+                    format!(
+                        "`{}` would be consumed again by this pipeline; pick a subject outside its consumer's filter",
+                        dead_letter.subject
+                    )
+                });
+            }
+        }
+
+        if let Some(cache) = &self.cache {
+            c.check(
+                url_with_scheme(&cache.redis.url, &["redis", "rediss"]),
+                "spec.cache.redis.url",
+                || format!("`{}` must look like redis://host:6379", cache.redis.url),
+            );
+            let known: HashSet<&str> = ch.columns.iter().map(|col| col.name.as_str()).collect();
+            match KeyTemplate::parse(&cache.key) {
+                Ok(template) => {
+                    for name in template.columns() {
+                        c.check(known.contains(name), "spec.cache.key", || {
+                            format!("`{{{name}}}` is not a column")
+                        });
+                    }
+                }
+                Err(message) => c.push("spec.cache.key", message),
+            }
+            c.check(!cache.fields.is_empty(), "spec.cache.fields", || {
+                "at least one field is required".into()
+            });
+            for (index, field) in cache.fields.iter().enumerate() {
+                c.check(
+                    known.contains(field.as_str()),
+                    &format!("spec.cache.fields[{index}]"),
+                    || format!("`{field}` is not a column"),
+                );
+            }
+            c.check(cache.ttl.0.as_secs() >= 1, "spec.cache.ttl", || {
+                "must be at least 1s".into()
+            });
+        }
+
+        if c.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationError { errors: c.errors })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+nats: {url: "nats://127.0.0.1:4222"}
+stream: {name: SIGNALS, subjects: ["signals.>"]}
+consumer: {filterSubject: signals.transaction}
+clickhouse:
+  url: http://127.0.0.1:8123
+  database: risksignal
+  table: transaction_signals
+  columns:
+    - {name: event_time, type: "DateTime64(3)", from: "$.event_time"}
+    - {name: wallet_address, type: String, from: "$.wallet_address"}
+deadLetter: {subject: signals.dlq.transactions}
+cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:latest", fields: [event_time], ttl: 5m}
+"#;
+
+    fn spec(yaml: &str) -> SignalPipelineSpec {
+        yaml_serde::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn the_example_is_valid() {
+        spec(EXAMPLE).validate("transactions").unwrap();
+    }
+
+    #[test]
+    fn each_problem_names_its_field() {
+        let mut bad = spec(EXAMPLE);
+        bad.stream.name = "bad name".into();
+        bad.clickhouse.columns[1].type_name = "Strng".into();
+        bad.consumer.filter_subject = None;
+        bad.cache.as_mut().unwrap().key = "wallet:{nope}".into();
+        let err = bad.validate("transactions").unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.stream.name",
+                "spec.clickhouse.columns[1].type",
+                "spec.deadLetter.subject",
+                "spec.cache.key"
+            ]
+        );
+        assert!(
+            err.to_string()
+                .contains("spec.clickhouse.columns[1].type: invalid column type `Strng`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn subjects_and_patterns() {
+        assert!(subject_matches("signals.>", "signals.dlq.x"));
+        assert!(subject_matches("signals.*", "signals.tx"));
+        assert!(!subject_matches("signals.*", "signals.tx.y"));
+        assert!(!subject_matches(
+            "signals.transaction",
+            "signals.dlq.transactions"
+        ));
+        assert!(subject_problem("a.>.b", true).is_some());
+        assert!(subject_problem("a..b", true).is_some());
+        assert!(subject_problem("a.*", false).is_some());
+        assert!(subject_problem("a.b", false).is_none());
+    }
+}
