@@ -1,3 +1,19 @@
 //! `signal-worker`: moves signals from a JetStream durable consumer into a ClickHouse table.
+//!
+//! The flow, one module a step: [`source`] pulls messages and fills a [`batch`] through the row
+//! encoder, routing poison to [`dead_letter`]; [`clickhouse_sink`] inserts each sealed batch with
+//! retries and acknowledges it once stored; [`cache`] then updates Redis. [`pipeline`] wires them
+//! together with shutdown, and [`http`] serves metrics and health.
 
+pub mod batch;
+pub mod cache;
+pub mod clickhouse_sink;
 pub mod connect;
+pub mod consumer_config;
+pub mod dead_letter;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod retry;
+pub mod source;
+pub mod telemetry;

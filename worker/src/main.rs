@@ -1,1 +1,87 @@
-fn main() {}
+//! `signal-worker`: the batch writer the operator launches (and local mode runs as processes).
+//!
+//! Reads a SignalPipeline manifest, takes secrets from the environment, and moves the pipeline's
+//! JetStream consumer into its ClickHouse table until SIGTERM or SIGINT, then flushes and exits 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use signal_model::credentials::PipelineCredentials;
+use signal_model::manifest::PipelineManifest;
+use signal_worker::pipeline::{self, WorkerOptions};
+use signal_worker::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// Moves signals from a NATS JetStream consumer into a ClickHouse table.
+#[derive(Parser, Debug)]
+#[command(name = "signal-worker", version)]
+struct Args {
+    /// The SignalPipeline manifest (YAML) to run.
+    #[arg(long, env = "SIGNAL_PIPELINE_FILE")]
+    pipeline: PathBuf,
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "SIGNAL_WORKER_LISTEN")]
+    listen: SocketAddr,
+    /// Create the durable consumer if it does not exist (standalone use without the operator).
+    #[arg(long)]
+    ensure_consumer: bool,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Log level or filter (RUST_LOG overrides it).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    telemetry::init(args.log_format, &args.log_level);
+    if let Err(error) = run(args) {
+        // One line that names what is wrong.
+        eprintln!("signal-worker: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let manifest = PipelineManifest::from_file(&args.pipeline)
+        .with_context(|| format!("invalid pipeline {}", args.pipeline.display()))?;
+    let credentials =
+        PipelineCredentials::from_env().context("invalid credentials in the environment")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let options = WorkerOptions {
+            manifest,
+            credentials,
+            listen: args.listen,
+            ensure_consumer: args.ensure_consumer,
+        };
+        pipeline::run(options, shutdown, None)
+            .await
+            .context("worker failed")
+    })
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: flushing and stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: flushing and stopping"),
+    }
+    shutdown.cancel();
+}

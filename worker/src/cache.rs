@@ -1,0 +1,188 @@
+//! The Redis latest-value cache: after a batch is stored, each key's newest fields are written with
+//! `HSET` and given a TTL, in one pipeline per batch.
+//!
+//! It runs as its own task behind a small queue. When Redis is slow or down the queue fills and
+//! further updates are dropped and counted: the cache never holds back ClickHouse ingestion.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::IntoConnectionInfo;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use signal_model::CacheSpec;
+use signal_model::cache_key::KeyTemplate;
+use signal_model::credentials::UserPassword;
+use tokio::sync::mpsc;
+
+use crate::batch::CacheEntry;
+use crate::metrics::Metrics;
+use crate::retry::Backoff;
+
+/// Batches of cache updates queued at most; beyond that updates are dropped.
+const QUEUE_BATCHES: usize = 4;
+
+/// What the batcher needs to fill cache entries from a row.
+#[derive(Clone, Debug)]
+pub struct CacheLayout {
+    pub key: KeyTemplate,
+    /// Column index of each placeholder in the key, in template order.
+    pub key_columns: Vec<(String, usize)>,
+    /// (field name, column index) written into the hash.
+    pub fields: Vec<(String, usize)>,
+}
+
+impl CacheLayout {
+    /// Resolves the key template and fields against the table's column names (validated before).
+    pub fn new(spec: &CacheSpec, column_names: &[&str]) -> Result<Self, String> {
+        let key = KeyTemplate::parse(&spec.key)?;
+        let index_of = |name: &str| {
+            column_names
+                .iter()
+                .position(|c| *c == name)
+                .ok_or_else(|| format!("cache refers to unknown column `{name}`"))
+        };
+        let key_columns = key
+            .columns()
+            .map(|name| index_of(name).map(|i| (name.to_string(), i)))
+            .collect::<Result<_, _>>()?;
+        let fields = spec
+            .fields
+            .iter()
+            .map(|name| index_of(name).map(|i| (name.clone(), i)))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            key,
+            key_columns,
+            fields,
+        })
+    }
+
+    /// The key and entry of one row whose column texts are `values`.
+    pub fn entry(&self, values: &[String], stream_sequence: u64) -> (String, CacheEntry) {
+        let key = self.key.render(|name| {
+            self.key_columns
+                .iter()
+                .find(|(column, _)| column == name)
+                .and_then(|(_, index)| values.get(*index))
+                .map_or("", String::as_str)
+        });
+        let fields = self
+            .fields
+            .iter()
+            .map(|(name, index)| {
+                (
+                    name.clone(),
+                    values.get(*index).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        (
+            key,
+            CacheEntry {
+                stream_sequence,
+                fields,
+            },
+        )
+    }
+}
+
+/// The sending side of the cache queue.
+#[derive(Clone)]
+pub struct CacheQueue {
+    sender: mpsc::Sender<HashMap<String, CacheEntry>>,
+    metrics: Arc<Metrics>,
+}
+
+impl CacheQueue {
+    /// Queues a stored batch's entries, or drops them when Redis is behind.
+    pub fn offer(&self, entries: HashMap<String, CacheEntry>) {
+        if entries.is_empty() {
+            return;
+        }
+        if self.sender.try_send(entries).is_err() {
+            self.metrics.redis_skipped.inc();
+        }
+    }
+}
+
+/// Starts the cache writer; it ends when every [`CacheQueue`] is dropped and the queue is drained.
+pub fn start(
+    spec: &CacheSpec,
+    auth: &UserPassword,
+    metrics: Arc<Metrics>,
+) -> Result<(CacheQueue, tokio::task::JoinHandle<()>), redis::RedisError> {
+    let mut info = spec.redis.url.as_str().into_connection_info()?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &auth.user {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = &auth.password {
+        settings = settings.set_password(password);
+    }
+    info = info.set_redis_settings(settings);
+    let client = redis::Client::open(info)?;
+    let (sender, receiver) = mpsc::channel(QUEUE_BATCHES);
+    let ttl = spec.ttl.0;
+    let task = tokio::spawn(write_loop(client, receiver, ttl, metrics.clone()));
+    Ok((CacheQueue { sender, metrics }, task))
+}
+
+async fn connect(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(1);
+    client.get_connection_manager_with_config(config).await
+}
+
+async fn write_loop(
+    client: redis::Client,
+    mut receiver: mpsc::Receiver<HashMap<String, CacheEntry>>,
+    ttl: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let mut connection: Option<ConnectionManager> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    while let Some(entries) = receiver.recv().await {
+        if connection.is_none() {
+            match connect(&client).await {
+                Ok(manager) => {
+                    backoff.reset();
+                    connection = Some(manager);
+                }
+                Err(error) => {
+                    metrics.redis_failures.inc();
+                    tracing::warn!(%error, keys = entries.len(), "Redis unreachable; cache update dropped");
+                    // Wait before the next attempt; updates queued meanwhile are dropped by `offer`.
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            }
+        }
+        let Some(manager) = connection.as_mut() else {
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
+        for (key, entry) in &entries {
+            let mut hset = redis::cmd("HSET");
+            hset.arg(key);
+            for (field, value) in &entry.fields {
+                hset.arg(field).arg(value);
+            }
+            hset.arg("_stream_sequence").arg(entry.stream_sequence);
+            pipe.add_command(hset).ignore();
+            pipe.cmd("EXPIRE").arg(key).arg(ttl_secs).ignore();
+        }
+        match pipe.query_async::<()>(manager).await {
+            Ok(()) => {
+                metrics.redis_writes.inc_by(entries.len() as u64);
+            }
+            Err(error) => {
+                metrics.redis_failures.inc();
+                tracing::warn!(%error, keys = entries.len(), "Redis cache write failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The worker's Prometheus metrics, registered once and shared by every task.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label of the poison counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric the worker exports (names get the `signal_worker_` prefix).
+pub struct Metrics {
+    pub messages_received: Counter,
+    pub rows_inserted: Counter,
+    pub batches_inserted: Counter,
+    pub insert_seconds: Histogram,
+    pub insert_retries: Counter,
+    pub poison: Family<ReasonLabel, Counter>,
+    pub dead_letters_published: Counter,
+    pub redis_writes: Counter,
+    pub redis_failures: Counter,
+    pub redis_skipped: Counter,
+    pub consumer_lag: Gauge<u64, AtomicU64>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("signal_worker");
+        let metrics = Self {
+            messages_received: Counter::default(),
+            rows_inserted: Counter::default(),
+            batches_inserted: Counter::default(),
+            insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            insert_retries: Counter::default(),
+            poison: Family::default(),
+            dead_letters_published: Counter::default(),
+            redis_writes: Counter::default(),
+            redis_failures: Counter::default(),
+            redis_skipped: Counter::default(),
+            consumer_lag: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages_received",
+            "Messages pulled from JetStream",
+            metrics.messages_received.clone(),
+        );
+        registry.register(
+            "rows_inserted",
+            "Rows confirmed by ClickHouse",
+            metrics.rows_inserted.clone(),
+        );
+        registry.register(
+            "batches_inserted",
+            "Batches confirmed by ClickHouse",
+            metrics.batches_inserted.clone(),
+        );
+        registry.register(
+            "insert_duration_seconds",
+            "Time to insert one batch",
+            metrics.insert_seconds.clone(),
+        );
+        registry.register(
+            "insert_retries",
+            "Failed insert attempts that were retried",
+            metrics.insert_retries.clone(),
+        );
+        registry.register(
+            "poison_messages",
+            "Messages that could not become a row, by reason",
+            metrics.poison.clone(),
+        );
+        registry.register(
+            "dead_letters_published",
+            "Poison messages published to the dead-letter subject",
+            metrics.dead_letters_published.clone(),
+        );
+        registry.register(
+            "redis_writes",
+            "Keys written to the Redis cache",
+            metrics.redis_writes.clone(),
+        );
+        registry.register(
+            "redis_failures",
+            "Failed Redis cache writes (batches)",
+            metrics.redis_failures.clone(),
+        );
+        registry.register(
+            "redis_skipped",
+            "Cache updates dropped because Redis was too slow to keep up (batches)",
+            metrics.redis_skipped.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Messages pending for the consumer, as last seen",
+            metrics.consumer_lag.clone(),
+        );
+        for reason in signal_model::row_encoder::Poison::LABELS {
+            let _ = metrics.poison.get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            });
+        }
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    pub fn count_poison(&self, reason: &str) {
+        self.poison
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
