@@ -273,7 +273,7 @@ fn default_engine() -> String {
 }
 
 /// One column of the table and the message value it is filled from.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ColumnSpec {
     /// Column name: letters, digits and `_`, not starting with a digit.

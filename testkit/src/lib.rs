@@ -1,1 +1,37 @@
+//! Real servers for tests: `nats-server` (JetStream), `clickhouse-server` and `redis-server`.
+//!
+//! Each server runs as a child process on free loopback ports, with its own temporary directory,
+//! so tests can run in parallel (test threads and several test binaries at once). Servers are
+//! stopped when dropped, and also when the test process dies (`PR_SET_PDEATHSIG`). Everything is
+//! blocking and std-only, so the crate works from sync and async tests alike.
+//!
+//! The binaries come from Debian packages (`scripts/install-test-deps.sh` installs them); a
+//! missing one is an [`Error::BinaryNotFound`] naming the `apt-get install` command. The
+//! variables `SIGNAL_TEST_NATS_SERVER`, `SIGNAL_TEST_CLICKHOUSE_SERVER` and
+//! `SIGNAL_TEST_REDIS_SERVER` point at other binaries.
+//!
+//! ```no_run
+//! let ch = signal_testkit::ClickHouseServer::start()?;
+//! assert!(ch.query("SELECT version()")?.starts_with("18.16"));
+//! let nats = signal_testkit::NatsServer::start()?;
+//! println!("NATS at {}", nats.url());
+//! # Ok::<(), signal_testkit::Error>(())
+//! ```
 
+mod binary;
+mod clickhouse;
+mod error;
+mod http;
+mod nats;
+mod ports;
+mod process;
+mod redis;
+mod resp;
+
+pub use clickhouse::ClickHouseServer;
+pub use error::{Error, Result};
+pub use nats::NatsServer;
+pub use ports::{free_port, is_port_free};
+pub use process::{ChildProcess, workspace_bin};
+pub use redis::RedisServer;
+pub use resp::RespValue;

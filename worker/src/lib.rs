@@ -15,5 +15,6 @@ pub mod http;
 pub mod metrics;
 pub mod pipeline;
 pub mod retry;
+pub mod sample_signals;
 pub mod source;
 pub mod telemetry;

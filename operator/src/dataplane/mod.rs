@@ -1,0 +1,276 @@
+//! The data plane of a pipeline: its JetStream stream, its durable consumer and its ClickHouse table.
+//!
+//! [`reconcile_data_plane`] brings all three in line with the spec and reports each part the way the
+//! controller turns into conditions and events; [`delete_data_plane`] removes them when the
+//! pipeline's deletion policy says so. The Kubernetes controller and local mode
+//! ([`crate::local`]) both call these, so a pipeline behaves the same with or without a cluster.
+//!
+//! Each part lives in its own module: pure "spec → desired config" and "desired vs live" functions
+//! next to the I/O that applies them ([`stream`], [`consumer`], [`table`], with the column
+//! comparison in [`table_schema_diff`]). Nothing here panics, and every network step is bounded by
+//! a timeout so an unreachable server is reported within seconds instead of hanging a reconcile.
+
+pub mod consumer;
+pub mod stream;
+pub mod table;
+pub mod table_schema_diff;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use signal_model::credentials::PipelineCredentials;
+use signal_model::{ConsumerStatus, DeletionPolicy, SignalPipelineSpec, StreamStatus};
+
+/// How long opening a connection may take before the server counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one JetStream API request or ClickHouse query may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound for reconciling one part, however many requests it makes.
+pub const PART_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The outcome of reconciling one part (stream, consumer or table).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartReport {
+    /// The part exists and the workers can use it.
+    pub ready: bool,
+    /// One CamelCase word: `Created`, `Updated`, `UpToDate`, `Unreachable`, `ImmutableFieldChanged`,
+    /// `UnsupportedByServer`, `SchemaDrift`, `InvalidSpec`, `UpdateRefused`, `QueryFailed`, …
+    pub reason: String,
+    /// What a person needs to know.
+    pub message: String,
+    /// What this reconcile changed, one sentence each (for Kubernetes events).
+    pub changes: Vec<String>,
+}
+
+impl PartReport {
+    /// A usable part.
+    pub fn ready(reason: &str, message: impl Into<String>, changes: Vec<String>) -> Self {
+        Self {
+            ready: true,
+            reason: reason.to_string(),
+            message: message.into(),
+            changes,
+        }
+    }
+
+    /// A part the workers cannot use yet.
+    pub fn not_ready(reason: &str, message: impl Into<String>, changes: Vec<String>) -> Self {
+        Self {
+            ready: false,
+            reason: reason.to_string(),
+            message: message.into(),
+            changes,
+        }
+    }
+
+    /// The report for an error that stopped the part's reconcile.
+    pub fn from_error(error: &DataPlaneError) -> Self {
+        Self::not_ready(error.reason(), error.to_string(), Vec::new())
+    }
+}
+
+/// One field whose live value differs from the desired one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldChange {
+    pub field: &'static str,
+    pub live: String,
+    pub desired: String,
+}
+
+impl fmt::Display for FieldChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} → {}", self.field, self.live, self.desired)
+    }
+}
+
+/// `a 1 → 2, b x → y`.
+pub(crate) fn list_changes<'a>(changes: impl IntoIterator<Item = &'a FieldChange>) -> String {
+    changes
+        .into_iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What [`reconcile_data_plane`] found and did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataPlaneReport {
+    pub stream: PartReport,
+    pub consumer: PartReport,
+    pub table: PartReport,
+    /// Stream figures, when the stream could be read.
+    pub stream_status: Option<StreamStatus>,
+    /// Consumer figures, when the consumer could be read.
+    pub consumer_status: Option<ConsumerStatus>,
+    /// Differences between the live table and the spec that the operator will not change itself.
+    pub schema_drift: Option<String>,
+}
+
+impl DataPlaneReport {
+    /// All three parts are usable.
+    pub fn all_ready(&self) -> bool {
+        self.stream.ready && self.consumer.ready && self.table.ready
+    }
+
+    /// Every change made, in order stream, consumer, table.
+    pub fn changes(&self) -> impl Iterator<Item = &str> {
+        self.stream
+            .changes
+            .iter()
+            .chain(&self.consumer.changes)
+            .chain(&self.table.changes)
+            .map(String::as_str)
+    }
+}
+
+/// Why a data-plane step failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error("NATS at {url} is unreachable: {message}")]
+    NatsUnreachable { url: String, message: String },
+    #[error("ClickHouse at {url} is unreachable: {message}")]
+    ClickHouseUnreachable { url: String, message: String },
+    #[error("NATS refused to {action}: {message}")]
+    NatsRefused { action: String, message: String },
+    #[error("ClickHouse refused `{statement}`: {message}")]
+    ClickHouseRefused { statement: String, message: String },
+    #[error("{action} took longer than {seconds} s")]
+    TimedOut { action: String, seconds: u64 },
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+}
+
+impl DataPlaneError {
+    /// The condition reason this error stands for.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DataPlaneError::NatsUnreachable { .. }
+            | DataPlaneError::ClickHouseUnreachable { .. }
+            | DataPlaneError::TimedOut { .. } => "Unreachable",
+            DataPlaneError::NatsRefused { .. } => "RequestRefused",
+            DataPlaneError::ClickHouseRefused { .. } => "QueryFailed",
+            DataPlaneError::InvalidSpec(_) => "InvalidSpec",
+        }
+    }
+}
+
+/// Runs `future` with a deadline, turning an expiry into [`DataPlaneError::TimedOut`].
+pub(crate) async fn bounded<T>(
+    action: impl Into<String>,
+    limit: Duration,
+    future: impl Future<Output = Result<T, DataPlaneError>>,
+) -> Result<T, DataPlaneError> {
+    match tokio::time::timeout(limit, future).await {
+        Ok(result) => result,
+        Err(_) => Err(DataPlaneError::TimedOut {
+            action: action.into(),
+            seconds: limit.as_secs(),
+        }),
+    }
+}
+
+/// Opens a JetStream context whose API requests time out after [`REQUEST_TIMEOUT`].
+pub(crate) async fn connect_jetstream(
+    spec: &SignalPipelineSpec,
+    creds: &PipelineCredentials,
+    client_name: &str,
+) -> Result<jetstream::Context, DataPlaneError> {
+    let url = spec.nats.url.clone();
+    let client = bounded(
+        format!("connecting to NATS at {url}"),
+        CONNECT_TIMEOUT + Duration::from_secs(1),
+        async {
+            signal_worker::connect::nats(&url, client_name, &creds.nats)
+                .await
+                .map_err(|error| DataPlaneError::NatsUnreachable {
+                    url: url.clone(),
+                    message: error.to_string(),
+                })
+        },
+    )
+    .await?;
+    Ok(jetstream::ContextBuilder::new()
+        .timeout(REQUEST_TIMEOUT)
+        .build(client))
+}
+
+/// Brings the stream, the consumer and the table in line with `spec`.
+///
+/// NATS and ClickHouse are handled concurrently; the consumer waits for the stream it lives on.
+/// Never fails: every problem becomes a part that is not ready, with a reason and a message.
+pub async fn reconcile_data_plane(
+    pipeline_name: &str,
+    spec: &SignalPipelineSpec,
+    creds: &PipelineCredentials,
+) -> DataPlaneReport {
+    let nats_side = reconcile_nats_side(pipeline_name, spec, creds);
+    let table_side = table::reconcile_table(&spec.clickhouse, &creds.clickhouse);
+    let ((stream, stream_status, consumer, consumer_status), table) =
+        tokio::join!(nats_side, table_side);
+    DataPlaneReport {
+        stream,
+        consumer,
+        table: table.report,
+        stream_status,
+        consumer_status,
+        schema_drift: table.schema_drift,
+    }
+}
+
+async fn reconcile_nats_side(
+    pipeline_name: &str,
+    spec: &SignalPipelineSpec,
+    creds: &PipelineCredentials,
+) -> (
+    PartReport,
+    Option<StreamStatus>,
+    PartReport,
+    Option<ConsumerStatus>,
+) {
+    let js = match connect_jetstream(spec, creds, &format!("signal-operator/{pipeline_name}")).await
+    {
+        Ok(js) => js,
+        Err(error) => {
+            let report = PartReport::from_error(&error);
+            return (report.clone(), None, report, None);
+        }
+    };
+    let stream = stream::reconcile_stream(&js, &spec.stream).await;
+    if !stream.exists {
+        let consumer = PartReport::not_ready(
+            "StreamNotReady",
+            format!(
+                "the consumer waits for stream {}: {}",
+                spec.stream.name, stream.report.message
+            ),
+            Vec::new(),
+        );
+        return (stream.report, stream.status, consumer, None);
+    }
+    let consumer = consumer::reconcile_consumer(&js, pipeline_name, spec).await;
+    (stream.report, stream.status, consumer.report, consumer.status)
+}
+
+/// Removes the consumer, the stream and the table when `spec.deletionPolicy` is `Delete`; does
+/// nothing for `Retain`.
+///
+/// The stream is kept when consumers other than this pipeline's remain on it (another pipeline
+/// or tool still reads it); the consumer and the table, which belong to this pipeline alone, are
+/// always removed. Parts already gone count as removed, so a retried deletion succeeds.
+pub async fn delete_data_plane(
+    pipeline_name: &str,
+    spec: &SignalPipelineSpec,
+    creds: &PipelineCredentials,
+) -> Result<(), DataPlaneError> {
+    if spec.deletion_policy == DeletionPolicy::Retain {
+        return Ok(());
+    }
+    let js = connect_jetstream(spec, creds, &format!("signal-operator/{pipeline_name}")).await?;
+    let durable = spec.durable_name(pipeline_name);
+    consumer::delete_consumer(&js, &spec.stream.name, durable).await?;
+    stream::delete_stream_unless_shared(&js, &spec.stream.name).await?;
+    table::drop_table(&spec.clickhouse, &creds.clickhouse).await?;
+    Ok(())
+}

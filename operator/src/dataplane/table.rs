@@ -1,0 +1,251 @@
+//! The pipeline's ClickHouse table: checks what the server supports, creates the database and
+//! table when missing, adds spec columns the table lacks, and reports any other difference as
+//! schema drift instead of changing it.
+//!
+//! Nothing is ever dropped or retyped here: a column's data outlives a spec edit. The one
+//! destructive statement, [`drop_table`], runs only on pipeline deletion with policy `Delete`.
+
+use clickhouse::Client;
+use signal_model::ClickHouseSpec;
+use signal_model::ServerVersion;
+use signal_model::credentials::UserPassword;
+use signal_model::ddl;
+
+use super::table_schema_diff::{LiveColumn, diff_schema};
+use super::{DataPlaneError, PART_TIMEOUT, PartReport, REQUEST_TIMEOUT, bounded};
+
+/// The result of reconciling the table.
+#[derive(Clone, Debug)]
+pub struct TableOutcome {
+    pub report: PartReport,
+    /// Differences the operator leaves to a person (see [`super::table_schema_diff`]).
+    pub schema_drift: Option<String>,
+}
+
+/// Brings the table in line with `spec` as far as adding things allows.
+pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> TableOutcome {
+    let client = signal_worker::connect::clickhouse(&spec.url, auth);
+    bounded(
+        format!(
+            "reconciling table {}",
+            ddl::qualified_table(&spec.database, &spec.table)
+        ),
+        PART_TIMEOUT,
+        apply_table(&client, spec),
+    )
+    .await
+    .unwrap_or_else(|error| TableOutcome {
+        report: PartReport::from_error(&error),
+        schema_drift: None,
+    })
+}
+
+async fn apply_table(client: &Client, spec: &ClickHouseSpec) -> Result<TableOutcome, DataPlaneError> {
+    let name = format!("{}.{}", spec.database, spec.table);
+    for column in &spec.columns {
+        ddl::column_type(column).map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
+    }
+    let version = server_version(client, &spec.url).await?;
+    let unsupported = ddl::unsupported_features(spec, version);
+    if !unsupported.is_empty() {
+        let features: Vec<String> = unsupported.iter().map(ToString::to_string).collect();
+        return Ok(TableOutcome {
+            report: PartReport::not_ready(
+                "UnsupportedByServer",
+                format!("{}; server is {version}", features.join("; ")),
+                Vec::new(),
+            ),
+            schema_drift: None,
+        });
+    }
+
+    let mut changes = Vec::new();
+    if !database_exists(client, &spec.url, &spec.database).await? {
+        execute(client, &spec.url, &ddl::create_database_sql(&spec.database)).await?;
+        changes.push(format!("created database {}", spec.database));
+    }
+    let live_engine = table_engine(client, &spec.url, &spec.database, &spec.table).await?;
+    let created = live_engine.is_none();
+    if created {
+        let sql = ddl::create_table_sql(spec, version)
+            .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
+        execute(client, &spec.url, &sql).await?;
+        changes.push(format!("created table {name}"));
+    }
+
+    let live = live_columns(client, &spec.url, &spec.database, &spec.table).await?;
+    let diff = diff_schema(&spec.columns, &live);
+    for column in &diff.missing {
+        let sql = ddl::add_column_sql(&spec.database, &spec.table, column, version)
+            .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
+        execute(client, &spec.url, &sql).await?;
+        changes.push(format!(
+            "added column {} {} to {name}",
+            column.name,
+            ddl::column_type(column)
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| column.type_name.clone())
+        ));
+    }
+
+    let mut drift: Vec<String> = diff.drift_message().into_iter().collect();
+    if let Some(engine) = &live_engine {
+        let wanted = wanted_engine_name(&spec.engine);
+        if engine != wanted {
+            drift.push(format!("engine: table is {engine}, spec wants {wanted}"));
+        }
+    }
+    let schema_drift = (!drift.is_empty()).then(|| drift.join("; "));
+
+    let report = match &schema_drift {
+        Some(message) if diff.blocks_writes() => PartReport::not_ready(
+            "SchemaDrift",
+            format!(
+                "table {name} differs from the spec in a way the workers cannot write; the \
+                 operator changes no existing column, resolve it by hand: {message}"
+            ),
+            changes,
+        ),
+        Some(message) => PartReport::ready(
+            "SchemaDrift",
+            format!("table {name} is usable but differs from the spec: {message}"),
+            changes,
+        ),
+        None if created => PartReport::ready("Created", format!("table {name} created"), changes),
+        None if !changes.is_empty() => {
+            PartReport::ready("Updated", format!("table {name}: {}", changes.join(", ")), changes)
+        }
+        None => PartReport::ready("UpToDate", format!("table {name} matches the spec"), changes),
+    };
+    Ok(TableOutcome {
+        report,
+        schema_drift,
+    })
+}
+
+/// The engine name without arguments, as `system.tables.engine` shows it.
+fn wanted_engine_name(engine: &str) -> &str {
+    let engine = engine.trim();
+    let name = engine.split('(').next().unwrap_or(engine).trim();
+    if name.is_empty() { "MergeTree" } else { name }
+}
+
+/// Maps a client error: transport problems mean unreachable, anything else is the server's
+/// refusal of `statement`.
+fn query_error(url: &str, statement: &str, error: clickhouse::error::Error) -> DataPlaneError {
+    match error {
+        clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => {
+            DataPlaneError::ClickHouseUnreachable {
+                url: url.to_string(),
+                message: error.to_string(),
+            }
+        }
+        clickhouse::error::Error::BadResponse(message) => DataPlaneError::ClickHouseRefused {
+            statement: statement.to_string(),
+            message: message.trim().to_string(),
+        },
+        other => DataPlaneError::ClickHouseRefused {
+            statement: statement.to_string(),
+            message: other.to_string(),
+        },
+    }
+}
+
+async fn execute(client: &Client, url: &str, sql: &str) -> Result<(), DataPlaneError> {
+    // Raw: DDL is complete text, and a `?` inside an expression is not a bind placeholder.
+    bounded(format!("running `{sql}`"), REQUEST_TIMEOUT, async {
+        client
+            .query_raw(sql)
+            .execute()
+            .await
+            .map_err(|error| query_error(url, sql, error))
+    })
+    .await
+}
+
+/// The server's `major.minor` release.
+pub async fn server_version(client: &Client, url: &str) -> Result<ServerVersion, DataPlaneError> {
+    const SQL: &str = "SELECT version()";
+    let text = bounded(format!("asking ClickHouse at {url} for its version"), REQUEST_TIMEOUT, async {
+        client
+            .query(SQL)
+            .fetch_one::<String>()
+            .await
+            .map_err(|error| query_error(url, SQL, error))
+    })
+    .await?;
+    ServerVersion::parse(&text).ok_or_else(|| DataPlaneError::ClickHouseRefused {
+        statement: SQL.to_string(),
+        message: format!("`{text}` is not a version"),
+    })
+}
+
+async fn database_exists(client: &Client, url: &str, database: &str) -> Result<bool, DataPlaneError> {
+    const SQL: &str = "SELECT count() FROM system.databases WHERE name = ?";
+    let count = bounded("looking up the database", REQUEST_TIMEOUT, async {
+        client
+            .query(SQL)
+            .bind(database)
+            .fetch_one::<u64>()
+            .await
+            .map_err(|error| query_error(url, SQL, error))
+    })
+    .await?;
+    Ok(count > 0)
+}
+
+/// The table's engine name, or `None` when the table does not exist.
+pub async fn table_engine(
+    client: &Client,
+    url: &str,
+    database: &str,
+    table: &str,
+) -> Result<Option<String>, DataPlaneError> {
+    const SQL: &str = "SELECT engine FROM system.tables WHERE database = ? AND name = ?";
+    let engines = bounded("looking up the table", REQUEST_TIMEOUT, async {
+        client
+            .query(SQL)
+            .bind(database)
+            .bind(table)
+            .fetch_all::<String>()
+            .await
+            .map_err(|error| query_error(url, SQL, error))
+    })
+    .await?;
+    Ok(engines.into_iter().next())
+}
+
+/// The table's columns as the server reports them.
+pub async fn live_columns(
+    client: &Client,
+    url: &str,
+    database: &str,
+    table: &str,
+) -> Result<Vec<LiveColumn>, DataPlaneError> {
+    const SQL: &str = "SELECT name, type FROM system.columns WHERE database = ? AND table = ?";
+    let rows = bounded("reading the table's columns", REQUEST_TIMEOUT, async {
+        client
+            .query(SQL)
+            .bind(database)
+            .bind(table)
+            .fetch_all::<(String, String)>()
+            .await
+            .map_err(|error| query_error(url, SQL, error))
+    })
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, type_text)| LiveColumn { name, type_text })
+        .collect())
+}
+
+/// Drops the table (a missing table is fine). The database is kept: other tables may live in it.
+pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<(), DataPlaneError> {
+    let client = signal_worker::connect::clickhouse(&spec.url, auth);
+    execute(
+        &client,
+        &spec.url,
+        &ddl::drop_table_sql(&spec.database, &spec.table),
+    )
+    .await
+}

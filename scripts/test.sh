@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command: installs missing test dependencies, then runs every test of the workspace.
+# Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p signal-testkit -- --nocapture`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Debian installs nats-server and clickhouse-server in /usr/sbin; helm/kubectl may go to
+# ~/.local/bin for non-root users.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin" ;; esac
+case ":$PATH:" in *":$HOME/.local/bin:"*) ;; *) PATH="$PATH:$HOME/.local/bin" ;; esac
+export PATH
+export RUST_BACKTRACE=1
+
+scripts/install-test-deps.sh
+
+# The whole workspace, unless the arguments pick packages (`-p NAME` / `--package NAME`).
+scope=(--workspace)
+for arg in "$@"; do
+    case "$arg" in
+        --) break ;;
+        -p | -p* | --package | --package=*) scope=() ;;
+    esac
+done
+
+echo "[test] cargo test ${scope[*]} --locked $*"
+exec cargo test "${scope[@]}" --locked "$@"

@@ -1,0 +1,433 @@
+//! A real `clickhouse-server` (Debian's 18.16) for tests.
+//!
+//! [`ClickHouseServer::start`] writes its own `config.xml` and `users.xml` into a temporary
+//! directory (data, tmp, user files, format schemas and logs all live there), listens on
+//! 127.0.0.1 only with freshly allocated HTTP, native TCP and interserver ports, and keeps its
+//! footprint small: no query/part logs, no clusters, macros or dictionaries, tiny caches. It
+//! waits until `GET /ping` answers `Ok.` and a query comes back from *this* server (checked by a
+//! unique `display_name`). A lost race for a port is retried with a new port set.
+//!
+//! [`ClickHouseServer::query`] posts SQL over plain HTTP and returns the response body.
+//! [`ClickHouseServer::restart`] keeps the ports and the data directory, so tables survive. On
+//! drop the server gets SIGTERM, then SIGKILL after a short grace, and the directory is removed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::binary;
+use crate::error::{Error, IoContext, Result};
+use crate::http;
+use crate::ports::{PortReservation, reserve_port};
+use crate::process::{self, child_running, is_address_in_use, kill_and_reap, terminate_then_kill};
+
+const SERVER: &str = "clickhouse-server";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_GRACE: Duration = Duration::from_secs(15);
+const DROP_GRACE: Duration = Duration::from_secs(3);
+const START_ATTEMPTS: u32 = 5;
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Queries in tests may be big inserts; allow them time.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The three ports a ClickHouse server listens on.
+#[derive(Debug)]
+struct Ports {
+    http: PortReservation,
+    tcp: PortReservation,
+    interserver: PortReservation,
+}
+
+impl Ports {
+    fn reserve() -> Result<Ports> {
+        Ok(Ports {
+            http: reserve_port()?,
+            tcp: reserve_port()?,
+            interserver: reserve_port()?,
+        })
+    }
+}
+
+/// A running (or stopped, restartable) `clickhouse-server` on 127.0.0.1.
+#[derive(Debug)]
+pub struct ClickHouseServer {
+    binary: PathBuf,
+    name: String,
+    ports: Ports,
+    child: Option<Child>,
+    // Declared last so the process is gone before its directory is removed.
+    dir: TempDir,
+}
+
+impl ClickHouseServer {
+    /// Starts a new server with its own configuration and data in a temporary directory.
+    pub fn start() -> Result<ClickHouseServer> {
+        let binary = binary::CLICKHOUSE.locate()?;
+        let dir = process::server_dir("clickhouse")?;
+        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+            std::fs::create_dir_all(dir.path().join(sub))
+                .context(|| format!("creating {}", dir.path().join(sub).display()))?;
+        }
+        let name = process::unique_name("signal-test-clickhouse");
+        write_users(dir.path())?;
+        let mut last_tail = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let ports = Ports::reserve()?;
+            write_config(dir.path(), &name, &ports)?;
+            for log in log_paths(dir.path()) {
+                let _ = std::fs::remove_file(log);
+            }
+            let mut child = launch(&binary, dir.path())?;
+            match wait_ready(&mut child, dir.path(), &name, ports.http.port()) {
+                Ok(()) => {
+                    return Ok(ClickHouseServer {
+                        binary,
+                        name,
+                        ports,
+                        child: Some(child),
+                        dir,
+                    });
+                }
+                Err(Error::Exited { log_tail, .. }) if is_address_in_use(&log_tail) => {
+                    last_tail = log_tail;
+                }
+                Err(e) => {
+                    let _ = kill_and_reap(&mut child);
+                    return Err(e);
+                }
+            }
+        }
+        Err(Error::PortsInUse {
+            server: SERVER,
+            attempts: START_ATTEMPTS,
+            log_tail: last_tail,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port())
+    }
+
+    /// The HTTP interface port.
+    pub fn http_port(&self) -> u16 {
+        self.ports.http.port()
+    }
+
+    /// The native protocol port.
+    pub fn tcp_port(&self) -> u16 {
+        self.ports.tcp.port()
+    }
+
+    /// The server's working directory (config.xml, users.xml, `data/`, `log/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the server process is alive.
+    pub fn is_running(&self) -> bool {
+        self.child.as_ref().is_some_and(child_running)
+    }
+
+    /// Stops the server gracefully (SIGTERM, then SIGKILL after 15 s) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = terminate_then_kill(&mut child, STOP_GRACE);
+        }
+    }
+
+    /// Kills the server with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill_and_reap(&mut child);
+        }
+    }
+
+    /// Stops the server if it runs, then starts it again with the same ports and data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let mut child = launch(&self.binary, self.dir.path())?;
+        match wait_ready(&mut child, self.dir.path(), &self.name, self.http_port()) {
+            Ok(()) => {
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = kill_and_reap(&mut child);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one SQL statement over HTTP (POST body) and returns the response body, e.g.
+    /// `"18.16.1\n"` for `SELECT version()`. A non-200 answer is [`Error::ClickHouse`] with the
+    /// server's message. Inline data works too: `INSERT INTO t FORMAT JSONEachRow {...}`.
+    ///
+    /// `wait_end_of_query=1` makes the server buffer the result, so an error that happens after
+    /// the first rows is still reported as an HTTP error rather than appended to a 200 body.
+    pub fn query(&self, sql: &str) -> Result<String> {
+        if self.child.is_none() {
+            return Err(Error::NotRunning(SERVER));
+        }
+        let response = http::request(
+            self.http_port(),
+            "POST",
+            "/?wait_end_of_query=1",
+            sql.as_bytes(),
+            QUERY_TIMEOUT,
+        )?;
+        let body = String::from_utf8_lossy(&response.body).into_owned();
+        if response.status == 200 {
+            Ok(body)
+        } else {
+            Err(Error::ClickHouse {
+                status: response.status,
+                message: body.trim().to_string(),
+            })
+        }
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = terminate_then_kill(&mut child, DROP_GRACE);
+        }
+    }
+}
+
+fn log_paths(dir: &Path) -> [PathBuf; 3] {
+    [
+        dir.join("log/stdout.log"),
+        dir.join("log/clickhouse-server.err.log"),
+        dir.join("log/clickhouse-server.log"),
+    ]
+}
+
+fn launch(binary: &Path, dir: &Path) -> Result<Child> {
+    let [stdout_path, ..] = log_paths(dir);
+    let log = process::append_log(&stdout_path)?;
+    let log_err = log
+        .try_clone()
+        .context(|| "duplicating the log file handle".to_string())?;
+    let mut command = Command::new(binary);
+    command
+        .arg(format!(
+            "--config-file={}",
+            dir.join("config.xml").display()
+        ))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    process::spawn(command).context(|| format!("starting {}", binary.display()))
+}
+
+fn wait_ready(child: &mut Child, dir: &Path, name: &str, http_port: u16) -> Result<()> {
+    // Only the error log and stdout: the main log is long and would bury the cause.
+    let logs = &log_paths(dir)[..2];
+    process::wait_until_ready(SERVER, child, START_TIMEOUT, logs, || {
+        is_ready(http_port, name)
+    })
+}
+
+/// `/ping` answers `Ok.`, and a query is answered by the server with our display name (not some
+/// other test's server that happens to hold the port).
+fn is_ready(http_port: u16, name: &str) -> bool {
+    let ping_ok = http::request(http_port, "GET", "/ping", b"", PROBE_TIMEOUT)
+        .is_ok_and(|r| r.status == 200 && r.body.starts_with(b"Ok."));
+    ping_ok
+        && http::request(http_port, "POST", "/", b"SELECT 1", PROBE_TIMEOUT).is_ok_and(|r| {
+            r.status == 200 && r.header("X-ClickHouse-Server-Display-Name") == Some(name)
+        })
+}
+
+fn write_config(dir: &Path, name: &str, ports: &Ports) -> Result<()> {
+    let d = dir.display();
+    // A fixed time zone makes DateTime text deterministic; only set it when the zone database
+    // is installed (clickhouse-server does not depend on tzdata and refuses unknown zones).
+    let timezone = if Path::new("/usr/share/zoneinfo/UTC").exists() {
+        "<timezone>UTC</timezone>"
+    } else {
+        ""
+    };
+    // 18.16 has no max_server_memory_usage; the per-query limit is in users.xml.
+    let config = format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>information</level>
+        <log>{d}/log/clickhouse-server.log</log>
+        <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
+        <size>10M</size>
+        <count>1</count>
+    </logger>
+    <display_name>{name}</display_name>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{http}</http_port>
+    <tcp_port>{tcp}</tcp_port>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <interserver_http_port>{interserver}</interserver_http_port>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>64</max_concurrent_queries>
+    <uncompressed_cache_size>0</uncompressed_cache_size>
+    <mark_cache_size>67108864</mark_cache_size>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <mlock_executable>false</mlock_executable>
+    <umask>022</umask>
+    {timezone}
+    <max_table_size_to_drop>0</max_table_size_to_drop>
+    <max_partition_size_to_drop>0</max_partition_size_to_drop>
+</yandex>
+"#,
+        http = ports.http.port(),
+        tcp = ports.tcp.port(),
+        interserver = ports.interserver.port(),
+    );
+    let path = dir.join("config.xml");
+    std::fs::write(&path, config).context(|| format!("writing {}", path.display()))
+}
+
+fn write_users(dir: &Path) -> Result<()> {
+    let users = r#"<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+            <background_pool_size>4</background_pool_size>
+            <log_queries>0</log_queries>
+            <load_balancing>random</load_balancing>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks>
+                <ip>::/0</ip>
+                <ip>127.0.0.1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+"#;
+    let path = dir.join("users.xml");
+    std::fs::write(&path, users).context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::is_port_free;
+
+    #[test]
+    fn query_restart_persistence_and_stop() {
+        let mut ch = ClickHouseServer::start().unwrap();
+        assert_eq!(
+            ch.http_url(),
+            format!("http://127.0.0.1:{}", ch.http_port())
+        );
+        let version = ch.query("SELECT version()").unwrap();
+        assert!(version.starts_with("18.16"), "{version}");
+
+        ch.query("CREATE TABLE t (id UInt64, name String) ENGINE = MergeTree ORDER BY id")
+            .unwrap();
+        ch.query("INSERT INTO t VALUES (1, 'a'), (2, 'b')").unwrap();
+        ch.query(r#"INSERT INTO t FORMAT JSONEachRow {"id":3,"name":"c"}"#)
+            .unwrap();
+        // A large result comes back chunked.
+        let numbers = ch
+            .query("SELECT number FROM system.numbers LIMIT 100000")
+            .unwrap();
+        assert_eq!(numbers.lines().count(), 100_000);
+
+        let (http, tcp) = (ch.http_port(), ch.tcp_port());
+        ch.restart().unwrap();
+        assert_eq!((ch.http_port(), ch.tcp_port()), (http, tcp));
+        assert_eq!(
+            ch.query("SELECT id, name FROM t ORDER BY id").unwrap(),
+            "1\ta\n2\tb\n3\tc\n"
+        );
+
+        // Also after a crash.
+        ch.kill();
+        assert!(!ch.is_running());
+        assert!(matches!(ch.query("SELECT 1"), Err(Error::NotRunning(_))));
+        ch.restart().unwrap();
+        assert_eq!(ch.query("SELECT count() FROM t").unwrap(), "3\n");
+
+        let pid = ch.pid().unwrap();
+        ch.stop();
+        assert!(!ch.is_running());
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        assert!(is_port_free(http) && is_port_free(tcp));
+    }
+
+    #[test]
+    fn a_taken_port_is_reported_as_address_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let ports = Ports::reserve().unwrap();
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", ports.tcp.port())).unwrap();
+        write_users(dir.path()).unwrap();
+        write_config(dir.path(), "taken", &ports).unwrap();
+        let binary = binary::CLICKHOUSE.locate().unwrap();
+        let mut child = launch(&binary, dir.path()).unwrap();
+        match wait_ready(&mut child, dir.path(), "taken", ports.http.port()) {
+            Err(Error::Exited { log_tail, .. }) => {
+                assert!(is_address_in_use(&log_tail), "{log_tail}")
+            }
+            other => panic!("expected an early exit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_carry_the_server_message_and_drop_cleans_up() {
+        let ch = ClickHouseServer::start().unwrap();
+        match ch.query("SELECT * FROM no_such_table") {
+            Err(Error::ClickHouse { status, message }) => {
+                assert_eq!(status, 404, "{message}");
+                assert!(message.contains("doesn't exist"), "{message}");
+            }
+            other => panic!("expected a ClickHouse error, got {other:?}"),
+        }
+        // An error after the first rows is still an error thanks to wait_end_of_query.
+        let late = ch.query("SELECT throwIf(number = 70000) FROM system.numbers LIMIT 100000");
+        assert!(matches!(late, Err(Error::ClickHouse { .. })), "{late:?}");
+
+        let (pid, port, dir) = (ch.pid().unwrap(), ch.http_port(), ch.dir().to_path_buf());
+        drop(ch);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        assert!(is_port_free(port));
+        assert!(!dir.exists());
+    }
+}

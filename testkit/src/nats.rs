@@ -1,0 +1,324 @@
+//! A real `nats-server` with JetStream for tests.
+//!
+//! [`NatsServer::start`] runs `nats-server -js -sd <tmp>/js -a 127.0.0.1 -p <free port>` with a
+//! unique server name, and waits until the server's INFO line shows that name with
+//! `"jetstream":true` *and* the JetStream API answers an account-info request, so a test can
+//! create streams right away. [`NatsServer::restart`] reuses the port and store directory, so
+//! JetStream data survives. The process is killed on drop and when the test process dies.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::binary;
+use crate::error::{Error, IoContext, Result};
+use crate::ports::{PortReservation, reserve_port};
+use crate::process::{self, child_running, is_address_in_use, kill_and_reap, terminate_then_kill};
+
+const SERVER: &str = "nats-server";
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const START_ATTEMPTS: u32 = 5;
+
+/// A running (or stopped, restartable) `nats-server` with JetStream on 127.0.0.1.
+#[derive(Debug)]
+pub struct NatsServer {
+    binary: PathBuf,
+    name: String,
+    port: PortReservation,
+    child: Option<Child>,
+    // Declared last so the process is gone before its directory is removed.
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a new server on a free port with its own JetStream store in a temporary directory.
+    pub fn start() -> Result<NatsServer> {
+        let binary = binary::NATS.locate()?;
+        let dir = process::server_dir("nats")?;
+        let name = process::unique_name("signal-test-nats");
+        let mut last_tail = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = reserve_port()?;
+            let _ = std::fs::remove_file(log_path(dir.path()));
+            let mut child = launch(&binary, dir.path(), &name, port.port())?;
+            match wait_ready(&mut child, dir.path(), &name, port.port()) {
+                Ok(()) => {
+                    return Ok(NatsServer {
+                        binary,
+                        name,
+                        port,
+                        child: Some(child),
+                        dir,
+                    });
+                }
+                Err(Error::Exited { log_tail, .. }) if is_address_in_use(&log_tail) => {
+                    last_tail = log_tail;
+                }
+                Err(e) => {
+                    let _ = kill_and_reap(&mut child);
+                    return Err(e);
+                }
+            }
+        }
+        Err(Error::PortsInUse {
+            server: SERVER,
+            attempts: START_ATTEMPTS,
+            log_tail: last_tail,
+        })
+    }
+
+    /// `nats://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port())
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port.port()
+    }
+
+    /// The JetStream store directory (`-sd`).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("js")
+    }
+
+    /// The server's log file (its stdout and stderr, across restarts).
+    pub fn log_file(&self) -> PathBuf {
+        log_path(self.dir.path())
+    }
+
+    /// The server process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the server process is alive.
+    pub fn is_running(&self) -> bool {
+        self.child.as_ref().is_some_and(child_running)
+    }
+
+    /// Stops the server gracefully (SIGTERM, then SIGKILL after 10 s) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = terminate_then_kill(&mut child, STOP_GRACE);
+        }
+    }
+
+    /// Kills the server with SIGKILL (a crash) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill_and_reap(&mut child);
+        }
+    }
+
+    /// Stops the server if it runs, then starts it again on the same port with the same store
+    /// directory (JetStream streams, consumers and messages survive).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let mut child = launch(&self.binary, self.dir.path(), &self.name, self.port())?;
+        match wait_ready(&mut child, self.dir.path(), &self.name, self.port()) {
+            Ok(()) => {
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = kill_and_reap(&mut child);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("nats-server.log")
+}
+
+fn launch(binary: &Path, dir: &Path, name: &str, port: u16) -> Result<Child> {
+    let log = process::append_log(&log_path(dir))?;
+    let log_err = log
+        .try_clone()
+        .context(|| "duplicating the log file handle".to_string())?;
+    let mut command = Command::new(binary);
+    command
+        .arg("-js")
+        .arg("-sd")
+        .arg(dir.join("js"))
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-n", name])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    process::spawn(command).context(|| format!("starting {}", binary.display()))
+}
+
+fn wait_ready(child: &mut Child, dir: &Path, name: &str, port: u16) -> Result<()> {
+    process::wait_until_ready(SERVER, child, START_TIMEOUT, &[log_path(dir)], || {
+        jetstream_ready(port, name).unwrap_or(false)
+    })
+}
+
+/// Connects, checks the INFO line is from the server named `name` with JetStream on, and that
+/// the JetStream API answers `$JS.API.INFO` without an error.
+fn jetstream_ready(port: u16, name: &str) -> std::io::Result<bool> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+
+    let mut info = String::new();
+    reader.read_line(&mut info)?;
+    let ours = info.starts_with("INFO ")
+        && info.contains(&format!("\"server_name\":\"{name}\""))
+        && info.contains("\"jetstream\":true");
+    if !ours {
+        return Ok(false);
+    }
+
+    writer.write_all(
+        b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"name\":\"signal-testkit\"}\r\n\
+          SUB _INBOX.signal_testkit 1\r\n\
+          PUB $JS.API.INFO _INBOX.signal_testkit 0\r\n\r\n",
+    )?;
+    writer.flush()?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(false);
+        }
+        if line.starts_with("PING") {
+            writer.write_all(b"PONG\r\n")?;
+        } else if line.starts_with("-ERR") {
+            return Ok(false);
+        } else if let Some(rest) = line.strip_prefix("MSG ") {
+            let len: usize = rest
+                .split_whitespace()
+                .last()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let mut payload = vec![0; len + 2];
+            reader.read_exact(&mut payload)?;
+            let payload = String::from_utf8_lossy(&payload);
+            return Ok(payload.contains("account_info_response") && !payload.contains("\"error\""));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::is_port_free;
+
+    fn read_info(port: u16) -> String {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    }
+
+    /// Sends one request over the raw NATS protocol and returns the reply payload.
+    fn request(port: u16, subject: &str, payload: &[u8]) -> String {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let mut req = Vec::new();
+        req.extend_from_slice(b"CONNECT {\"verbose\":false}\r\nSUB _INBOX.t 1\r\n");
+        req.extend_from_slice(format!("PUB {subject} _INBOX.t {}\r\n", payload.len()).as_bytes());
+        req.extend_from_slice(payload);
+        req.extend_from_slice(b"\r\n");
+        writer.write_all(&req).unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "connection closed"
+            );
+            if let Some(rest) = line.strip_prefix("MSG ") {
+                let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
+                let mut payload = vec![0; len + 2];
+                reader.read_exact(&mut payload).unwrap();
+                payload.truncate(len);
+                return String::from_utf8(payload).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn starts_with_jetstream_restarts_and_stops() {
+        let mut nats = NatsServer::start().unwrap();
+        let port = nats.port();
+        assert_eq!(nats.url(), format!("nats://127.0.0.1:{port}"));
+        assert!(nats.is_running());
+        let info = read_info(port);
+        assert!(info.contains("\"jetstream\":true"), "{info}");
+        assert!(info.contains("\"version\":\"2."), "{info}");
+
+        let created = request(
+            port,
+            "$JS.API.STREAM.CREATE.T",
+            br#"{"name":"T","subjects":["t.>"],"storage":"file"}"#,
+        );
+        assert!(!created.contains("\"error\""), "{created}");
+        let ack = request(port, "t.one", b"hello");
+        assert!(ack.contains("\"seq\":1"), "{ack}");
+
+        nats.restart().unwrap();
+        assert_eq!(nats.port(), port);
+        // The stream and its message survived the restart.
+        let info = request(port, "$JS.API.STREAM.INFO.T", b"");
+        assert!(info.contains("\"messages\":1"), "{info}");
+
+        let pid = nats.pid().unwrap();
+        nats.stop();
+        assert!(!nats.is_running());
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        assert!(is_port_free(port));
+    }
+
+    #[test]
+    fn a_taken_port_is_reported_as_address_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = reserve_port().unwrap();
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", port.port())).unwrap();
+        let binary = binary::NATS.locate().unwrap();
+        let mut child = launch(&binary, dir.path(), "taken", port.port()).unwrap();
+        match wait_ready(&mut child, dir.path(), "taken", port.port()) {
+            Err(Error::Exited { log_tail, .. }) => {
+                assert!(is_address_in_use(&log_tail), "{log_tail}")
+            }
+            other => panic!("expected an early exit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kill_then_restart_and_drop() {
+        let mut nats = NatsServer::start().unwrap();
+        let port = nats.port();
+        nats.kill();
+        assert!(!nats.is_running());
+        assert!(is_port_free(port));
+        nats.restart().unwrap();
+        assert!(nats.is_running());
+        let pid = nats.pid().unwrap();
+        drop(nats);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        assert!(is_port_free(port));
+    }
+}
