@@ -112,6 +112,9 @@ fn normalise_nodes(node: &mut Value) {
 /// The string pattern moves up to the node (it only applies to strings, as controller-gen does for
 /// quantities) and a CEL rule keeps integers non-negative.
 fn normalise_int_or_string(object: &mut Map<String, Value>) {
+    // `nullable` belongs with a `type`, which an int-or-string node has none of. Without it the API
+    // server prunes an explicit null, which for these optional sizes means the same as absent.
+    object.remove("nullable");
     object.insert(
         "anyOf".into(),
         json!([{"type": "integer"}, {"type": "string"}]),

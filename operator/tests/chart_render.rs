@@ -144,8 +144,16 @@ fn yaml_documents(text: &str) -> Vec<Value> {
 /// fields are the error.
 fn parse_strict<T: DeserializeOwned>(document: &Value) -> Result<T, String> {
     let mut unknown = Vec::new();
+    // serde_ignored writes `?` for each Option it passes through; drop those to get the path a
+    // person would write.
     let parsed = serde_ignored::deserialize(document.clone(), |path| {
-        unknown.push(path.to_string())
+        let segments: Vec<String> = path
+            .to_string()
+            .split('.')
+            .filter(|segment| *segment != "?")
+            .map(str::to_string)
+            .collect();
+        unknown.push(segments.join("."))
     })
     .map_err(|error| format!("does not parse as {}: {error}", type_name::<T>()))?;
     if unknown.is_empty() {
