@@ -6,7 +6,8 @@
 //! fields the data plane cannot change, and normalises the int-or-string and nullable nodes that
 //! schemars leaves in a shape the API server would refuse.
 //!
-//! `signal-operator crd` prints [`crd_yaml`]; `crds/signalpipeline.yaml` holds the same text.
+//! `signal-operator crd` prints [`crd_yaml`]; `crds/signalpipeline.yaml` holds the same text, and
+//! the `crd_schema` test fails when the two differ or the schema stops being structural.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -19,6 +20,9 @@ pub const NATS_NAME_PATTERN: &str = "^[A-Za-z0-9_-]+$";
 pub const IDENTIFIER_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
 /// The string form of a byte size (integers are accepted as integers).
 const BYTE_SIZE_PATTERN: &str = "^[0-9]+(k|K|M|G|T|Ki|Mi|Gi|Ti)?$";
+/// A Kubernetes resource quantity (`100m`, `64Mi`, `1.5`), as controller-gen writes it, so a typo is
+/// refused at `kubectl apply` instead of failing every apply of the worker Deployment.
+const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
 /// Formats the API server knows; schemars also emits `uint8`, `uint32`... which mean nothing to it.
 const KNOWN_FORMATS: [&str; 6] = ["int32", "int64", "float", "double", "byte", "date-time"];
 
@@ -217,6 +221,14 @@ fn field_rules() -> Vec<(&'static str, Value)> {
         ("spec.workers.replicas", json!({"minimum": 0})),
         ("spec.workers.image", json!({"minLength": 1})),
         ("spec.workers.batch.maxRows", json!({"minimum": 1})),
+        (
+            "spec.workers.resources.requests",
+            json!({"additionalProperties": {"type": "string", "pattern": QUANTITY_PATTERN}}),
+        ),
+        (
+            "spec.workers.resources.limits",
+            json!({"additionalProperties": {"type": "string", "pattern": QUANTITY_PATTERN}}),
+        ),
         (
             "spec.workers.autoscale",
             json!({"x-kubernetes-validations": [{

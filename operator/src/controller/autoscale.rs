@@ -66,7 +66,9 @@ pub fn decide(input: &AutoscaleInput<'_>) -> AutoscaleDecision {
     let per_replica = input.spec.target_lag_per_replica;
     if wanted >= current {
         let reason = if wanted > current {
-            format!("lag {lag} over {per_replica} per replica: scaled up from {current} to {wanted}")
+            format!(
+                "lag {lag} over {per_replica} per replica: scaled up from {current} to {wanted}"
+            )
         } else {
             format!("lag {lag} fits {wanted} replicas at {per_replica} per replica")
         };
@@ -135,7 +137,11 @@ mod tests {
         DateTime::from_timestamp(1_700_000_000 + seconds, 0).unwrap()
     }
 
-    fn decide_at(lag: Option<u64>, previous: Option<&AutoscaleStatus>, seconds: i64) -> AutoscaleDecision {
+    fn decide_at(
+        lag: Option<u64>,
+        previous: Option<&AutoscaleStatus>,
+        seconds: i64,
+    ) -> AutoscaleDecision {
         decide(&AutoscaleInput {
             spec: &spec(),
             lag,
@@ -151,25 +157,44 @@ mod tests {
         assert_eq!(replicas_for_lag(&spec(), 1000), 1);
         assert_eq!(replicas_for_lag(&spec(), 1001), 2, "rounds up");
         assert_eq!(replicas_for_lag(&spec(), 4500), 5);
-        assert_eq!(replicas_for_lag(&spec(), u64::MAX), 10, "never above maxReplicas");
+        assert_eq!(
+            replicas_for_lag(&spec(), u64::MAX),
+            10,
+            "never above maxReplicas"
+        );
     }
 
     #[test]
     fn scales_up_at_once() {
-        let previous = AutoscaleStatus { desired_replicas: 2, reason: String::new(), low_lag_since: None };
+        let previous = AutoscaleStatus {
+            desired_replicas: 2,
+            reason: String::new(),
+            low_lag_since: None,
+        };
         let decision = decide_at(Some(7_500), Some(&previous), 0);
         assert_eq!(decision.status.desired_replicas, 8);
-        assert!(decision.status.reason.contains("scaled up from 2 to 8"), "{}", decision.status.reason);
+        assert!(
+            decision.status.reason.contains("scaled up from 2 to 8"),
+            "{}",
+            decision.status.reason
+        );
         assert_eq!(decision.status.low_lag_since, None);
     }
 
     #[test]
     fn scales_down_only_after_the_lag_stayed_low_for_the_stabilization_window() {
-        let running = AutoscaleStatus { desired_replicas: 6, reason: String::new(), low_lag_since: None };
+        let running = AutoscaleStatus {
+            desired_replicas: 6,
+            reason: String::new(),
+            low_lag_since: None,
+        };
         // The lag drops: keep 6 replicas and remember since when it is low.
         let first = decide_at(Some(900), Some(&running), 0);
         assert_eq!(first.status.desired_replicas, 6);
-        assert_eq!(first.status.low_lag_since.as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(
+            first.status.low_lag_since.as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
         assert_eq!(first.recheck_after, Some(Duration::from_secs(300)));
 
         // Still low four minutes later: keep waiting, with the original start.
@@ -186,20 +211,37 @@ mod tests {
 
     #[test]
     fn a_burst_during_the_window_resets_it() {
-        let running = AutoscaleStatus { desired_replicas: 6, reason: String::new(), low_lag_since: None };
+        let running = AutoscaleStatus {
+            desired_replicas: 6,
+            reason: String::new(),
+            low_lag_since: None,
+        };
         let low = decide_at(Some(100), Some(&running), 0);
         let burst = decide_at(Some(6_000), Some(&low.status), 200);
         assert_eq!(burst.status.desired_replicas, 6);
-        assert_eq!(burst.status.low_lag_since, None, "high lag clears the low-lag start");
+        assert_eq!(
+            burst.status.low_lag_since, None,
+            "high lag clears the low-lag start"
+        );
         let low_again = decide_at(Some(100), Some(&burst.status), 400);
-        assert_eq!(low_again.status.desired_replicas, 6, "the window starts over");
+        assert_eq!(
+            low_again.status.desired_replicas, 6,
+            "the window starts over"
+        );
     }
 
     #[test]
     fn unknown_lag_keeps_the_current_count_clamped() {
-        let previous = AutoscaleStatus { desired_replicas: 40, reason: String::new(), low_lag_since: None };
+        let previous = AutoscaleStatus {
+            desired_replicas: 40,
+            reason: String::new(),
+            low_lag_since: None,
+        };
         let decision = decide_at(None, Some(&previous), 0);
-        assert_eq!(decision.status.desired_replicas, 10, "clamped to maxReplicas");
+        assert_eq!(
+            decision.status.desired_replicas, 10,
+            "clamped to maxReplicas"
+        );
         assert!(decision.status.reason.contains("unknown"));
     }
 }

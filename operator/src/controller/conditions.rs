@@ -135,11 +135,7 @@ pub fn summarise_ready(components: &[ConditionState]) -> ConditionState {
 
 /// Every condition set to the same failure, for problems found before anything was reconciled
 /// (a conflict, a missing Secret, an invalid spec).
-pub fn all_blocked(
-    status: ConditionStatus,
-    reason: &str,
-    message: &str,
-) -> Vec<ConditionState> {
+pub fn all_blocked(status: ConditionStatus, reason: &str, message: &str) -> Vec<ConditionState> {
     let mut states = vec![ConditionState::new(READY, status, reason, message)];
     states.extend(
         COMPONENT_TYPES
@@ -157,26 +153,47 @@ mod tests {
     fn transition_time_moves_only_when_status_changes() {
         let first = with_transition_times(
             &[],
-            &[ConditionState::new(STREAM_READY, ConditionStatus::False, "Unreachable", "down")],
+            &[ConditionState::new(
+                STREAM_READY,
+                ConditionStatus::False,
+                "Unreachable",
+                "down",
+            )],
             Some(1),
             "2024-01-01T00:00:00Z",
         );
         let same = with_transition_times(
             &first,
-            &[ConditionState::new(STREAM_READY, ConditionStatus::False, "Unreachable", "still down")],
+            &[ConditionState::new(
+                STREAM_READY,
+                ConditionStatus::False,
+                "Unreachable",
+                "still down",
+            )],
             Some(2),
             "2024-01-01T00:05:00Z",
         );
-        assert_eq!(same[0].last_transition_time.as_deref(), Some("2024-01-01T00:00:00Z"));
+        assert_eq!(
+            same[0].last_transition_time.as_deref(),
+            Some("2024-01-01T00:00:00Z")
+        );
         assert_eq!(same[0].message, "still down");
         assert_eq!(same[0].observed_generation, Some(2));
         let flipped = with_transition_times(
             &same,
-            &[ConditionState::new(STREAM_READY, ConditionStatus::True, "Ready", "ok")],
+            &[ConditionState::new(
+                STREAM_READY,
+                ConditionStatus::True,
+                "Ready",
+                "ok",
+            )],
             Some(2),
             "2024-01-01T00:09:00Z",
         );
-        assert_eq!(flipped[0].last_transition_time.as_deref(), Some("2024-01-01T00:09:00Z"));
+        assert_eq!(
+            flipped[0].last_transition_time.as_deref(),
+            Some("2024-01-01T00:09:00Z")
+        );
     }
 
     #[test]
@@ -186,15 +203,29 @@ mod tests {
         assert_eq!(summarise_ready(&all_ok).status, ConditionStatus::True);
 
         let mut one_down = all_ok.clone();
-        one_down[2] = ConditionState::new(TABLE_READY, ConditionStatus::False, "Unreachable", "no ClickHouse");
+        one_down[2] = ConditionState::new(
+            TABLE_READY,
+            ConditionStatus::False,
+            "Unreachable",
+            "no ClickHouse",
+        );
         let ready = summarise_ready(&one_down);
         assert_eq!(ready.status, ConditionStatus::False);
         assert_eq!(ready.reason, "Unreachable");
-        assert!(ready.message.contains("TableReady: no ClickHouse"), "{}", ready.message);
+        assert!(
+            ready.message.contains("TableReady: no ClickHouse"),
+            "{}",
+            ready.message
+        );
 
         // Drift alone is reported on its own condition and does not block readiness.
         let mut drift = all_ok;
-        drift.push(ConditionState::new(SCHEMA_DRIFT, ConditionStatus::True, "SchemaDrift", "extra column"));
+        drift.push(ConditionState::new(
+            SCHEMA_DRIFT,
+            ConditionStatus::True,
+            "SchemaDrift",
+            "extra column",
+        ));
         assert_eq!(summarise_ready(&drift).status, ConditionStatus::True);
     }
 }

@@ -127,3 +127,125 @@ fn normalise_urls(urls: &str) -> Vec<String> {
     list.sort();
     list
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::workload::fixtures::{minimal_spec, stored_pipeline_with};
+
+    const EARLIER: i64 = 1_700_000_000;
+    const LATER: i64 = 1_700_000_100;
+
+    /// A pipeline on its own stream `stream` and table `table`.
+    fn claiming(name: &str, stream: &str, table: &str, created_at: i64) -> SignalPipeline {
+        let mut spec = minimal_spec();
+        spec["stream"]["name"] = json!(stream);
+        spec["clickhouse"]["table"] = json!(table);
+        stored_pipeline_with(name, spec, created_at)
+    }
+
+    #[test]
+    fn the_newer_of_two_pipelines_on_one_table_loses_it() {
+        let older = claiming("older", "A", "events", EARLIER);
+        let newer = claiming("newer", "B", "events", LATER);
+        let all = [older.clone(), newer.clone()];
+        let conflict = find_conflict(&newer, &all).expect("a conflict");
+        assert_eq!(conflict.holder, "signals/older");
+        assert!(conflict.what.contains("risk.events"), "{}", conflict.what);
+        assert!(conflict.message().contains("signals/older"));
+        assert_eq!(
+            find_conflict(&older, &all),
+            None,
+            "the older one keeps its table"
+        );
+    }
+
+    #[test]
+    fn a_pipeline_never_conflicts_with_itself_or_with_separate_claims() {
+        let alone = claiming("alone", "A", "events", EARLIER);
+        assert_eq!(find_conflict(&alone, [&alone]), None);
+        let other = claiming("other", "B", "other_events", EARLIER - 10);
+        assert_eq!(find_conflict(&alone, [&alone, &other]), None);
+    }
+
+    #[test]
+    fn the_same_table_on_another_server_is_no_conflict() {
+        let older = claiming("older", "A", "events", EARLIER);
+        let mut newer = claiming("newer", "B", "events", LATER);
+        newer.spec.clickhouse.url = "http://other-clickhouse:8123".to_string();
+        assert_eq!(find_conflict(&newer, [&older, &newer]), None);
+    }
+
+    #[test]
+    fn urls_compare_without_case_trailing_slash_or_server_order() {
+        let mut older = claiming("older", "A", "events", EARLIER);
+        older.spec.clickhouse.url = "HTTP://ClickHouse.signals.svc:8123/".to_string();
+        let newer = claiming("newer", "B", "events", LATER);
+        assert!(find_conflict(&newer, [&older, &newer]).is_some());
+
+        let mut older = claiming("older", "S", "t1", EARLIER);
+        older.spec.nats.url = "nats://a:4222, nats://b:4222".to_string();
+        let mut newer = claiming("newer", "S", "t2", LATER);
+        newer.spec.nats.url = "nats://b:4222,nats://a:4222".to_string();
+        newer.spec.stream.max_msgs = Some(5);
+        assert!(find_conflict(&newer, [&older, &newer]).is_some());
+    }
+
+    #[test]
+    fn a_shared_stream_needs_equal_settings_and_separate_consumers() {
+        let older = claiming("older", "SIGNALS", "t1", EARLIER);
+        let newer = claiming("newer", "SIGNALS", "t2", LATER);
+        // Same settings, durable names default to the (different) pipeline names.
+        assert_eq!(find_conflict(&newer, [&older, &newer]), None);
+
+        let mut same_durable = newer.clone();
+        same_durable.spec.consumer.durable_name = Some("older".to_string());
+        let conflict = find_conflict(&same_durable, [&older, &same_durable]).expect("a conflict");
+        assert!(
+            conflict.what.contains("durable consumer older"),
+            "{}",
+            conflict.what
+        );
+
+        let mut other_settings = newer;
+        other_settings.spec.stream.subjects = vec!["other.>".to_string()];
+        let conflict =
+            find_conflict(&other_settings, [&older, &other_settings]).expect("a conflict");
+        assert!(
+            conflict.what.contains("different stream settings"),
+            "{}",
+            conflict.what
+        );
+    }
+
+    #[test]
+    fn equal_creation_times_are_ordered_by_name_and_unsaved_pipelines_are_newest() {
+        let alpha = claiming("alpha", "A", "events", EARLIER);
+        let beta = claiming("beta", "B", "events", EARLIER);
+        assert_eq!(find_conflict(&alpha, [&alpha, &beta]), None);
+        assert_eq!(
+            find_conflict(&beta, [&alpha, &beta]).map(|c| c.holder),
+            Some("signals/alpha".to_string())
+        );
+
+        let mut unsaved = claiming("aaa", "C", "events", EARLIER);
+        unsaved.metadata.creation_timestamp = None;
+        unsaved.metadata.uid = None;
+        assert!(find_conflict(&unsaved, [&alpha, &unsaved]).is_some());
+    }
+
+    #[test]
+    fn the_oldest_holder_is_reported_whatever_the_cache_order() {
+        let oldest = claiming("oldest", "A", "events", EARLIER - 100);
+        let middle = claiming("middle", "B", "events", EARLIER);
+        let newest = claiming("newest", "C", "events", LATER);
+        for order in [[&middle, &oldest, &newest], [&newest, &middle, &oldest]] {
+            assert_eq!(
+                find_conflict(&newest, order).map(|c| c.holder),
+                Some("signals/oldest".to_string())
+            );
+        }
+    }
+}

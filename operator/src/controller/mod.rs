@@ -197,8 +197,8 @@ pub async fn run(
             .map_err(ControllerError::CrdMissing)?;
     }
 
-    let owned = watcher::Config::default()
-        .labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    let owned =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
     let controllers: Vec<Controller<SignalPipeline>> = scopes
         .iter()
         .map(|scope| {

@@ -32,8 +32,8 @@ use super::secrets::{SecretError, load_credentials};
 use super::status::{StatusFigures, apply_status, build_status, is_ready};
 use crate::dataplane::{DataPlaneReport, PartReport, delete_data_plane, reconcile_data_plane};
 use crate::workload::{
-    CONFIG_HASH_ANNOTATION, FIELD_MANAGER, WorkerDeploymentInputs, WorkloadError,
-    build_configmap, build_deployment, config_hash,
+    CONFIG_HASH_ANNOTATION, FIELD_MANAGER, WorkerDeploymentInputs, WorkloadError, build_configmap,
+    build_deployment, config_hash,
 };
 
 /// The finalizer that holds a pipeline until its data plane is cleaned up.
@@ -161,7 +161,15 @@ async fn apply(
 
     if let Err(error) = pipeline.spec.validate(&name) {
         let message = error.to_string();
-        block(pipeline, ctx, api, ConditionStatus::False, "InvalidSpec", &message).await?;
+        block(
+            pipeline,
+            ctx,
+            api,
+            ConditionStatus::False,
+            "InvalidSpec",
+            &message,
+        )
+        .await?;
         return Err(ReconcileError::InvalidSpec(message));
     }
 
@@ -169,7 +177,15 @@ async fn apply(
     if let Some(conflict) = find_conflict(pipeline, pipelines.iter().map(Arc::as_ref)) {
         let message = conflict.message();
         info!(pipeline = %key, holder = %conflict.holder, "conflict: not reconciling");
-        block(pipeline, ctx, api, ConditionStatus::False, "Conflict", &message).await?;
+        block(
+            pipeline,
+            ctx,
+            api,
+            ConditionStatus::False,
+            "Conflict",
+            &message,
+        )
+        .await?;
         return Ok(Action::requeue(CONFLICT_RECHECK));
     }
 
@@ -177,8 +193,15 @@ async fn apply(
         Ok(credentials) => credentials,
         Err(error) => {
             let message = error.to_string();
-            block(pipeline, ctx, api, ConditionStatus::False, secret_reason(&error), &message)
-                .await?;
+            block(
+                pipeline,
+                ctx,
+                api,
+                ConditionStatus::False,
+                secret_reason(&error),
+                &message,
+            )
+            .await?;
             return Err(error.into());
         }
     };
@@ -244,7 +267,8 @@ async fn apply(
     apply_status(api, &name, &status)
         .await
         .map_err(kube_error("writing the status"))?;
-    ctx.metrics.set_pipeline_ready(&key, Some(is_ready(&status)));
+    ctx.metrics
+        .set_pipeline_ready(&key, Some(is_ready(&status)));
 
     if let Some((what, part)) = first_failing_part(&report) {
         return Err(ReconcileError::DataPlaneNotReady {
@@ -285,7 +309,15 @@ async fn block(
         &format!("{}/{name}", pipeline.namespace().unwrap_or_default()),
         Some(false),
     );
-    publish(&ctx.recorder, pipeline, EventType::Warning, reason, "Reconcile", message).await;
+    publish(
+        &ctx.recorder,
+        pipeline,
+        EventType::Warning,
+        reason,
+        "Reconcile",
+        message,
+    )
+    .await;
     Ok(())
 }
 
@@ -324,8 +356,15 @@ async fn apply_workload(
         .map_err(kube_error(format!("applying Deployment {deployment_name}")))?;
 
     if let Some(change) = describe_workload_change(existing, replicas, &hash, &deployment_name) {
-        publish(&ctx.recorder, pipeline, EventType::Normal, "WorkersApplied", "Apply", change)
-            .await;
+        publish(
+            &ctx.recorder,
+            pipeline,
+            EventType::Normal,
+            "WorkersApplied",
+            "Apply",
+            change,
+        )
+        .await;
     }
     Ok(applied)
 }
@@ -434,7 +473,8 @@ fn workers_condition(deployment: Option<&Deployment>, data_plane_ready: bool) ->
     let status = deployment.status.as_ref();
     let ready = status.and_then(|s| s.ready_replicas).unwrap_or(0);
     let updated = status.and_then(|s| s.updated_replicas).unwrap_or(0);
-    let current_generation = status.and_then(|s| s.observed_generation) >= deployment.metadata.generation;
+    let current_generation =
+        status.and_then(|s| s.observed_generation) >= deployment.metadata.generation;
     let suffix = if data_plane_ready {
         ""
     } else {
@@ -581,4 +621,105 @@ fn deleting_for(pipeline: &SignalPipeline) -> Duration {
         .map(|time| k8s_openapi::jiff::Timestamp::now().duration_since(time.0))
         .and_then(|elapsed| Duration::try_from(elapsed).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn deployment(replicas: i32, hash: &str, ready: i32, observed_generation: i64) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(2),
+                ..ObjectMeta::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        annotations: Some(
+                            [(CONFIG_HASH_ANNOTATION.to_string(), hash.to_string())].into(),
+                        ),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: None,
+                },
+                ..DeploymentSpec::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed_generation),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(ready),
+                ..DeploymentStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn workload_changes_are_described_only_when_something_changed() {
+        let created = describe_workload_change(None, 2, "h1", "orders-worker");
+        assert_eq!(
+            created.as_deref(),
+            Some("created Deployment orders-worker with 2 worker(s)")
+        );
+        let same = deployment(2, "h1", 2, 2);
+        assert_eq!(
+            describe_workload_change(Some(&same), 2, "h1", "orders-worker"),
+            None
+        );
+        let scaled = describe_workload_change(Some(&same), 5, "h1", "orders-worker");
+        assert_eq!(
+            scaled.as_deref(),
+            Some("scaled Deployment orders-worker from 2 to 5 worker(s)")
+        );
+        let rolled = describe_workload_change(Some(&same), 2, "h2", "orders-worker");
+        assert!(rolled.is_some_and(|text| text.contains("rolling out")));
+    }
+
+    #[test]
+    fn workers_are_ready_when_the_current_generation_has_every_replica_ready() {
+        let ready = workers_condition(Some(&deployment(2, "h", 2, 2)), true);
+        assert_eq!(
+            (ready.status, ready.reason.as_str()),
+            (ConditionStatus::True, "Ready")
+        );
+        let stale = workers_condition(Some(&deployment(2, "h", 2, 1)), true);
+        assert_eq!(
+            (stale.status, stale.reason.as_str()),
+            (ConditionStatus::False, "Progressing")
+        );
+        let partial = workers_condition(Some(&deployment(3, "h", 1, 2)), true);
+        assert_eq!(partial.status, ConditionStatus::False);
+        let zero = workers_condition(Some(&deployment(0, "h", 0, 2)), false);
+        assert_eq!(
+            (zero.status, zero.reason.as_str()),
+            (ConditionStatus::True, "ScaledToZero")
+        );
+        assert!(
+            zero.message
+                .contains("not updated while the data plane is not ready")
+        );
+        let missing = workers_condition(None, false);
+        assert_eq!(missing.reason, "WaitingForDataPlane");
+    }
+
+    #[test]
+    fn a_failing_cleanup_retries_within_its_remaining_window() {
+        let cleanup = |seconds| ReconcileError::Cleanup {
+            message: "down".to_string(),
+            retry_window: Duration::from_secs(seconds),
+        };
+        assert_eq!(cleanup(200).retry_cap(), Some(CLEANUP_RETRY_CAP));
+        assert_eq!(cleanup(7).retry_cap(), Some(Duration::from_secs(7)));
+        assert_eq!(cleanup(0).retry_cap(), Some(Duration::from_secs(1)));
+        assert_eq!(
+            ReconcileError::InvalidSpec("x".to_string()).retry_cap(),
+            None
+        );
+        assert_eq!(cleanup(7).metric_reason(), "CleanupFailed");
+    }
 }

@@ -143,3 +143,84 @@ pub async fn load_credentials(
     }
     credentials_from_secrets(spec, &secrets)
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use serde_json::json;
+    use signal_model::credentials::NatsAuth;
+
+    use super::*;
+    use crate::workload::fixtures::minimal_spec;
+
+    fn spec_with_auth() -> SignalPipelineSpec {
+        let mut spec = minimal_spec();
+        spec["nats"]["auth"] = json!({"secretRef": {"name": "nats-auth"}});
+        spec["clickhouse"]["auth"] = json!({"secretRef": {"name": "clickhouse-auth"}});
+        serde_json::from_value(spec).expect("a valid spec")
+    }
+
+    fn secret(name: &str, data: &[(&str, &[u8])]) -> (String, Secret) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(key, value)| (key.to_string(), ByteString(value.to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        (name.to_string(), secret)
+    }
+
+    #[test]
+    fn secret_keys_become_the_credentials_of_each_server() {
+        let secrets = BTreeMap::from([
+            secret("nats-auth", &[("token", b"s3cret-token")]),
+            secret(
+                "clickhouse-auth",
+                &[("user", b"ingest"), ("password", b"pw")],
+            ),
+        ]);
+        let credentials =
+            credentials_from_secrets(&spec_with_auth(), &secrets).expect("credentials");
+        assert!(credentials.nats == NatsAuth::Token("s3cret-token".to_string()));
+        assert_eq!(credentials.clickhouse.user.as_deref(), Some("ingest"));
+        assert_eq!(credentials.clickhouse.password.as_deref(), Some("pw"));
+    }
+
+    #[test]
+    fn string_data_is_read_when_data_lacks_the_key() {
+        let (name, mut clickhouse) = secret("clickhouse-auth", &[]);
+        clickhouse.string_data = Some(BTreeMap::from([("user".to_string(), "reader".to_string())]));
+        let secrets = BTreeMap::from([(name, clickhouse)]);
+        let credentials =
+            credentials_from_secrets(&spec_with_auth(), &secrets).expect("credentials");
+        assert_eq!(credentials.clickhouse.user.as_deref(), Some("reader"));
+    }
+
+    #[test]
+    fn a_binary_value_is_refused_naming_the_key_not_the_value() {
+        let secrets = BTreeMap::from([secret("clickhouse-auth", &[("password", &[0xff, 0xfe])])]);
+        let error = credentials_from_secrets(&spec_with_auth(), &secrets).expect_err("not text");
+        assert!(
+            matches!(&error, SecretError::NotText { key, .. } if key == "password"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn referenced_secrets_lists_every_secret_ref() {
+        assert_eq!(
+            referenced_secrets(&spec_with_auth()),
+            ["nats-auth", "clickhouse-auth"]
+        );
+        let plain: SignalPipelineSpec =
+            serde_json::from_value(minimal_spec()).expect("a valid spec");
+        assert!(referenced_secrets(&plain).is_empty());
+    }
+}

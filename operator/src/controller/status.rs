@@ -13,7 +13,7 @@ use signal_model::{
     AutoscaleStatus, ConsumerStatus, SignalPipeline, SignalPipelineStatus, StreamStatus,
 };
 
-use super::conditions::{ConditionState, summarise_ready, with_transition_times, READY};
+use super::conditions::{ConditionState, READY, summarise_ready, with_transition_times};
 use crate::workload::{FIELD_MANAGER, selector_string};
 
 /// The figures a status reports besides its conditions.
@@ -111,4 +111,162 @@ pub fn is_ready(status: &SignalPipelineStatus) -> bool {
         .conditions
         .iter()
         .any(|c| c.type_ == READY && c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use signal_model::Condition;
+
+    use super::*;
+    use crate::controller::conditions::{
+        COMPONENT_TYPES, ConditionStatus, STREAM_READY, TABLE_READY, all_blocked,
+    };
+    use crate::workload::fixtures::stored_pipeline;
+
+    fn all_ready() -> Vec<ConditionState> {
+        COMPONENT_TYPES
+            .iter()
+            .map(|type_| ConditionState::new(type_, ConditionStatus::True, "Ready", "ok"))
+            .collect()
+    }
+
+    #[test]
+    fn the_status_leads_with_ready_and_describes_the_pipeline() {
+        let pipeline = stored_pipeline("orders");
+        let figures = StatusFigures {
+            replicas: 2,
+            ready_replicas: 1,
+            stream: Some(StreamStatus {
+                messages: 10,
+                bytes: 100,
+                last_sequence: 10,
+            }),
+            ..StatusFigures::default()
+        };
+        let status = build_status(&pipeline, &all_ready(), figures);
+        let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                READY,
+                "StreamReady",
+                "ConsumerReady",
+                "TableReady",
+                "WorkersReady"
+            ]
+        );
+        assert!(is_ready(&status));
+        assert_eq!(status.observed_generation, Some(3));
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3))
+        );
+        assert_eq!((status.replicas, status.ready_replicas), (2, 1));
+        assert_eq!(status.table.as_deref(), Some("risk.events"));
+        assert_eq!(status.selector, Some(selector_string("orders")));
+        assert_eq!(status.stream.map(|s| s.messages), Some(10));
+    }
+
+    #[test]
+    fn one_failing_part_makes_the_pipeline_not_ready() {
+        let mut conditions = all_ready();
+        conditions[2] = ConditionState::new(
+            TABLE_READY,
+            ConditionStatus::False,
+            "Unreachable",
+            "no ClickHouse",
+        );
+        let status = build_status(
+            &stored_pipeline("orders"),
+            &conditions,
+            StatusFigures::default(),
+        );
+        assert!(!is_ready(&status));
+        let ready = &status.conditions[0];
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Unreachable")
+        );
+    }
+
+    #[test]
+    fn a_blocked_status_keeps_its_ready_condition_and_is_not_summed_up_again() {
+        let status = build_status(
+            &stored_pipeline("orders"),
+            &all_blocked(ConditionStatus::False, "Conflict", "taken"),
+            StatusFigures::default(),
+        );
+        assert_eq!(status.conditions.len(), 1 + COMPONENT_TYPES.len());
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|c| c.reason == "Conflict" && c.status == "False")
+        );
+    }
+
+    #[test]
+    fn an_unchanged_condition_keeps_its_transition_time() {
+        let mut pipeline = stored_pipeline("orders");
+        pipeline.status = Some(SignalPipelineStatus {
+            conditions: vec![Condition {
+                type_: STREAM_READY.to_string(),
+                status: "True".to_string(),
+                reason: "Ready".to_string(),
+                message: "ok".to_string(),
+                last_transition_time: Some("2024-01-01T00:00:00Z".to_string()),
+                observed_generation: Some(2),
+            }],
+            ..SignalPipelineStatus::default()
+        });
+        let status = build_status(&pipeline, &all_ready(), StatusFigures::default());
+        let stream = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == STREAM_READY)
+            .expect("stream");
+        assert_eq!(
+            stream.last_transition_time.as_deref(),
+            Some("2024-01-01T00:00:00Z")
+        );
+        let ready = &status.conditions[0];
+        assert_ne!(
+            ready.last_transition_time.as_deref(),
+            Some("2024-01-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn figures_come_from_the_previous_status_or_the_deployment() {
+        let previous = SignalPipelineStatus {
+            replicas: 3,
+            ready_replicas: 2,
+            consumer: Some(ConsumerStatus {
+                num_pending: 7,
+                num_ack_pending: 1,
+                num_redelivered: 0,
+            }),
+            ..SignalPipelineStatus::default()
+        };
+        let kept = StatusFigures::from_previous(Some(&previous));
+        assert_eq!((kept.replicas, kept.ready_replicas), (3, 2));
+        assert_eq!(kept.consumer.map(|c| c.num_pending), Some(7));
+        assert_eq!(StatusFigures::from_previous(None), StatusFigures::default());
+
+        let deployment = Deployment {
+            status: Some(DeploymentStatus {
+                replicas: Some(4),
+                ready_replicas: Some(1),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        };
+        let observed = StatusFigures::default().with_deployment(Some(&deployment));
+        assert_eq!((observed.replicas, observed.ready_replicas), (4, 1));
+        let none = StatusFigures::default().with_deployment(None);
+        assert_eq!((none.replicas, none.ready_replicas), (0, 0));
+    }
 }

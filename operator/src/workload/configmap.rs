@@ -58,3 +58,107 @@ pub fn config_hash(configmap: &ConfigMap) -> String {
         .map(|byte| format!("{byte:02x}"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::workload::fixtures::{
+        NAMESPACE, minimal_spec, stored_pipeline, stored_pipeline_with,
+    };
+
+    #[test]
+    fn the_configmap_carries_the_manifest_the_worker_reads() {
+        let pipeline = stored_pipeline("orders");
+        let configmap = build_configmap(&pipeline).expect("built");
+        assert_eq!(configmap.metadata.name.as_deref(), Some("orders-pipeline"));
+        assert_eq!(configmap.metadata.namespace.as_deref(), Some(NAMESPACE));
+        assert_eq!(configmap.metadata.labels, Some(labels("orders")));
+
+        let data = configmap.data.as_ref().expect("data");
+        assert_eq!(data.keys().collect::<Vec<_>>(), [MANIFEST_KEY]);
+        let manifest =
+            PipelineManifest::from_yaml(&data[MANIFEST_KEY]).expect("the worker parses it");
+        assert_eq!(manifest.metadata.name, "orders");
+        assert_eq!(manifest.metadata.namespace.as_deref(), Some(NAMESPACE));
+        assert_eq!(manifest.spec, pipeline.spec);
+    }
+
+    #[test]
+    fn the_manifest_names_secrets_but_never_holds_their_values() {
+        let mut spec = minimal_spec();
+        spec["clickhouse"]["auth"] = json!({"secretRef": {"name": "clickhouse-auth"}});
+        spec["nats"]["auth"] = json!({"secretRef": {"name": "nats-auth"}});
+        let configmap = build_configmap(&stored_pipeline_with("orders", spec, 0)).expect("built");
+        let manifest = &configmap.data.as_ref().expect("data")[MANIFEST_KEY];
+        assert!(manifest.contains("clickhouse-auth"), "{manifest}");
+        // Only the manifest key: credentials reach the pod through secretKeyRef variables.
+        assert_eq!(configmap.data.as_ref().map(|d| d.len()), Some(1));
+        assert!(configmap.binary_data.is_none());
+    }
+
+    #[test]
+    fn the_configmap_is_owned_by_its_pipeline() {
+        let configmap = build_configmap(&stored_pipeline("orders")).expect("built");
+        let owners = configmap
+            .metadata
+            .owner_references
+            .expect("owner references");
+        assert_eq!(owners.len(), 1);
+        let owner = &owners[0];
+        assert_eq!(owner.api_version, "signals.dev/v1alpha1");
+        assert_eq!(owner.kind, "SignalPipeline");
+        assert_eq!(owner.name, "orders");
+        assert_eq!(owner.uid, "uid-orders");
+        assert_eq!(owner.controller, Some(true));
+    }
+
+    #[test]
+    fn a_pipeline_not_read_from_the_api_server_is_refused() {
+        let mut pipeline = stored_pipeline("orders");
+        pipeline.metadata.uid = None;
+        assert!(matches!(
+            build_configmap(&pipeline),
+            Err(WorkloadError::MissingMetadata("metadata.uid"))
+        ));
+        pipeline.metadata.namespace = None;
+        assert!(matches!(
+            build_configmap(&pipeline),
+            Err(WorkloadError::MissingMetadata("metadata.namespace"))
+        ));
+    }
+
+    #[test]
+    fn the_config_hash_changes_exactly_when_the_manifest_does() {
+        let pipeline = stored_pipeline("orders");
+        let hash = config_hash(&build_configmap(&pipeline).expect("built"));
+        assert_eq!(hash.len(), 64);
+        assert!(hash.chars().all(|c| c.is_ascii_hexdigit()), "{hash}");
+        assert_eq!(
+            hash,
+            config_hash(&build_configmap(&pipeline).expect("built"))
+        );
+
+        let mut scaled = pipeline.clone();
+        scaled.metadata.generation = Some(9);
+        assert_eq!(
+            hash,
+            config_hash(&build_configmap(&scaled).expect("built")),
+            "metadata outside the manifest does not roll the pods"
+        );
+
+        let mut edited = pipeline;
+        edited.spec.workers.batch.max_rows = 500;
+        assert_ne!(hash, config_hash(&build_configmap(&edited).expect("built")));
+    }
+
+    #[test]
+    fn the_config_hash_separates_keys_from_values() {
+        let with = |key: &str, value: &str| ConfigMap {
+            data: Some(BTreeMap::from([(key.to_string(), value.to_string())])),
+            ..ConfigMap::default()
+        };
+        assert_ne!(config_hash(&with("a", "bc")), config_hash(&with("ab", "c")));
+    }
+}

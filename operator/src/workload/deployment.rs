@@ -11,8 +11,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -30,6 +29,8 @@ use super::{
 pub const WORKER_UID: i64 = 65532;
 /// The worker flushes its open batch and acks on SIGTERM; this is how long it gets.
 pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// The keys a Secret may hold for one server, each with the variable the worker reads it from.
+type SecretKeys = &'static [(&'static str, &'static str)];
 const CONFIG_VOLUME: &str = "pipeline";
 const TMP_VOLUME: &str = "tmp";
 
@@ -189,11 +190,13 @@ fn worker_container(spec: &SignalPipelineSpec, image: String) -> Container {
 
 /// One `secretKeyRef` variable per key each referenced Secret may hold, all optional.
 pub fn secret_env(spec: &SignalPipelineSpec) -> Vec<EnvVar> {
-    let sources: [(Option<&AuthSpec>, &[(&str, &str)]); 3] = [
+    let sources: [(Option<&AuthSpec>, SecretKeys); 3] = [
         (spec.nats.auth.as_ref(), &NATS_SECRET_KEYS),
         (spec.clickhouse.auth.as_ref(), &CLICKHOUSE_SECRET_KEYS),
         (
-            spec.cache.as_ref().and_then(|cache| cache.redis.auth.as_ref()),
+            spec.cache
+                .as_ref()
+                .and_then(|cache| cache.redis.auth.as_ref()),
             &REDIS_SECRET_KEYS,
         ),
     ];
@@ -249,5 +252,250 @@ fn runtime_default_seccomp() -> SeccompProfile {
     SeccompProfile {
         type_: "RuntimeDefault".to_string(),
         ..SeccompProfile::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::workload::fixtures::{
+        NAMESPACE, minimal_spec, stored_pipeline, stored_pipeline_with,
+    };
+
+    const DEFAULT_IMAGE: &str = "ghcr.io/signal-operator/signal-worker:test";
+    const HASH: &str = "0123abcd";
+
+    fn inputs(replicas: i32) -> WorkerDeploymentInputs<'static> {
+        WorkerDeploymentInputs {
+            replicas,
+            default_image: DEFAULT_IMAGE,
+            config_hash: HASH,
+        }
+    }
+
+    fn build(pipeline: &SignalPipeline, replicas: i32) -> Deployment {
+        build_deployment(pipeline, &inputs(replicas)).expect("built")
+    }
+
+    fn pod_spec_of(deployment: &Deployment) -> &PodSpec {
+        deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("a pod spec")
+    }
+
+    fn container_of(deployment: &Deployment) -> &Container {
+        let containers = &pod_spec_of(deployment).containers;
+        assert_eq!(containers.len(), 1, "one worker container");
+        &containers[0]
+    }
+
+    #[test]
+    fn replicas_come_from_the_inputs_and_the_selector_matches_the_pods() {
+        let deployment = build(&stored_pipeline("orders"), 4);
+        assert_eq!(deployment.metadata.name.as_deref(), Some("orders-worker"));
+        assert_eq!(deployment.metadata.namespace.as_deref(), Some(NAMESPACE));
+        let spec = deployment.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(4));
+        let selector = spec.selector.match_labels.as_ref().expect("match labels");
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .expect("pod labels");
+        for (key, value) in selector {
+            assert_eq!(pod_labels.get(key), Some(value), "pod label {key}");
+        }
+        assert_eq!(
+            build(&stored_pipeline("orders"), 0)
+                .spec
+                .expect("spec")
+                .replicas,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn the_pods_carry_the_config_hash_so_a_manifest_change_rolls_them() {
+        let deployment = build(&stored_pipeline("orders"), 1);
+        let annotations = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .expect("pod annotations");
+        assert_eq!(
+            annotations.get(CONFIG_HASH_ANNOTATION).map(String::as_str),
+            Some(HASH)
+        );
+    }
+
+    #[test]
+    fn the_image_is_the_spec_one_else_the_operator_default() {
+        let pipeline = stored_pipeline("orders");
+        assert_eq!(
+            container_of(&build(&pipeline, 1)).image.as_deref(),
+            Some(DEFAULT_IMAGE)
+        );
+        let mut spec = minimal_spec();
+        spec["workers"] = json!({"image": "registry.example/worker:1.2"});
+        let custom = build(&stored_pipeline_with("orders", spec, 0), 1);
+        assert_eq!(
+            container_of(&custom).image.as_deref(),
+            Some("registry.example/worker:1.2")
+        );
+    }
+
+    #[test]
+    fn the_worker_reads_the_mounted_manifest_and_serves_its_health_endpoints() {
+        let deployment = build(&stored_pipeline("orders"), 1);
+        let container = container_of(&deployment);
+        let args = container.args.as_ref().expect("args");
+        assert!(
+            args.windows(2)
+                .any(|pair| pair == ["--pipeline", "/etc/signal/pipeline.yaml"]),
+            "{args:?}"
+        );
+        let ports = container.ports.as_ref().expect("ports");
+        assert_eq!(ports[0].name.as_deref(), Some("metrics"));
+        assert_eq!(ports[0].container_port, WORKER_METRICS_PORT);
+        for (probe, path) in [
+            (&container.liveness_probe, "/healthz"),
+            (&container.readiness_probe, "/readyz"),
+        ] {
+            let http = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .expect("an HTTP probe");
+            assert_eq!(http.path.as_deref(), Some(path));
+            assert_eq!(http.port, IntOrString::String("metrics".to_string()));
+        }
+        let mount = &container.volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (MANIFEST_DIR, Some(true))
+        );
+        let volume = &pod_spec_of(&deployment).volumes.as_ref().expect("volumes")[0];
+        assert_eq!(
+            volume.config_map.as_ref().map(|c| c.name.as_str()),
+            Some("orders-pipeline")
+        );
+    }
+
+    #[test]
+    fn pods_run_under_the_restricted_security_profile() {
+        let deployment = build(&stored_pipeline("orders"), 1);
+        let pod = pod_spec_of(&deployment);
+        let pod_security = pod.security_context.as_ref().expect("pod security context");
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(
+            pod_security
+                .seccomp_profile
+                .as_ref()
+                .map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+
+        let security = container_of(&deployment)
+            .security_context
+            .as_ref()
+            .expect("container security context");
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert!(security.run_as_user.is_some_and(|uid| uid > 0));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            security.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert!(
+            security
+                .capabilities
+                .as_ref()
+                .is_some_and(|c| c.add.is_none())
+        );
+        assert_eq!(
+            security.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+    }
+
+    #[test]
+    fn secrets_reach_the_worker_only_through_secret_key_refs() {
+        let mut spec = minimal_spec();
+        spec["nats"]["auth"] = json!({"secretRef": {"name": "nats-auth"}});
+        spec["clickhouse"]["auth"] = json!({"secretRef": {"name": "clickhouse-auth"}});
+        let deployment = build(&stored_pipeline_with("orders", spec, 0), 1);
+        let env = container_of(&deployment).env.as_ref().expect("env");
+        assert_eq!(
+            env.len(),
+            NATS_SECRET_KEYS.len() + CLICKHOUSE_SECRET_KEYS.len()
+        );
+        for variable in env {
+            assert!(
+                variable.value.is_none(),
+                "{} has a literal value",
+                variable.name
+            );
+            let reference = variable
+                .value_from
+                .as_ref()
+                .and_then(|source| source.secret_key_ref.as_ref())
+                .unwrap_or_else(|| panic!("{} is not from a Secret", variable.name));
+            let expected_secret = if CLICKHOUSE_SECRET_KEYS
+                .iter()
+                .any(|(_, name)| *name == variable.name)
+            {
+                "clickhouse-auth"
+            } else {
+                "nats-auth"
+            };
+            assert_eq!(reference.name, expected_secret, "{}", variable.name);
+            assert_eq!(reference.optional, Some(true), "{}", variable.name);
+        }
+        let without_auth = build(&stored_pipeline("orders"), 1);
+        assert!(container_of(&without_auth).env.is_none());
+    }
+
+    #[test]
+    fn resources_are_copied_as_quantities() {
+        let mut spec = minimal_spec();
+        spec["workers"] = json!({"resources": {
+            "requests": {"cpu": "100m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        }});
+        let deployment = build(&stored_pipeline_with("orders", spec, 0), 1);
+        let resources = container_of(&deployment)
+            .resources
+            .as_ref()
+            .expect("resources");
+        let requests = resources.requests.as_ref().expect("requests");
+        assert_eq!(requests.get("cpu"), Some(&Quantity("100m".to_string())));
+        assert_eq!(requests.get("memory"), Some(&Quantity("64Mi".to_string())));
+        let limits = resources.limits.as_ref().expect("limits");
+        assert_eq!(limits.get("memory"), Some(&Quantity("256Mi".to_string())));
+        assert!(
+            container_of(&build(&stored_pipeline("orders"), 1))
+                .resources
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_deployment_is_owned_by_its_pipeline() {
+        let deployment = build(&stored_pipeline("orders"), 1);
+        let owners = deployment
+            .metadata
+            .owner_references
+            .expect("owner references");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].kind, "SignalPipeline");
+        assert_eq!(owners[0].uid, "uid-orders");
+        assert_eq!(owners[0].controller, Some(true));
     }
 }

@@ -7,6 +7,8 @@
 
 pub mod configmap;
 pub mod deployment;
+#[cfg(test)]
+pub(crate) mod fixtures;
 
 use std::collections::BTreeMap;
 
@@ -54,8 +56,14 @@ pub fn configmap_name(pipeline_name: &str) -> String {
 /// Labels that select a pipeline's worker pods. Kept minimal: a Deployment selector cannot change.
 pub fn selector_labels(pipeline_name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), WORKER_APP_NAME.to_string()),
-        ("app.kubernetes.io/instance".to_string(), pipeline_name.to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            WORKER_APP_NAME.to_string(),
+        ),
+        (
+            "app.kubernetes.io/instance".to_string(),
+            pipeline_name.to_string(),
+        ),
     ])
 }
 
@@ -99,4 +107,26 @@ pub(crate) fn owner_reference(pipeline: &SignalPipeline) -> Result<OwnerReferenc
     pipeline
         .controller_owner_ref(&())
         .ok_or(WorkloadError::MissingMetadata("metadata.uid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_selector_matches_the_selector_labels() {
+        assert_eq!(
+            selector_string("orders"),
+            "app.kubernetes.io/instance=orders,app.kubernetes.io/name=signal-worker"
+        );
+        let all = labels("orders");
+        for (key, value) in selector_labels("orders") {
+            assert_eq!(all.get(&key), Some(&value), "{key}");
+        }
+        assert_eq!(all.get(PIPELINE_LABEL).map(String::as_str), Some("orders"));
+        assert_eq!(
+            all.get("app.kubernetes.io/managed-by").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
+    }
 }
