@@ -268,7 +268,10 @@ async fn apply_consumer(
     let report = if leftover.is_empty() {
         PartReport::ready(
             "Updated",
-            format!("consumer {durable} updated: {}", list_changes(&diff.mutable)),
+            format!(
+                "consumer {durable} updated: {}",
+                list_changes(&diff.mutable)
+            ),
             change,
         )
     } else {

@@ -136,6 +136,12 @@ pub enum DataPlaneError {
     NatsRefused { action: String, message: String },
     #[error("ClickHouse refused `{statement}`: {message}")]
     ClickHouseRefused { statement: String, message: String },
+    #[error("{server} at {url} did not accept the pipeline's credentials: {message}")]
+    AuthenticationFailed {
+        server: &'static str,
+        url: String,
+        message: String,
+    },
     #[error("{action} took longer than {seconds} s")]
     TimedOut { action: String, seconds: u64 },
     #[error("invalid spec: {0}")]
@@ -149,6 +155,7 @@ impl DataPlaneError {
             DataPlaneError::NatsUnreachable { .. }
             | DataPlaneError::ClickHouseUnreachable { .. }
             | DataPlaneError::TimedOut { .. } => "Unreachable",
+            DataPlaneError::AuthenticationFailed { .. } => "AuthenticationFailed",
             DataPlaneError::NatsRefused { .. } => "RequestRefused",
             DataPlaneError::ClickHouseRefused { .. } => "QueryFailed",
             DataPlaneError::InvalidSpec(_) => "InvalidSpec",
@@ -184,16 +191,44 @@ pub(crate) async fn connect_jetstream(
         async {
             signal_worker::connect::nats(&url, client_name, &creds.nats)
                 .await
-                .map_err(|error| DataPlaneError::NatsUnreachable {
-                    url: url.clone(),
-                    message: error.to_string(),
-                })
+                .map_err(|error| nats_connect_error(&url, error))
         },
     )
     .await?;
     Ok(jetstream::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
         .build(client))
+}
+
+/// Tells a refused login and a bad URL apart from a server that cannot be reached: "unreachable"
+/// would send a person looking at the network when the Secret or the spec is what is wrong.
+fn nats_connect_error(url: &str, error: signal_worker::connect::ConnectError) -> DataPlaneError {
+    use async_nats::ConnectErrorKind as Kind;
+    use signal_worker::connect::ConnectError;
+    let message = error.to_string();
+    match &error {
+        ConnectError::NatsCreds(_) => DataPlaneError::AuthenticationFailed {
+            server: "NATS",
+            url: url.to_string(),
+            message,
+        },
+        ConnectError::Nats { source, .. } => match source.kind() {
+            Kind::Authentication | Kind::AuthorizationViolation => {
+                DataPlaneError::AuthenticationFailed {
+                    server: "NATS",
+                    url: url.to_string(),
+                    message,
+                }
+            }
+            Kind::ServerParse => DataPlaneError::InvalidSpec(message),
+            Kind::Dns | Kind::TimedOut | Kind::Tls | Kind::Io | Kind::MaxReconnects => {
+                DataPlaneError::NatsUnreachable {
+                    url: url.to_string(),
+                    message,
+                }
+            }
+        },
+    }
 }
 
 /// Brings the stream, the consumer and the table in line with `spec`.
@@ -250,7 +285,12 @@ async fn reconcile_nats_side(
         return (stream.report, stream.status, consumer, None);
     }
     let consumer = consumer::reconcile_consumer(&js, pipeline_name, spec).await;
-    (stream.report, stream.status, consumer.report, consumer.status)
+    (
+        stream.report,
+        stream.status,
+        consumer.report,
+        consumer.status,
+    )
 }
 
 /// Removes the consumer, the stream and the table when `spec.deletionPolicy` is `Delete`; does

@@ -32,7 +32,9 @@ pub fn desired_stream_config(spec: &StreamSpec) -> stream::Config {
             DiscardKind::Old => stream::DiscardPolicy::Old,
             DiscardKind::New => stream::DiscardPolicy::New,
         },
-        max_age: spec.max_age.map_or(Duration::ZERO, HumanDuration::as_duration),
+        max_age: spec
+            .max_age
+            .map_or(Duration::ZERO, HumanDuration::as_duration),
         max_bytes: spec
             .max_bytes
             .map_or(-1, |b| i64::try_from(b.bytes()).unwrap_or(i64::MAX)),
@@ -206,6 +208,11 @@ pub fn merged_update(desired: &stream::Config, live: &stream::Config) -> stream:
     update.num_replicas = desired.num_replicas;
     if !desired.duplicate_window.is_zero() {
         update.duplicate_window = desired.duplicate_window;
+    } else if !desired.max_age.is_zero() && update.duplicate_window > desired.max_age {
+        // The server refuses a duplicate window longer than max_age ("duplicates window can not
+        // be larger then max age"); a stream created with the default 2m window would otherwise
+        // never accept a max_age below 2m. Shrinking it is what the server does on create.
+        update.duplicate_window = desired.max_age;
     }
     update
 }
@@ -299,7 +306,11 @@ async fn apply_stream(
     }
     if diff.mutable.is_empty() {
         return Ok(StreamOutcome {
-            report: PartReport::ready("UpToDate", format!("stream {name} matches the spec"), vec![]),
+            report: PartReport::ready(
+                "UpToDate",
+                format!("stream {name} matches the spec"),
+                vec![],
+            ),
             status,
             exists: true,
         });
@@ -325,7 +336,10 @@ async fn apply_stream(
             });
         }
     };
-    let change = vec![format!("updated stream {name}: {}", list_changes(&diff.mutable))];
+    let change = vec![format!(
+        "updated stream {name}: {}",
+        list_changes(&diff.mutable)
+    )];
     let leftover = compare_stream_config(&desired, &updated.config);
     let report = if leftover.is_empty() {
         PartReport::ready(
@@ -554,5 +568,21 @@ mod tests {
         assert!(update.deny_delete);
         assert_eq!(update.duplicate_window, Duration::from_secs(30));
         assert!(compare_stream_config(&desired, &update).is_empty());
+    }
+
+    #[test]
+    fn a_shorter_max_age_shrinks_the_servers_default_duplicate_window() {
+        let desired = desired_stream_config(&StreamSpec {
+            max_age: Some(HumanDuration::from_secs(60)),
+            ..spec()
+        });
+        let live = stream::Config {
+            max_age: Duration::from_secs(3600),
+            duplicate_window: Duration::from_secs(120),
+            ..desired.clone()
+        };
+        let update = merged_update(&desired, &live);
+        assert_eq!(update.max_age, Duration::from_secs(60));
+        assert_eq!(update.duplicate_window, Duration::from_secs(60));
     }
 }

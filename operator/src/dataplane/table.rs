@@ -40,7 +40,10 @@ pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Tabl
     })
 }
 
-async fn apply_table(client: &Client, spec: &ClickHouseSpec) -> Result<TableOutcome, DataPlaneError> {
+async fn apply_table(
+    client: &Client,
+    spec: &ClickHouseSpec,
+) -> Result<TableOutcome, DataPlaneError> {
     let name = format!("{}.{}", spec.database, spec.table);
     for column in &spec.columns {
         ddl::column_type(column).map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
@@ -112,10 +115,16 @@ async fn apply_table(client: &Client, spec: &ClickHouseSpec) -> Result<TableOutc
             changes,
         ),
         None if created => PartReport::ready("Created", format!("table {name} created"), changes),
-        None if !changes.is_empty() => {
-            PartReport::ready("Updated", format!("table {name}: {}", changes.join(", ")), changes)
-        }
-        None => PartReport::ready("UpToDate", format!("table {name} matches the spec"), changes),
+        None if !changes.is_empty() => PartReport::ready(
+            "Updated",
+            format!("table {name}: {}", changes.join(", ")),
+            changes,
+        ),
+        None => PartReport::ready(
+            "UpToDate",
+            format!("table {name} matches the spec"),
+            changes,
+        ),
     };
     Ok(TableOutcome {
         report,
@@ -137,7 +146,16 @@ fn query_error(url: &str, statement: &str, error: clickhouse::error::Error) -> D
         clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => {
             DataPlaneError::ClickHouseUnreachable {
                 url: url.to_string(),
-                message: error.to_string(),
+                message: with_causes(&error),
+            }
+        }
+        clickhouse::error::Error::BadResponse(message)
+            if clickhouse_error_code(&message).is_some_and(is_authentication_code) =>
+        {
+            DataPlaneError::AuthenticationFailed {
+                server: "ClickHouse",
+                url: url.to_string(),
+                message: message.trim().to_string(),
             }
         }
         clickhouse::error::Error::BadResponse(message) => DataPlaneError::ClickHouseRefused {
@@ -149,6 +167,35 @@ fn query_error(url: &str, statement: &str, error: clickhouse::error::Error) -> D
             message: other.to_string(),
         },
     }
+}
+
+/// The `Code: N` that starts ClickHouse's error text (`Code: 192, e.displayText() = …` on 18.x,
+/// `Code: 516. DB::Exception: …` on current servers).
+fn clickhouse_error_code(message: &str) -> Option<u32> {
+    let rest = message.trim_start().strip_prefix("Code: ")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// UNKNOWN_USER, WRONG_PASSWORD, REQUIRED_PASSWORD, IP_ADDRESS_NOT_ALLOWED, AUTHENTICATION_FAILED.
+fn is_authentication_code(code: u32) -> bool {
+    matches!(code, 192..=195 | 516)
+}
+
+/// The error and its causes, `a: b: c`: the HTTP client's own text ("client error (Connect)")
+/// hides the part a person needs ("Connection refused").
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 async fn execute(client: &Client, url: &str, sql: &str) -> Result<(), DataPlaneError> {
@@ -166,13 +213,17 @@ async fn execute(client: &Client, url: &str, sql: &str) -> Result<(), DataPlaneE
 /// The server's `major.minor` release.
 pub async fn server_version(client: &Client, url: &str) -> Result<ServerVersion, DataPlaneError> {
     const SQL: &str = "SELECT version()";
-    let text = bounded(format!("asking ClickHouse at {url} for its version"), REQUEST_TIMEOUT, async {
-        client
-            .query(SQL)
-            .fetch_one::<String>()
-            .await
-            .map_err(|error| query_error(url, SQL, error))
-    })
+    let text = bounded(
+        format!("asking ClickHouse at {url} for its version"),
+        REQUEST_TIMEOUT,
+        async {
+            client
+                .query(SQL)
+                .fetch_one::<String>()
+                .await
+                .map_err(|error| query_error(url, SQL, error))
+        },
+    )
     .await?;
     ServerVersion::parse(&text).ok_or_else(|| DataPlaneError::ClickHouseRefused {
         statement: SQL.to_string(),
@@ -180,7 +231,11 @@ pub async fn server_version(client: &Client, url: &str) -> Result<ServerVersion,
     })
 }
 
-async fn database_exists(client: &Client, url: &str, database: &str) -> Result<bool, DataPlaneError> {
+async fn database_exists(
+    client: &Client,
+    url: &str,
+    database: &str,
+) -> Result<bool, DataPlaneError> {
     const SQL: &str = "SELECT count() FROM system.databases WHERE name = ?";
     let count = bounded("looking up the database", REQUEST_TIMEOUT, async {
         client
@@ -248,4 +303,27 @@ pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<()
         &ddl::drop_table_sql(&spec.database, &spec.table),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_error_code_of_old_and_current_servers() {
+        assert_eq!(
+            clickhouse_error_code(
+                "Code: 192, e.displayText() = DB::Exception: Unknown user nobody, e.what() = \
+                 DB::Exception"
+            ),
+            Some(192)
+        );
+        assert_eq!(
+            clickhouse_error_code("Code: 516. DB::Exception: default: Authentication failed"),
+            Some(516)
+        );
+        assert_eq!(clickhouse_error_code("no code here"), None);
+        assert!(is_authentication_code(516) && is_authentication_code(193));
+        assert!(!is_authentication_code(60));
+    }
 }

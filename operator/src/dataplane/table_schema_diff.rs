@@ -166,7 +166,10 @@ mod tests {
     #[test]
     fn finds_missing_columns_to_add() {
         let diff = diff_schema(
-            &[spec_column("id", "UInt64"), spec_column("severity", "UInt8")],
+            &[
+                spec_column("id", "UInt64"),
+                spec_column("severity", "UInt8"),
+            ],
             &[live("id", "UInt64")],
         );
         assert_eq!(diff.missing.len(), 1);
@@ -212,10 +215,7 @@ mod tests {
             .iter()
             .map(|m| (m.column.as_str(), m.blocks_writes))
             .collect();
-        assert_eq!(
-            blocking,
-            [("who", false), ("at", false), ("maybe", true)]
-        );
+        assert_eq!(blocking, [("who", false), ("at", false), ("maybe", true)]);
     }
 
     #[test]

@@ -1,0 +1,309 @@
+//! The table reconciler against a real clickhouse-server (Debian's 18.16): creation of the
+//! database and table from the spec, `ALTER TABLE … ADD COLUMN` for new spec columns, schema drift
+//! reported but never "fixed" (no column is dropped or retyped), features the server is too old
+//! for reported with the release that has them, and the server's own refusals in its words.
+//! Every check reads the live table back from `system.columns` / `SHOW CREATE TABLE`.
+
+#[path = "support/dataplane.rs"]
+mod support;
+
+use signal_model::ClickHouseSpec;
+use signal_operator::dataplane::table::{TableOutcome, reconcile_table};
+use support::{
+    STEP_TIMEOUT, clickhouse_query, column, live_columns, no_credentials, shared_pipeline_spec,
+    table_exists, unique,
+};
+
+async fn reconcile(spec: &ClickHouseSpec) -> TableOutcome {
+    tokio::time::timeout(
+        STEP_TIMEOUT,
+        reconcile_table(spec, &no_credentials().clickhouse),
+    )
+    .await
+    .expect("reconcile_table is bounded")
+}
+
+fn table_spec(label: &str) -> ClickHouseSpec {
+    shared_pipeline_spec(&unique(label)).clickhouse
+}
+
+fn owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(name, type_text)| (name.to_string(), type_text.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn creates_the_database_and_table_from_the_spec_then_finds_them_up_to_date() {
+    let spec = table_spec("create");
+    let created = reconcile(&spec).await;
+    assert!(created.report.ready, "{:?}", created.report);
+    assert_eq!(created.report.reason, "Created");
+    assert_eq!(
+        created.report.changes,
+        [
+            format!("created database {}", spec.database),
+            format!("created table {}.{}", spec.database, spec.table),
+        ]
+    );
+    assert_eq!(created.schema_drift, None);
+
+    assert_eq!(
+        live_columns(&spec.database, &spec.table),
+        owned(&[
+            ("event_time", "DateTime"),
+            ("wallet", "String"),
+            ("amount", "Int32")
+        ])
+    );
+    let ddl = clickhouse_query(&format!(
+        "SHOW CREATE TABLE {}.{} FORMAT TSVRaw",
+        spec.database, spec.table
+    ));
+    for clause in [
+        "ENGINE = MergeTree",
+        "PARTITION BY toYYYYMM(event_time)",
+        "ORDER BY (wallet, event_time)",
+    ] {
+        assert!(ddl.contains(clause), "{ddl} lacks {clause}");
+    }
+
+    let again = reconcile(&spec).await;
+    assert_eq!(again.report.reason, "UpToDate", "{:?}", again.report);
+    assert!(again.report.ready && again.report.changes.is_empty());
+}
+
+#[tokio::test]
+async fn every_type_the_old_server_supports_is_created_and_read_back_as_the_same_type() {
+    let mut spec = table_spec("every_type");
+    spec.engine = "ReplacingMergeTree(seen_at)".to_string();
+    spec.partition_by = Some("toYYYYMM(day)".to_string());
+    spec.order_by = vec!["id".to_string(), "seen_at".to_string()];
+    spec.columns = [
+        ("id", "UUID"),
+        ("day", "Date"),
+        ("seen_at", "DateTime"),
+        ("seen_utc", "DateTime('UTC')"),
+        ("i8", "Int8"),
+        ("i16", "Int16"),
+        ("i32", "Int32"),
+        ("i64", "Int64"),
+        ("u8", "UInt8"),
+        ("u16", "UInt16"),
+        ("u32", "UInt32"),
+        ("u64", "UInt64"),
+        ("f32", "Float32"),
+        ("f64", "Float64"),
+        ("amount", "Decimal(38,18)"),
+        ("fee", "Nullable(Decimal(9, 2))"),
+        ("note", "String"),
+        ("maybe", "Nullable(String)"),
+        ("tags", "Array(String)"),
+        ("matrix", "Array(Array(Float64))"),
+        ("sparse", "Array(Nullable(Int64))"),
+    ]
+    .iter()
+    .map(|(name, type_name)| column(name, type_name))
+    .collect();
+
+    let created = reconcile(&spec).await;
+    assert_eq!(created.report.reason, "Created", "{:?}", created.report);
+    let live = live_columns(&spec.database, &spec.table);
+    assert_eq!(live.len(), spec.columns.len(), "{live:?}");
+    for (wanted, (name, type_text)) in spec.columns.iter().zip(&live) {
+        assert_eq!(&wanted.name, name);
+        assert_eq!(
+            signal_model::ColumnType::parse(type_text).ok(),
+            signal_model::ColumnType::parse(&wanted.type_name).ok(),
+            "column {name}: the server says {type_text}"
+        );
+    }
+    // The server's own spelling (`Decimal(38, 18)`, `DateTime('UTC')`) is no drift.
+    let again = reconcile(&spec).await;
+    assert_eq!(again.report.reason, "UpToDate", "{:?}", again.report);
+    assert_eq!(again.schema_drift, None);
+}
+
+#[tokio::test]
+async fn new_spec_columns_are_added_and_existing_rows_kept() {
+    let mut spec = table_spec("add");
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+    clickhouse_query(&format!(
+        "INSERT INTO {}.{} (event_time, wallet, amount) VALUES (now(), 'w1', 5)",
+        spec.database, spec.table
+    ));
+
+    spec.columns.push(column("severity", "UInt8"));
+    spec.columns.push(column("note", "Nullable(String)"));
+    let updated = reconcile(&spec).await;
+    assert!(updated.report.ready, "{:?}", updated.report);
+    assert_eq!(updated.report.reason, "Updated");
+    let qualified = format!("{}.{}", spec.database, spec.table);
+    assert_eq!(
+        updated.report.changes,
+        [
+            format!("added column severity UInt8 to {qualified}"),
+            format!("added column note Nullable(String) to {qualified}"),
+        ]
+    );
+    assert_eq!(
+        live_columns(&spec.database, &spec.table),
+        owned(&[
+            ("event_time", "DateTime"),
+            ("wallet", "String"),
+            ("amount", "Int32"),
+            ("severity", "UInt8"),
+            ("note", "Nullable(String)"),
+        ])
+    );
+    assert_eq!(
+        clickhouse_query(&format!(
+            "SELECT wallet, amount, severity, note FROM {qualified} FORMAT TSV"
+        )),
+        "w1\t5\t0\t\\N\n",
+        "the existing row keeps its values and gets the new columns' defaults"
+    );
+    assert_eq!(reconcile(&spec).await.report.reason, "UpToDate");
+}
+
+#[tokio::test]
+async fn a_changed_column_type_is_reported_as_drift_and_never_applied() {
+    let mut spec = table_spec("retype");
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+
+    spec.columns[2].type_name = "Int64".to_string();
+    let outcome = reconcile(&spec).await;
+    assert!(!outcome.report.ready, "{:?}", outcome.report);
+    assert_eq!(outcome.report.reason, "SchemaDrift");
+    assert_eq!(
+        outcome.schema_drift.as_deref(),
+        Some("column amount: table has Int32, spec wants Int64 (workers cannot write it)")
+    );
+    assert!(
+        outcome.report.message.contains("resolve it by hand"),
+        "{}",
+        outcome.report.message
+    );
+    assert!(outcome.report.changes.is_empty());
+    assert_eq!(
+        live_columns(&spec.database, &spec.table)[2],
+        ("amount".to_string(), "Int32".to_string()),
+        "the live type is unchanged"
+    );
+}
+
+#[tokio::test]
+async fn a_column_removed_from_the_spec_stays_in_the_table_as_reported_drift() {
+    let mut spec = table_spec("removed");
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+
+    spec.columns.pop();
+    let outcome = reconcile(&spec).await;
+    // The workers can still write: ClickHouse fills the column's default.
+    assert!(outcome.report.ready, "{:?}", outcome.report);
+    assert_eq!(outcome.report.reason, "SchemaDrift");
+    assert_eq!(
+        outcome.schema_drift.as_deref(),
+        Some("column amount (Int32) is in the table but not in the spec")
+    );
+    assert_eq!(
+        live_columns(&spec.database, &spec.table).len(),
+        3,
+        "nothing dropped"
+    );
+}
+
+#[tokio::test]
+async fn types_and_clauses_the_server_is_too_old_for_are_reported_with_the_minimum_version() {
+    let mut spec = table_spec("too_new");
+    spec.columns[0].type_name = "DateTime64(3)".to_string();
+    spec.columns.push(column("tags", "Map(String, String)"));
+    spec.ttl = Some("toDateTime(event_time) + INTERVAL 1 DAY".to_string());
+    spec.partition_by = None;
+
+    let outcome = reconcile(&spec).await;
+    assert!(!outcome.report.ready, "{:?}", outcome.report);
+    assert_eq!(outcome.report.reason, "UnsupportedByServer");
+    assert_eq!(
+        outcome.report.message,
+        "DateTime64 (column `event_time`) needs ClickHouse 20.1 or later; \
+         Map (column `tags`) needs ClickHouse 21.8 or later; \
+         Table TTL needs ClickHouse 19.6 or later; server is 18.16"
+    );
+    assert!(outcome.report.changes.is_empty());
+    let databases = clickhouse_query(&format!(
+        "SELECT count() FROM system.databases WHERE name = '{}'",
+        spec.database
+    ));
+    assert_eq!(databases.trim(), "0", "nothing was created");
+}
+
+#[tokio::test]
+async fn an_unsupported_new_column_is_reported_and_not_added() {
+    let mut spec = table_spec("too_new_column");
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+
+    spec.columns.push(column("chain", "LowCardinality(String)"));
+    let outcome = reconcile(&spec).await;
+    assert!(!outcome.report.ready, "{:?}", outcome.report);
+    assert_eq!(outcome.report.reason, "UnsupportedByServer");
+    assert!(
+        outcome
+            .report
+            .message
+            .contains("LowCardinality (column `chain`) needs ClickHouse 19.0 or later"),
+        "{}",
+        outcome.report.message
+    );
+    assert_eq!(live_columns(&spec.database, &spec.table).len(), 3);
+}
+
+#[tokio::test]
+async fn an_invalid_type_is_an_invalid_spec_and_creates_nothing() {
+    let mut spec = table_spec("invalid");
+    spec.columns[2].type_name = "Int33".to_string();
+    let outcome = reconcile(&spec).await;
+    assert!(!outcome.report.ready);
+    assert_eq!(outcome.report.reason, "InvalidSpec", "{:?}", outcome.report);
+    assert!(
+        outcome.report.message.contains("Int33"),
+        "{}",
+        outcome.report.message
+    );
+    assert!(!table_exists(&spec.database, &spec.table));
+}
+
+#[tokio::test]
+async fn a_statement_the_server_refuses_is_reported_in_its_words() {
+    let mut spec = table_spec("refused");
+    spec.order_by = vec!["no_such_column".to_string()];
+    let outcome = reconcile(&spec).await;
+    assert!(!outcome.report.ready);
+    assert_eq!(outcome.report.reason, "QueryFailed", "{:?}", outcome.report);
+    assert!(
+        outcome.report.message.contains("no_such_column")
+            && outcome.report.message.contains("CREATE TABLE"),
+        "{}",
+        outcome.report.message
+    );
+    assert!(!table_exists(&spec.database, &spec.table));
+}
+
+#[tokio::test]
+async fn a_table_with_another_engine_is_reported_as_drift() {
+    let spec = table_spec("engine");
+    clickhouse_query(&format!("CREATE DATABASE {}", spec.database));
+    clickhouse_query(&format!(
+        "CREATE TABLE {}.{} (event_time DateTime, wallet String, amount Int32) \
+         ENGINE = ReplacingMergeTree() ORDER BY wallet",
+        spec.database, spec.table
+    ));
+    let outcome = reconcile(&spec).await;
+    assert!(outcome.report.ready, "{:?}", outcome.report);
+    assert_eq!(outcome.report.reason, "SchemaDrift");
+    assert_eq!(
+        outcome.schema_drift.as_deref(),
+        Some("engine: table is ReplacingMergeTree, spec wants MergeTree")
+    );
+}
