@@ -15,6 +15,11 @@ use crate::spec::{ClickHouseSpec, ColumnSpec};
 /// Table engines the operator creates (optionally with arguments, e.g. `ReplacingMergeTree(version)`).
 pub const SUPPORTED_ENGINES: [&str; 2] = ["MergeTree", "ReplacingMergeTree"];
 
+/// How many recent insert blocks a non-replicated table remembers for deduplication. The workers'
+/// `insert_deduplication_token`s only take effect on a plain MergeTree table with this setting; a
+/// batch redelivered after a worker crash comes back within `ackWait`, far fewer blocks ago.
+pub const DEDUPLICATION_WINDOW_BLOCKS: u32 = 1000;
+
 /// A feature of the spec that the server is too old for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unsupported {
@@ -188,6 +193,11 @@ pub fn create_table_sql(spec: &ClickHouseSpec, server: ServerVersion) -> Result<
     if let Some(ttl) = &spec.ttl {
         check_expression("TTL", ttl)?;
         sql.push_str(&format!("\nTTL {}", ttl.trim()));
+    }
+    if server.supports_insert_deduplication_token() {
+        sql.push_str(&format!(
+            "\nSETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW_BLOCKS}"
+        ));
     }
     Ok(sql)
 }
@@ -383,7 +393,8 @@ mod tests {
              `event_time` DateTime64(3, 'UTC'),\n    `wallet` LowCardinality(String),\n    \
              `amount` Decimal(18, 4)\n)\nENGINE = ReplacingMergeTree(event_time)\n\
              PARTITION BY toYYYYMM(event_time)\nORDER BY (`wallet`, toDate(event_time))\n\
-             TTL toDateTime(event_time) + INTERVAL 90 DAY"
+             TTL toDateTime(event_time) + INTERVAL 90 DAY\n\
+             SETTINGS non_replicated_deduplication_window = 1000"
         );
     }
 

@@ -112,10 +112,14 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Manif
     serde_path_to_error::deserialize(deserializer).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner().to_string();
-        ManifestError::Parse(if path == "." || inner.starts_with(&path) {
-            inner
-        } else {
-            format!("{path}: {inner}")
+        if path == "." {
+            return ManifestError::Parse(inner);
+        }
+        // The YAML crate may already name the field or its enclosing struct
+        // (`spec.workers.batch: unknown field …`): name the full path once instead.
+        ManifestError::Parse(match inner.split_once(": ") {
+            Some((named, rest)) if path.starts_with(named) => format!("{path}: {rest}"),
+            _ => format!("{path}: {inner}"),
         })
     })
 }
@@ -151,7 +155,11 @@ spec:
     fn bad_fields_are_named() {
         let err = |text: String| PipelineManifest::from_yaml(&text).unwrap_err().to_string();
         assert!(err(GOOD.replace("maxAge: 7d", "maxAge: 7 days")).contains("spec.stream.maxAge"));
-        assert!(err(GOOD.replace("maxAge: 7d", "maxAgee: 7d")).contains("unknown field `maxAgee`"));
+        let unknown = err(GOOD.replace("maxAge: 7d", "maxAgee: 7d"));
+        assert!(
+            unknown.starts_with("spec.stream.maxAgee: unknown field `maxAgee`"),
+            "{unknown}"
+        );
         assert!(err(GOOD.replace("v1alpha1", "v2")).contains("apiVersion"));
         assert!(err(GOOD.replace("UInt64", "UInt65")).contains("spec.clickhouse.columns[0].type"));
     }

@@ -222,3 +222,53 @@ fn a_bad_type_is_refused_by_chdb_with_its_message() {
         run.stderr
     );
 }
+
+#[test]
+fn a_repeated_batch_with_the_same_token_is_stored_once() {
+    let scratch = Scratch::new("dedup");
+    let version = chdb_version(&scratch);
+    let spec = ClickHouseSpec {
+        database: "dedup".to_string(),
+        table: "t".to_string(),
+        partition_by: None,
+        ttl: None,
+        engine: "MergeTree".to_string(),
+        order_by: vec!["id".to_string()],
+        columns: vec![column("id", "UInt64")],
+        ..every_type_spec()
+    };
+    let create = create_table_sql(&spec, version).unwrap();
+    assert!(
+        create.contains("non_replicated_deduplication_window"),
+        "{create}"
+    );
+    // The same rows twice under one token (a redelivered batch), then under another token.
+    let insert = |token: &str| {
+        format!(
+            "INSERT INTO dedup.t SETTINGS insert_deduplication_token = '{token}' VALUES (1), (2), (3)"
+        )
+    };
+    let run = run_chdb(
+        &scratch,
+        &[
+            create_database_sql("dedup"),
+            create,
+            insert("SIGNALS:1-3"),
+            insert("SIGNALS:1-3"),
+            insert("SIGNALS:4-6"),
+            "SELECT count() FROM dedup.t".to_string(),
+        ],
+    );
+    assert!(run.success, "chdb refused: {}", run.stderr);
+    let count = run
+        .stdout
+        .rsplit("-- result ")
+        .next()
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert_eq!(count, "6", "{}", run.stdout);
+}
