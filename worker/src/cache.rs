@@ -1,5 +1,9 @@
-//! The Redis latest-value cache: after a batch is stored, each key's newest fields are written with
-//! `HSET` and given a TTL, in one pipeline per batch.
+//! The Redis latest-value cache: after a batch is stored, each key's newest fields are written
+//! with `HSET` and given a TTL, in one pipeline per batch.
+//!
+//! Newest wins by stream sequence, also across batches: the write is a small script that skips a
+//! key already holding a newer `_stream_sequence`, so a batch stored late (by another worker, or
+//! redelivered after a crash) never overwrites newer values.
 //!
 //! It runs as its own task behind a small queue. When Redis is slow or down the queue fills and
 //! further updates are dropped and counted: the cache never holds back ClickHouse ingestion.
@@ -8,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::IntoConnectionInfo;
+use redis::{ErrorKind, IntoConnectionInfo, ServerErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use signal_model::CacheSpec;
 use signal_model::cache_key::KeyTemplate;
@@ -21,6 +25,21 @@ use crate::retry::Backoff;
 
 /// Batches of cache updates queued at most; beyond that updates are dropped.
 const QUEUE_BATCHES: usize = 4;
+
+/// Hash field holding the stream sequence of the row the key's fields come from.
+pub const SEQUENCE_FIELD: &str = "_stream_sequence";
+
+/// `KEYS[1]` the key; `ARGV` the row's stream sequence, the TTL in seconds, then field/value
+/// pairs. Writes the fields and the TTL unless the key holds a newer row.
+const WRITE_IF_NEWER: &str = r"
+local held = redis.call('HGET', KEYS[1], '_stream_sequence')
+if held and tonumber(held) > tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], '_stream_sequence', ARGV[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+";
 
 /// What the batcher needs to fill cache entries from a row.
 #[derive(Clone, Debug)]
@@ -143,6 +162,7 @@ async fn write_loop(
     metrics: Arc<Metrics>,
 ) {
     let mut connection: Option<ConnectionManager> = None;
+    let script = redis::Script::new(WRITE_IF_NEWER);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     while let Some(entries) = receiver.recv().await {
         if connection.is_none() {
@@ -166,16 +186,29 @@ async fn write_loop(
         let mut pipe = redis::pipe();
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         for (key, entry) in &entries {
-            let mut hset = redis::cmd("HSET");
-            hset.arg(key);
+            let write = pipe
+                .cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(1)
+                .arg(key)
+                .arg(entry.stream_sequence)
+                .arg(ttl_secs);
             for (field, value) in &entry.fields {
-                hset.arg(field).arg(value);
+                write.arg(field).arg(value);
             }
-            hset.arg("_stream_sequence").arg(entry.stream_sequence);
-            pipe.add_command(hset).ignore();
-            pipe.cmd("EXPIRE").arg(key).arg(ttl_secs).ignore();
+            write.ignore();
         }
-        match pipe.query_async::<()>(manager).await {
+        let mut written = pipe.query_async::<()>(manager).await;
+        // The server forgets scripts when it restarts (the connection manager reconnects by
+        // itself), so load it on first use and whenever it is missing, then try again once.
+        if matches!(&written, Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
+        {
+            written = match script.prepare_invoke().load_async(manager).await {
+                Ok(_) => pipe.query_async::<()>(manager).await,
+                Err(error) => Err(error),
+            };
+        }
+        match written {
             Ok(()) => {
                 metrics.redis_writes.inc_by(entries.len() as u64);
             }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
-use futures::future::join_all;
+use async_nats::jetstream::message::Acker;
 use signal_model::ServerVersion;
 use tokio_util::sync::CancellationToken;
 
@@ -163,16 +163,28 @@ impl ClickHouseSink {
 }
 
 /// Tells JetStream the messages are still being worked on, restarting their ack wait.
-pub async fn send_progress(acks: &[async_nats::jetstream::message::Acker]) {
-    let results = join_all(acks.iter().map(|ack| ack.ack_with(AckKind::Progress))).await;
-    let failed = results.iter().filter(|r| r.is_err()).count();
+pub async fn send_progress(acks: &[Acker]) {
+    let mut failed = 0;
+    for ack in acks {
+        if ack.ack_with(AckKind::Progress).await.is_err() {
+            failed += 1;
+        }
+    }
     if failed > 0 {
         tracing::warn!(failed, "progress acks could not be sent");
     }
 }
 
-/// Acknowledges a stored batch.
-pub async fn acknowledge(acks: Vec<async_nats::jetstream::message::Acker>) -> usize {
-    let results = join_all(acks.iter().map(|ack| ack.ack())).await;
-    results.iter().filter(|r| r.is_err()).count()
+/// Acknowledges a stored batch; returns how many acks could not be sent.
+///
+/// An ack is a plain publish queued to the client, so awaiting them one by one is cheaper than
+/// polling thousands of futures at once, and keeps them in order.
+pub async fn acknowledge(acks: Vec<Acker>) -> usize {
+    let mut failed = 0;
+    for ack in &acks {
+        if ack.ack().await.is_err() {
+            failed += 1;
+        }
+    }
+    failed
 }

@@ -39,10 +39,27 @@ fn main() {
     let args = Args::parse();
     telemetry::init(args.log_format, &args.log_level);
     if let Err(error) = run(args) {
-        // One line that names what is wrong.
-        eprintln!("signal-worker: {error:#}");
+        eprintln!("signal-worker: {}", one_line(&error));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line. Many errors already quote their cause in their own
+/// message (`cannot read FILE: No such file`) and also return it as `source()`, so a cause whose
+/// text is already on the line is not repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace(['\r', '\n'], " ")
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

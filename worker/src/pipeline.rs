@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream::{self, consumer::PullConsumer, message::Acker};
 use signal_model::credentials::PipelineCredentials;
 use signal_model::manifest::PipelineManifest;
 use signal_model::row_encoder::RowEncoder;
@@ -227,11 +227,14 @@ pub async fn run(
     };
     let (request_sender, request_receiver) = mpsc::channel::<BatchRequest>(1);
     let puller_task = tokio::spawn(puller.run(request_receiver, shutdown.clone()));
+    let (ack_sender, ack_receiver) = mpsc::channel::<Vec<Acker>>(ACK_QUEUE_BATCHES);
+    let ack_task = tokio::spawn(ack_loop(ack_receiver));
     tracing::info!(pipeline, stream = %spec.stream.name, consumer = %durable, "ingesting");
 
     write_loop(
         &sink,
         request_sender,
+        ack_sender,
         cache_queue.as_ref().map(|(q, _)| q),
         &metrics,
         &shutdown,
@@ -239,6 +242,8 @@ pub async fn run(
     .await;
 
     let _ = puller_task.await;
+    // Every stored batch's acks are queued by now; send them all before flushing.
+    let _ = ack_task.await;
     if let Err(error) = nats.flush().await {
         tracing::warn!(%error, "flushing acknowledgements to NATS failed");
     }
@@ -252,15 +257,34 @@ pub async fn run(
     Ok(())
 }
 
-/// Asks the puller for batches, stores each, acknowledges it, and queues its cache update.
+/// Stored batches whose acks are queued at most; the writer waits beyond that.
+const ACK_QUEUE_BATCHES: usize = 2;
+
+/// Acknowledges stored batches in the order they were stored. Acking runs beside the writer, so
+/// the next insert does not wait for the previous batch's acks to be sent.
+async fn ack_loop(mut stored: mpsc::Receiver<Vec<Acker>>) {
+    while let Some(acks) = stored.recv().await {
+        let failed = acknowledge(acks).await;
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                "acknowledgements not sent; those rows may be redelivered"
+            );
+        }
+    }
+}
+
+/// Asks the puller for batches, stores each, queues its acks, and queues its cache update.
 async fn write_loop(
     sink: &ClickHouseSink,
     requests: mpsc::Sender<BatchRequest>,
+    acks: mpsc::Sender<Vec<Acker>>,
     cache: Option<&CacheQueue>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) {
     loop {
+        let asked = Instant::now();
         let (reply, batch) = oneshot::channel();
         if requests.send(reply).await.is_err() {
             return;
@@ -268,14 +292,14 @@ async fn write_loop(
         // The puller drops the reply when it stops without a batch.
         let Ok(batch) = batch.await else { return };
         let rows = batch.acks.len() as u64;
+        let received = Instant::now();
         match sink.store(&batch, shutdown).await {
             Ok(()) => {
-                let failed = acknowledge(batch.acks).await;
-                if failed > 0 {
-                    tracing::warn!(
-                        failed,
-                        "acknowledgements not sent; those rows may be redelivered"
-                    );
+                let stored = Instant::now();
+                // Only now, with the rows confirmed, may their messages be acknowledged.
+                if acks.send(batch.acks).await.is_err() {
+                    tracing::warn!("acknowledgements not sent; those rows may be redelivered");
+                    return;
                 }
                 metrics.rows_inserted.inc_by(rows);
                 metrics.batches_inserted.inc();
@@ -283,6 +307,9 @@ async fn write_loop(
                     rows,
                     first = batch.first_sequence,
                     last = batch.last_sequence,
+                    waited_ms = (received - asked).as_millis() as u64,
+                    insert_ms = (stored - received).as_millis() as u64,
+                    ack_ms = stored.elapsed().as_millis() as u64,
                     "batch stored"
                 );
                 if let Some(cache) = cache {
