@@ -92,7 +92,7 @@ struct DemoPublishArgs {
     #[arg(long = "file", short = 'f')]
     file: PathBuf,
     /// Number of signals to publish.
-    #[arg(long, env = "SIGNAL_DEMO_COUNT", default_value_t = 200_000)]
+    #[arg(long, env = "SIGNAL_DEMO_MESSAGES", default_value_t = 200_000)]
     count: u64,
     /// Share of deliberately malformed signals, in percent.
     #[arg(long, env = "SIGNAL_DEMO_MALFORMED_PERCENT", default_value_t = 3.0)]
