@@ -255,12 +255,21 @@ mod tests {
     fn lease_decisions() {
         let now = Timestamp::from_second(1_000).unwrap();
         assert_eq!(decide(None, "a", now), LeaseDecision::Create);
-        assert_eq!(decide(Some(&spec("a", 990, 15)), "a", now), LeaseDecision::Renew);
+        assert_eq!(
+            decide(Some(&spec("a", 990, 15)), "a", now),
+            LeaseDecision::Renew
+        );
         assert_eq!(
             decide(Some(&spec("b", 990, 15)), "a", now),
             LeaseDecision::Wait { holder: "b".into() }
         );
-        assert_eq!(decide(Some(&spec("b", 980, 15)), "a", now), LeaseDecision::TakeOver);
-        assert_eq!(decide(Some(&spec("", 999, 15)), "a", now), LeaseDecision::TakeOver);
+        assert_eq!(
+            decide(Some(&spec("b", 980, 15)), "a", now),
+            LeaseDecision::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&spec("", 999, 15)), "a", now),
+            LeaseDecision::TakeOver
+        );
     }
 }

@@ -50,12 +50,16 @@ const PIPELINE_GRANTS: &[(&str, &str, &[&str])] = &[
     (
         "apps",
         "deployments",
-        &["get", "list", "watch", "create", "patch", "update", "delete"],
+        &[
+            "get", "list", "watch", "create", "patch", "update", "delete",
+        ],
     ),
     (
         "",
         "configmaps",
-        &["get", "list", "watch", "create", "patch", "update", "delete"],
+        &[
+            "get", "list", "watch", "create", "patch", "update", "delete",
+        ],
     ),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("", "events", &["create", "patch"]),
@@ -358,8 +362,18 @@ fn check_operator_deployment(rendered: &Rendered, watch_namespaces: &[&str]) {
     );
     assert_eq!(security.privileged, None);
     let resources = container.resources.as_ref().expect("resources");
-    assert!(resources.requests.as_ref().is_some_and(|r| r.contains_key("memory")));
-    assert!(resources.limits.as_ref().is_some_and(|l| l.contains_key("memory")));
+    assert!(
+        resources
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.contains_key("memory"))
+    );
+    assert!(
+        resources
+            .limits
+            .as_ref()
+            .is_some_and(|l| l.contains_key("memory"))
+    );
 
     let args = container.args.clone().unwrap_or_default();
     let mut expected_args: Vec<String> = [
@@ -424,7 +438,11 @@ fn check_operator_deployment(rendered: &Rendered, watch_namespaces: &[&str]) {
     let service_selector = service_spec.selector.clone().unwrap_or_default();
     assert!(!service_selector.is_empty());
     for (key, value) in &service_selector {
-        assert_eq!(template_labels.get(key), Some(value), "Service selector {key}");
+        assert_eq!(
+            template_labels.get(key),
+            Some(value),
+            "Service selector {key}"
+        );
     }
     let service_ports = service_spec.ports.clone().unwrap_or_default();
     assert!(service_ports.iter().any(|port| {
@@ -582,7 +600,10 @@ fn default_render_watches_all_namespaces_with_least_privilege() {
     let rendered = Rendered::parse(&helm_template(&[]));
     check_operator_deployment(&rendered, &[]);
     check_bindings(&rendered);
-    assert!(rendered.service_monitors.is_empty(), "ServiceMonitor is opt-in");
+    assert!(
+        rendered.service_monitors.is_empty(),
+        "ServiceMonitor is opt-in"
+    );
     assert!(rendered.config_maps.is_empty() && rendered.secrets.is_empty());
     assert_eq!(rendered.service_accounts.len(), 1);
     assert_eq!(rendered.custom_resource_definitions.len(), 1);
@@ -640,7 +661,11 @@ fn namespaced_render_grants_roles_per_namespace_and_a_service_monitor() {
 #[test]
 fn values_schema_refuses_unknown_and_malformed_values() {
     let chart = chart_dir();
-    for bad in ["replicas=3", "logFormat=xml", "watchNamespaces={Not_A_Namespace}"] {
+    for bad in [
+        "replicas=3",
+        "logFormat=xml",
+        "watchNamespaces={Not_A_Namespace}",
+    ] {
         let output = Command::new(helm_binary())
             .args(["template", RELEASE, chart.to_str().expect("UTF-8 path")])
             .args(["--set", bad])

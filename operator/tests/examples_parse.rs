@@ -73,7 +73,10 @@ fn cluster_examples_parse_validate_and_have_a_table() {
         "risk-events.yaml",
         "transactions.yaml",
     ] {
-        assert!(names.iter().any(|name| name == expected), "{expected} in {names:?}");
+        assert!(
+            names.iter().any(|name| name == expected),
+            "{expected} in {names:?}"
+        );
     }
     for path in &files {
         let manifest = load(path);
@@ -84,7 +87,11 @@ fn cluster_examples_parse_validate_and_have_a_table() {
             path.display()
         );
         for url in [&manifest.spec.nats.url, &manifest.spec.clickhouse.url] {
-            assert!(url.contains(".signals.svc:"), "{}: in-cluster URL {url}", path.display());
+            assert!(
+                url.contains(".signals.svc:"),
+                "{}: in-cluster URL {url}",
+                path.display()
+            );
         }
         let sql = create_table(path, &manifest.spec, CURRENT_CLICKHOUSE);
         assert!(sql.contains(&manifest.spec.clickhouse.table), "{sql}");
@@ -100,9 +107,17 @@ fn pipelines_sharing_a_stream_declare_it_identically() {
         .map(|path| (path.clone(), load(path).spec.stream))
         .filter(|(_, stream)| stream.name == "SIGNALS")
         .collect();
-    assert!(streams.len() >= 3, "raw signals, transactions and risk events share SIGNALS");
+    assert!(
+        streams.len() >= 3,
+        "raw signals, transactions and risk events share SIGNALS"
+    );
     for (path, stream) in &streams {
-        assert_eq!(stream, &streams[0].1, "{} declares SIGNALS differently", path.display());
+        assert_eq!(
+            stream,
+            &streams[0].1,
+            "{} declares SIGNALS differently",
+            path.display()
+        );
     }
 }
 
@@ -112,13 +127,26 @@ fn transactions_example_matches_what_the_kind_script_checks() {
     let manifest = load(&path);
     assert_eq!(manifest.metadata.name, "transactions");
     let spec = &manifest.spec;
-    assert_eq!(spec.consumer.filter_subject.as_deref(), Some("signals.transaction"));
     assert_eq!(
-        (spec.clickhouse.database.as_str(), spec.clickhouse.table.as_str()),
+        spec.consumer.filter_subject.as_deref(),
+        Some("signals.transaction")
+    );
+    assert_eq!(
+        (
+            spec.clickhouse.database.as_str(),
+            spec.clickhouse.table.as_str()
+        ),
         ("risksignal", "transaction_signals")
     );
-    let auth = spec.clickhouse.auth.as_ref().expect("ClickHouse credentials");
-    assert_eq!(auth.secret_ref.name, "clickhouse-auth", "the Secret in deploy/dev");
+    let auth = spec
+        .clickhouse
+        .auth
+        .as_ref()
+        .expect("ClickHouse credentials");
+    assert_eq!(
+        auth.secret_ref.name, "clickhouse-auth",
+        "the Secret in deploy/dev"
+    );
     let cache = spec.cache.as_ref().expect("the Redis cache");
     assert_eq!(cache.key, "wallet:{wallet_address}:latest");
     assert!(cache.fields.iter().any(|field| field == "tx_hash"));
