@@ -186,6 +186,10 @@ fn field_rules() -> Vec<(&'static str, Value)> {
             "spec.consumer.durableName",
             json!({"pattern": NATS_NAME_PATTERN, "maxLength": 255}),
         ),
+        (
+            "spec.consumer.deliverPolicy",
+            json!({"x-kubernetes-validations": immutable("consumer.deliverPolicy")}),
+        ),
         ("spec.consumer.maxDeliver", json!({"minimum": -1})),
         ("spec.consumer.maxAckPending", json!({"minimum": -1})),
         (
