@@ -5,14 +5,17 @@
 //! batch buffer. A message that cannot become a row returns a [`Poison`] reason and leaves the
 //! buffer exactly as it was, so one bad message never spoils its batch.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::column_type::ColumnType;
 use crate::spec::ColumnSpec;
-use crate::value_source::ValueSource;
+use crate::value_source::{PathStep, ValueSource};
 
 /// Headers of a message, looked up by name.
 pub trait HeaderLookup {
@@ -170,6 +173,111 @@ pub struct RowEncoder {
     columns: Vec<Column>,
     max_message_bytes: usize,
     needs_json: bool,
+    needs_whole_message: bool,
+}
+
+/// The top level of a JSON object message: each key with its raw value text, borrowed from the
+/// payload. Parsing a message this way allocates (almost) nothing; only the values columns read
+/// are parsed further, so the hot path does not build a whole `Value` tree per message.
+#[derive(Default)]
+struct TopLevel<'a> {
+    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+/// A column's value parsed out of its top-level field.
+enum Parsed<'a> {
+    /// A JSON string, borrowed from the payload unless it had escapes.
+    Text(Cow<'a, str>),
+    Value(Value),
+}
+
+impl<'a> TopLevel<'a> {
+    fn parse(payload: &'a [u8]) -> Result<Self, Poison> {
+        serde_json::from_slice(payload).map_err(|error| {
+            // A type error means valid JSON that is not an object, unless the text is broken too.
+            if error.classify() == serde_json::error::Category::Data
+                && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+            {
+                Poison::NotAnObject
+            } else {
+                Poison::NotJson(error.to_string())
+            }
+        })
+    }
+
+    /// The value of the path's first key, parsed (`None` when the key is absent). Later steps
+    /// are left to [`ValueSource::lookup`] on the parsed value.
+    fn parse_path(&self, steps: &[PathStep]) -> Result<Option<Parsed<'a>>, Poison> {
+        let Some(PathStep::Key(first)) = steps.first() else {
+            // An index into the top level, which is an object: nothing there.
+            return Ok(None);
+        };
+        // The last of duplicate keys wins, as it does for a parsed `Value`.
+        let Some((_, raw)) = self.fields.iter().rev().find(|(key, _)| key == first) else {
+            return Ok(None);
+        };
+        let text = raw.get();
+        let parsed = if steps.len() == 1 && text.starts_with('"') {
+            serde_json::from_str::<JsonText<'a>>(text).map(|t| Parsed::Text(t.0))
+        } else {
+            serde_json::from_str::<Value>(text).map(Parsed::Value)
+        };
+        parsed.map(Some).map_err(|e| Poison::NotJson(e.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = TopLevel<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(key) = map.next_key::<JsonText<'de>>()? {
+                    fields.push((key.0, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(TopLevel { fields })
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// A JSON string, borrowed when it has no escapes (serde's own `Cow<str>` always copies).
+struct JsonText<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for JsonText<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = JsonText<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Self::Value, E> {
+                Ok(JsonText(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(JsonText(Cow::Owned(text.to_string())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Self::Value, E> {
+                Ok(JsonText(Cow::Owned(text)))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
 }
 
 impl RowEncoder {
@@ -217,10 +325,14 @@ impl RowEncoder {
         let needs_json = compiled
             .iter()
             .any(|c| matches!(c.source, ValueSource::Json(_)));
+        let needs_whole_message = compiled
+            .iter()
+            .any(|c| matches!(&c.source, ValueSource::Json(steps) if steps.is_empty()));
         Ok(Self {
             columns: compiled,
             max_message_bytes,
             needs_json,
+            needs_whole_message,
         })
     }
 
@@ -239,7 +351,12 @@ impl RowEncoder {
     }
 
     /// Appends one row to `out`, or leaves `out` untouched and says why the message is poison.
-    pub fn encode(&self, payload: &[u8], meta: &MessageMeta<'_>, out: &mut Vec<u8>) -> Result<(), Poison> {
+    pub fn encode(
+        &self,
+        payload: &[u8],
+        meta: &MessageMeta<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Poison> {
         self.encode_inner(payload, meta, out, None)
     }
 
@@ -267,47 +384,69 @@ impl RowEncoder {
         mut texts: Option<(&[usize], &mut Vec<String>)>,
     ) -> Result<(), Poison> {
         if payload.len() > self.max_message_bytes {
-            return Err(Poison::TooLarge { size: payload.len(), limit: self.max_message_bytes });
+            return Err(Poison::TooLarge {
+                size: payload.len(),
+                limit: self.max_message_bytes,
+            });
         }
-        let message: Value = if self.needs_json {
-            let parsed: Value = serde_json::from_slice(payload).map_err(|e| Poison::NotJson(e.to_string()))?;
-            if !parsed.is_object() {
-                return Err(Poison::NotAnObject);
-            }
-            parsed
+        let top_level = if self.needs_json {
+            TopLevel::parse(payload)?
+        } else {
+            TopLevel::default()
+        };
+        // Only a column that takes the whole message (`$`) needs it as one parsed value.
+        let whole: Value = if self.needs_whole_message {
+            serde_json::from_slice(payload).map_err(|e| Poison::NotJson(e.to_string()))?
         } else {
             Value::Null
         };
         let start = out.len();
-        let result = self.columns.iter().enumerate().try_for_each(|(index, column)| {
-            let found = self.find(column, &message, meta);
-            let found = match (found, &column.default) {
-                (None | Some(Found::Json(Value::Null)), Some(default)) => Some(Found::from_json(default)),
-                (found, _) => found,
-            };
-            let found = found.unwrap_or(Found::Json(&Value::Null));
-            encode_value(column, found, out)?;
-            if let Some((wanted, texts)) = texts.as_mut() {
-                if wanted.contains(&index) {
+        let result = self
+            .columns
+            .iter()
+            .enumerate()
+            .try_for_each(|(index, column)| {
+                let parsed = match &column.source {
+                    ValueSource::Json(steps) if !steps.is_empty() => top_level.parse_path(steps)?,
+                    _ => None,
+                };
+                let found = match (&column.source, &parsed) {
+                    (ValueSource::Json(steps), _) if steps.is_empty() => {
+                        Some(Found::from_json(&whole))
+                    }
+                    (ValueSource::Json(steps), Some(Parsed::Text(text))) if steps.len() == 1 => {
+                        Some(Found::Text(text))
+                    }
+                    (ValueSource::Json(steps), Some(Parsed::Value(value))) => {
+                        ValueSource::lookup(&steps[1..], value).map(Found::from_json)
+                    }
+                    (ValueSource::Json(_), _) => None,
+                    _ => self.find_metadata(column, meta),
+                };
+                let found = match (found, &column.default) {
+                    (None | Some(Found::Json(Value::Null)), Some(default)) => {
+                        Some(Found::from_json(default))
+                    }
+                    (found, _) => found,
+                };
+                let found = found.unwrap_or(Found::Json(&Value::Null));
+                encode_value(column, found, out)?;
+                if let Some((wanted, texts)) = texts.as_mut()
+                    && wanted.contains(&index)
+                {
                     texts[index] = text_of(found);
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            });
         if result.is_err() {
             out.truncate(start);
         }
         result
     }
 
-    fn find<'a>(
-        &self,
-        column: &Column,
-        message: &'a Value,
-        meta: &MessageMeta<'a>,
-    ) -> Option<Found<'a>> {
+    fn find_metadata<'a>(&self, column: &Column, meta: &MessageMeta<'a>) -> Option<Found<'a>> {
         match &column.source {
-            ValueSource::Json(steps) => ValueSource::lookup(steps, message).map(Found::from_json),
+            ValueSource::Json(_) => None,
             ValueSource::Subject => Some(Found::Text(meta.subject)),
             ValueSource::Sequence => Some(Found::Unsigned(meta.stream_sequence)),
             ValueSource::Timestamp => Some(Found::TimeNanos(meta.timestamp_nanos)),
@@ -881,14 +1020,62 @@ mod tests {
             ..meta()
         };
         encoder
-            .encode_with_texts(br#"{"severity": null}"#, &meta, &mut out, &[0, 4], &mut texts)
+            .encode_with_texts(
+                br#"{"severity": null}"#,
+                &meta,
+                &mut out,
+                &[0, 4],
+                &mut texts,
+            )
             .unwrap();
         let mut expected = vec![7, 1, b'0', 10];
         expected.extend_from_slice(b"signals.tx");
         expected.extend_from_slice(&[3, b't', b'-', b'1']);
         expected.extend_from_slice(&1_700_000_000_123_456i64.to_le_bytes());
         assert_eq!(out, expected);
-        assert_eq!(texts, ["7", "", "", "", "2023-11-14T22:13:20.123456789+00:00"]);
+        assert_eq!(
+            texts,
+            ["7", "", "", "", "2023-11-14T22:13:20.123456789+00:00"]
+        );
+    }
+
+    #[test]
+    fn json_paths_read_escaped_nested_duplicate_and_whole_values() {
+        let encoder = RowEncoder::new(
+            &[
+                column("escaped", "String", "$.s", None),
+                column("nested", "Int16", "$.o.list[1]", None),
+                column("quoted", "UInt8", "$['k.j']", None),
+                column("object", "String", "$.o", None),
+                column("whole", "String", "$", None),
+                column("duplicate", "UInt8", "$.d", None),
+                column("index_at_top", "Nullable(UInt8)", "$[0]", None),
+            ],
+            1024,
+        )
+        .unwrap();
+        let payload = br#"{"s":"a\"b\u00e9","o":{"list":[1,-2]},"k.j":7,"d":1,"d":2}"#;
+        let mut out = Vec::new();
+        encoder.encode(payload, &meta(), &mut out).unwrap();
+        let mut expected = vec![5, b'a', b'"', b'b', 0xc3, 0xa9, 0xfe, 0xff, 7];
+        let object = br#"{"list":[1,-2]}"#;
+        expected.push(object.len() as u8);
+        expected.extend_from_slice(object);
+        // `$` is the whole message as compact JSON; a parsed object keeps the last duplicate.
+        let whole = "{\"d\":2,\"k.j\":7,\"o\":{\"list\":[1,-2]},\"s\":\"a\\\"b\u{e9}\"}";
+        expected.push(whole.len() as u8);
+        expected.extend_from_slice(whole.as_bytes());
+        expected.extend_from_slice(&[2, 1]);
+        assert_eq!(out, expected);
+
+        // Broken JSON is not_json even when it starts like an array or an object.
+        for broken in [&b"[1, 2"[..], br#"{"d": "#, br#"{"d": 1} x"#] {
+            let poison = encoder.encode(broken, &meta(), &mut out).unwrap_err();
+            let text = String::from_utf8_lossy(broken);
+            assert_eq!(poison.label(), "not_json", "{text}");
+        }
+        let poison = encoder.encode(br#""text""#, &meta(), &mut out).unwrap_err();
+        assert_eq!(poison.label(), "not_object");
     }
 
     #[test]

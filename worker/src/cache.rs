@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{ErrorKind, IntoConnectionInfo, ServerErrorKind};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, IntoConnectionInfo, ServerErrorKind};
 use signal_model::CacheSpec;
 use signal_model::cache_key::KeyTemplate;
 use signal_model::credentials::UserPassword;

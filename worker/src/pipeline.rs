@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::PullConsumer, message::Acker};
+use async_nats::jetstream::{self, consumer::PullConsumer};
 use signal_model::credentials::PipelineCredentials;
 use signal_model::manifest::PipelineManifest;
 use signal_model::row_encoder::RowEncoder;
@@ -227,14 +227,11 @@ pub async fn run(
     };
     let (request_sender, request_receiver) = mpsc::channel::<BatchRequest>(1);
     let puller_task = tokio::spawn(puller.run(request_receiver, shutdown.clone()));
-    let (ack_sender, ack_receiver) = mpsc::channel::<Vec<Acker>>(ACK_QUEUE_BATCHES);
-    let ack_task = tokio::spawn(ack_loop(ack_receiver));
     tracing::info!(pipeline, stream = %spec.stream.name, consumer = %durable, "ingesting");
 
     write_loop(
         &sink,
         request_sender,
-        ack_sender,
         cache_queue.as_ref().map(|(q, _)| q),
         &metrics,
         &shutdown,
@@ -242,8 +239,6 @@ pub async fn run(
     .await;
 
     let _ = puller_task.await;
-    // Every stored batch's acks are queued by now; send them all before flushing.
-    let _ = ack_task.await;
     if let Err(error) = nats.flush().await {
         tracing::warn!(%error, "flushing acknowledgements to NATS failed");
     }
@@ -257,28 +252,13 @@ pub async fn run(
     Ok(())
 }
 
-/// Stored batches whose acks are queued at most; the writer waits beyond that.
-const ACK_QUEUE_BATCHES: usize = 2;
-
-/// Acknowledges stored batches in the order they were stored. Acking runs beside the writer, so
-/// the next insert does not wait for the previous batch's acks to be sent.
-async fn ack_loop(mut stored: mpsc::Receiver<Vec<Acker>>) {
-    while let Some(acks) = stored.recv().await {
-        let failed = acknowledge(acks).await;
-        if failed > 0 {
-            tracing::warn!(
-                failed,
-                "acknowledgements not sent; those rows may be redelivered"
-            );
-        }
-    }
-}
-
-/// Asks the puller for batches, stores each, queues its acks, and queues its cache update.
+/// Asks the puller for batches, stores each, acknowledges it, and queues its cache update.
+///
+/// The acks of a batch are sent before the next batch is stored, so a worker that dies holds at
+/// most one stored batch whose messages were not acknowledged (the documented duplicate bound).
 async fn write_loop(
     sink: &ClickHouseSink,
     requests: mpsc::Sender<BatchRequest>,
-    acks: mpsc::Sender<Vec<Acker>>,
     cache: Option<&CacheQueue>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
@@ -297,9 +277,12 @@ async fn write_loop(
             Ok(()) => {
                 let stored = Instant::now();
                 // Only now, with the rows confirmed, may their messages be acknowledged.
-                if acks.send(batch.acks).await.is_err() {
-                    tracing::warn!("acknowledgements not sent; those rows may be redelivered");
-                    return;
+                let failed = acknowledge(batch.acks).await;
+                if failed > 0 {
+                    tracing::warn!(
+                        failed,
+                        "acknowledgements not sent; those rows may be redelivered"
+                    );
                 }
                 metrics.rows_inserted.inc_by(rows);
                 metrics.batches_inserted.inc();

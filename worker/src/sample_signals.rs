@@ -3,7 +3,13 @@
 //! Deterministic for a given index, about 240 bytes of JSON each.
 
 /// Event types the samples cycle through.
-pub const EVENT_TYPES: [&str; 5] = ["transaction", "login", "transfer", "withdrawal", "risk_alert"];
+pub const EVENT_TYPES: [&str; 5] = [
+    "transaction",
+    "login",
+    "transfer",
+    "withdrawal",
+    "risk_alert",
+];
 
 /// The `index`-th sample signal as JSON bytes.
 pub fn sample_signal(index: u64) -> Vec<u8> {
@@ -19,8 +25,8 @@ pub fn sample_signal(index: u64) -> Vec<u8> {
     format!(
         concat!(
             r#"{{"event_time":"2026-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z","source_id":"src-{}","event_type":"{}","#,
-            r#""severity":{},"trace_id":"{:032x}","user_id":"user-{}","wallet_address":"0x{:040x}","#,
-            r#""payload":{{"amount":{}.{:02},"currency":"USD","channel":"api"}}}}"#
+            r#""severity":{},"trace_id":"{:016x}","user_id":"user-{}","wallet_address":"0x{:040x}","#,
+            r#""payload":{{"amount":{}.{:02},"currency":"USD"}}}}"#
         ),
         month,
         day,
