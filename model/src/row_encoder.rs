@@ -1061,8 +1061,9 @@ mod tests {
         let object = br#"{"list":[1,-2]}"#;
         expected.push(object.len() as u8);
         expected.extend_from_slice(object);
-        // `$` is the whole message as compact JSON; a parsed object keeps the last duplicate.
-        let whole = "{\"d\":2,\"k.j\":7,\"o\":{\"list\":[1,-2]},\"s\":\"a\\\"b\u{e9}\"}";
+        // `$` is the whole message as compact JSON, keys in the message's order (a payload stored
+        // as text reads as it was sent); a repeated key keeps its first place and its last value.
+        let whole = "{\"s\":\"a\\\"b\u{e9}\",\"o\":{\"list\":[1,-2]},\"k.j\":7,\"d\":2}";
         expected.push(whole.len() as u8);
         expected.extend_from_slice(whole.as_bytes());
         expected.extend_from_slice(&[2, 1]);

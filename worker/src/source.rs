@@ -27,6 +27,9 @@ pub type BatchRequest = oneshot::Sender<SealedBatch>;
 
 /// Shortest pull request; the server needs some time to answer one.
 const MIN_EXPIRES: Duration = Duration::from_millis(20);
+/// How long after a pull request's expiry the puller stops waiting for its end. The client library
+/// only gives up on a partly filled request seconds after it expired, which would hold a due batch.
+const PULL_END_SLACK: Duration = Duration::from_millis(100);
 
 /// NATS headers seen through the encoder's lookup trait.
 struct Headers<'a>(&'a async_nats::HeaderMap);
@@ -103,9 +106,11 @@ impl Puller {
                     continue;
                 }
             };
+            let pull_ends = tokio::time::Instant::now() + expires + PULL_END_SLACK;
             loop {
                 let next = tokio::select! {
                     next = messages.next() => next,
+                    _ = tokio::time::sleep_until(pull_ends) => None,
                     _ = shutdown.cancelled() => None,
                 };
                 let Some(next) = next else { break };
@@ -204,7 +209,8 @@ impl Puller {
         match self.dead_letters.route(poison).await {
             Ok(()) if self.dead_letters.subject.is_some() => {
                 self.metrics.dead_letters_published.inc();
-                tracing::info!(sequence, %reason, "poison message sent to the dead-letter subject");
+                // The dead letter carries the reason and the metrics count it: no log line each.
+                tracing::debug!(sequence, %reason, "poison message sent to the dead-letter subject");
             }
             Ok(()) => {
                 tracing::warn!(sequence, %reason, "poison message terminated (no dead-letter subject)")
