@@ -9,6 +9,10 @@
 //!
 //! [`ChildProcess`] is the small wrapper tests use to run a workspace binary and stop it hard
 //! ([`ChildProcess::kill_hard`]) or gracefully ([`ChildProcess::terminate`]).
+//!
+//! [`ServerProcess`] and [`start_retrying`] hold what the server types of this crate share:
+//! starting a server until it is ready (retrying when a port was taken meanwhile), stopping,
+//! killing and restarting it.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -203,6 +207,105 @@ pub(crate) fn wait_until_ready(
             });
         }
         thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// How many port sets a server start tries before giving up with [`Error::PortsInUse`].
+const START_ATTEMPTS: u32 = 5;
+
+/// Runs `attempt` (pick ports, launch, wait until ready) until it succeeds.
+///
+/// Only a server that exited because one of its ports was taken between the check and its bind
+/// (see [`crate::ports`]) is retried; any other error is returned at once.
+pub(crate) fn start_retrying<T>(
+    server: &'static str,
+    mut attempt: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let mut last_tail = String::new();
+    for _ in 0..START_ATTEMPTS {
+        match attempt() {
+            Ok(started) => return Ok(started),
+            Err(Error::Exited { log_tail, .. }) if is_address_in_use(&log_tail) => {
+                last_tail = log_tail;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::PortsInUse {
+        server,
+        attempts: START_ATTEMPTS,
+        log_tail: last_tail,
+    })
+}
+
+/// The process of a test server, absent while the server is stopped.
+///
+/// Dropping it kills the process. The servers still stop it in their own `Drop`, so that it is
+/// gone before their port reservations are released, and with the grace they choose.
+#[derive(Debug)]
+pub(crate) struct ServerProcess {
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// Launches a server and waits until `wait_ready` accepts it; one that does not become ready
+    /// is killed, so a failed start leaves nothing running.
+    pub(crate) fn start(
+        launch: impl FnOnce() -> Result<Child>,
+        wait_ready: impl FnOnce(&mut Child) -> Result<()>,
+    ) -> Result<ServerProcess> {
+        let mut child = launch()?;
+        match wait_ready(&mut child) {
+            Ok(()) => Ok(ServerProcess { child: Some(child) }),
+            Err(e) => {
+                let _ = kill_and_reap(&mut child);
+                Err(e)
+            }
+        }
+    }
+
+    /// The process id, while the server runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is alive.
+    pub(crate) fn is_running(&self) -> bool {
+        self.child.as_ref().is_some_and(child_running)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; waits for the process.
+    pub(crate) fn stop(&mut self, grace: Duration) {
+        if let Some(mut child) = self.child.take() {
+            let _ = terminate_then_kill(&mut child, grace);
+        }
+    }
+
+    /// SIGKILL (a crash, as far as the server is concerned); waits for the process.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill_and_reap(&mut child);
+        }
+    }
+
+    /// Stops the server if it runs (see [`ServerProcess::stop`]), then starts it again like
+    /// [`ServerProcess::start`]. If the new process does not become ready the server stays
+    /// stopped.
+    pub(crate) fn restart(
+        &mut self,
+        grace: Duration,
+        launch: impl FnOnce() -> Result<Child>,
+        wait_ready: impl FnOnce(&mut Child) -> Result<()>,
+    ) -> Result<()> {
+        self.stop(grace);
+        *self = ServerProcess::start(launch, wait_ready)?;
+        Ok(())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
