@@ -21,13 +21,12 @@ use crate::binary;
 use crate::error::{Error, IoContext, Result};
 use crate::http;
 use crate::ports::{PortReservation, reserve_port};
-use crate::process::{self, child_running, is_address_in_use, kill_and_reap, terminate_then_kill};
+use crate::process::{self, ServerProcess};
 
 const SERVER: &str = "clickhouse-server";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 const DROP_GRACE: Duration = Duration::from_secs(3);
-const START_ATTEMPTS: u32 = 5;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Queries in tests may be big inserts; allow them time.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -56,7 +55,7 @@ pub struct ClickHouseServer {
     binary: PathBuf,
     name: String,
     ports: Ports,
-    child: Option<Child>,
+    process: ServerProcess,
     // Declared last so the process is gone before its directory is removed.
     dir: TempDir,
 }
@@ -72,37 +71,24 @@ impl ClickHouseServer {
         }
         let name = process::unique_name("signal-test-clickhouse");
         write_users(dir.path())?;
-        let mut last_tail = String::new();
-        for _ in 0..START_ATTEMPTS {
+        let (ports, process) = process::start_retrying(SERVER, || {
             let ports = Ports::reserve()?;
             write_config(dir.path(), &name, &ports)?;
             for log in log_paths(dir.path()) {
                 let _ = std::fs::remove_file(log);
             }
-            let mut child = launch(&binary, dir.path())?;
-            match wait_ready(&mut child, dir.path(), &name, ports.http.port()) {
-                Ok(()) => {
-                    return Ok(ClickHouseServer {
-                        binary,
-                        name,
-                        ports,
-                        child: Some(child),
-                        dir,
-                    });
-                }
-                Err(Error::Exited { log_tail, .. }) if is_address_in_use(&log_tail) => {
-                    last_tail = log_tail;
-                }
-                Err(e) => {
-                    let _ = kill_and_reap(&mut child);
-                    return Err(e);
-                }
-            }
-        }
-        Err(Error::PortsInUse {
-            server: SERVER,
-            attempts: START_ATTEMPTS,
-            log_tail: last_tail,
+            let process = ServerProcess::start(
+                || launch(&binary, dir.path()),
+                |child| wait_ready(child, dir.path(), &name, ports.http.port()),
+            )?;
+            Ok((ports, process))
+        })?;
+        Ok(ClickHouseServer {
+            binary,
+            name,
+            ports,
+            process,
+            dir,
         })
     }
 
@@ -128,42 +114,32 @@ impl ClickHouseServer {
 
     /// The server process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Whether the server process is alive.
     pub fn is_running(&self) -> bool {
-        self.child.as_ref().is_some_and(child_running)
+        self.process.is_running()
     }
 
     /// Stops the server gracefully (SIGTERM, then SIGKILL after 15 s) and waits for it.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = terminate_then_kill(&mut child, STOP_GRACE);
-        }
+        self.process.stop(STOP_GRACE);
     }
 
     /// Kills the server with SIGKILL (a crash) and waits for it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill_and_reap(&mut child);
-        }
+        self.process.kill();
     }
 
     /// Stops the server if it runs, then starts it again with the same ports and data.
     pub fn restart(&mut self) -> Result<()> {
-        self.stop();
-        let mut child = launch(&self.binary, self.dir.path())?;
-        match wait_ready(&mut child, self.dir.path(), &self.name, self.http_port()) {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = kill_and_reap(&mut child);
-                Err(e)
-            }
-        }
+        let (dir, name, http_port) = (self.dir.path(), &self.name, self.ports.http.port());
+        self.process.restart(
+            STOP_GRACE,
+            || launch(&self.binary, dir),
+            |child| wait_ready(child, dir, name, http_port),
+        )
     }
 
     /// Runs one SQL statement over HTTP (POST body) and returns the response body, e.g.
@@ -173,7 +149,7 @@ impl ClickHouseServer {
     /// `wait_end_of_query=1` makes the server buffer the result, so an error that happens after
     /// the first rows is still reported as an HTTP error rather than appended to a 200 body.
     pub fn query(&self, sql: &str) -> Result<String> {
-        if self.child.is_none() {
+        if self.process.pid().is_none() {
             return Err(Error::NotRunning(SERVER));
         }
         let response = http::request(
@@ -197,9 +173,7 @@ impl ClickHouseServer {
 
 impl Drop for ClickHouseServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = terminate_then_kill(&mut child, DROP_GRACE);
-        }
+        self.process.stop(DROP_GRACE);
     }
 }
 
@@ -346,6 +320,7 @@ fn write_users(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::ports::is_port_free;
+    use crate::process::is_address_in_use;
 
     #[test]
     fn query_restart_persistence_and_stop() {

@@ -15,14 +15,13 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::binary;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{IoContext, Result};
 use crate::ports::{PortReservation, reserve_port};
-use crate::process::{self, child_running, is_address_in_use, kill_and_reap, terminate_then_kill};
+use crate::process::{self, ServerProcess};
 
 const SERVER: &str = "nats-server";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(10);
-const START_ATTEMPTS: u32 = 5;
 
 /// A running (or stopped, restartable) `nats-server` with JetStream on 127.0.0.1.
 #[derive(Debug)]
@@ -30,7 +29,7 @@ pub struct NatsServer {
     binary: PathBuf,
     name: String,
     port: PortReservation,
-    child: Option<Child>,
+    process: ServerProcess,
     // Declared last so the process is gone before its directory is removed.
     dir: TempDir,
 }
@@ -41,34 +40,21 @@ impl NatsServer {
         let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
         let name = process::unique_name("signal-test-nats");
-        let mut last_tail = String::new();
-        for _ in 0..START_ATTEMPTS {
+        let (port, process) = process::start_retrying(SERVER, || {
             let port = reserve_port()?;
             let _ = std::fs::remove_file(log_path(dir.path()));
-            let mut child = launch(&binary, dir.path(), &name, port.port())?;
-            match wait_ready(&mut child, dir.path(), &name, port.port()) {
-                Ok(()) => {
-                    return Ok(NatsServer {
-                        binary,
-                        name,
-                        port,
-                        child: Some(child),
-                        dir,
-                    });
-                }
-                Err(Error::Exited { log_tail, .. }) if is_address_in_use(&log_tail) => {
-                    last_tail = log_tail;
-                }
-                Err(e) => {
-                    let _ = kill_and_reap(&mut child);
-                    return Err(e);
-                }
-            }
-        }
-        Err(Error::PortsInUse {
-            server: SERVER,
-            attempts: START_ATTEMPTS,
-            log_tail: last_tail,
+            let process = ServerProcess::start(
+                || launch(&binary, dir.path(), &name, port.port()),
+                |child| wait_ready(child, dir.path(), &name, port.port()),
+            )?;
+            Ok((port, process))
+        })?;
+        Ok(NatsServer {
+            binary,
+            name,
+            port,
+            process,
+            dir,
         })
     }
 
@@ -94,43 +80,33 @@ impl NatsServer {
 
     /// The server process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Whether the server process is alive.
     pub fn is_running(&self) -> bool {
-        self.child.as_ref().is_some_and(child_running)
+        self.process.is_running()
     }
 
     /// Stops the server gracefully (SIGTERM, then SIGKILL after 10 s) and waits for it.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = terminate_then_kill(&mut child, STOP_GRACE);
-        }
+        self.process.stop(STOP_GRACE);
     }
 
     /// Kills the server with SIGKILL (a crash) and waits for it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill_and_reap(&mut child);
-        }
+        self.process.kill();
     }
 
     /// Stops the server if it runs, then starts it again on the same port with the same store
     /// directory (JetStream streams, consumers and messages survive).
     pub fn restart(&mut self) -> Result<()> {
-        self.stop();
-        let mut child = launch(&self.binary, self.dir.path(), &self.name, self.port())?;
-        match wait_ready(&mut child, self.dir.path(), &self.name, self.port()) {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = kill_and_reap(&mut child);
-                Err(e)
-            }
-        }
+        let (dir, name, port) = (self.dir.path(), &self.name, self.port.port());
+        self.process.restart(
+            STOP_GRACE,
+            || launch(&self.binary, dir, name, port),
+            |child| wait_ready(child, dir, name, port),
+        )
     }
 }
 
@@ -219,7 +195,9 @@ fn jetstream_ready(port: u16, name: &str) -> std::io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use crate::ports::is_port_free;
+    use crate::process::is_address_in_use;
 
     fn read_info(port: u16) -> String {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -14,13 +14,12 @@ use tempfile::TempDir;
 use crate::binary;
 use crate::error::{Error, IoContext, Result};
 use crate::ports::{PortReservation, reserve_port};
-use crate::process::{self, child_running, is_address_in_use, kill_and_reap, terminate_then_kill};
+use crate::process::{self, ServerProcess};
 use crate::resp::{self, RespValue};
 
 const SERVER: &str = "redis-server";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(10);
-const START_ATTEMPTS: u32 = 5;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running (or stopped, restartable) `redis-server` on 127.0.0.1 without persistence.
@@ -28,7 +27,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RedisServer {
     binary: PathBuf,
     port: PortReservation,
-    child: Option<Child>,
+    process: ServerProcess,
     // Declared last so the process is gone before its directory is removed.
     dir: TempDir,
 }
@@ -38,33 +37,20 @@ impl RedisServer {
     pub fn start() -> Result<RedisServer> {
         let binary = binary::REDIS.locate()?;
         let dir = process::server_dir("redis")?;
-        let mut last_tail = String::new();
-        for _ in 0..START_ATTEMPTS {
+        let (port, process) = process::start_retrying(SERVER, || {
             let port = reserve_port()?;
             let _ = std::fs::remove_file(log_path(dir.path()));
-            let mut child = launch(&binary, dir.path(), port.port())?;
-            match wait_ready(&mut child, dir.path(), port.port()) {
-                Ok(()) => {
-                    return Ok(RedisServer {
-                        binary,
-                        port,
-                        child: Some(child),
-                        dir,
-                    });
-                }
-                Err(Error::Exited { log_tail, .. }) if is_address_in_use(&log_tail) => {
-                    last_tail = log_tail;
-                }
-                Err(e) => {
-                    let _ = kill_and_reap(&mut child);
-                    return Err(e);
-                }
-            }
-        }
-        Err(Error::PortsInUse {
-            server: SERVER,
-            attempts: START_ATTEMPTS,
-            log_tail: last_tail,
+            let process = ServerProcess::start(
+                || launch(&binary, dir.path(), port.port()),
+                |child| wait_ready(child, dir.path(), port.port()),
+            )?;
+            Ok((port, process))
+        })?;
+        Ok(RedisServer {
+            binary,
+            port,
+            process,
+            dir,
         })
     }
 
@@ -80,49 +66,39 @@ impl RedisServer {
 
     /// The server process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Whether the server process is alive.
     pub fn is_running(&self) -> bool {
-        self.child.as_ref().is_some_and(child_running)
+        self.process.is_running()
     }
 
     /// Stops the server gracefully (SIGTERM, then SIGKILL after 10 s) and waits for it.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = terminate_then_kill(&mut child, STOP_GRACE);
-        }
+        self.process.stop(STOP_GRACE);
     }
 
     /// Kills the server with SIGKILL (a crash) and waits for it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill_and_reap(&mut child);
-        }
+        self.process.kill();
     }
 
     /// Stops the server if it runs, then starts it again on the same port (empty: nothing is
     /// persisted).
     pub fn restart(&mut self) -> Result<()> {
-        self.stop();
-        let mut child = launch(&self.binary, self.dir.path(), self.port())?;
-        match wait_ready(&mut child, self.dir.path(), self.port()) {
-            Ok(()) => {
-                self.child = Some(child);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = kill_and_reap(&mut child);
-                Err(e)
-            }
-        }
+        let (dir, port) = (self.dir.path(), self.port.port());
+        self.process.restart(
+            STOP_GRACE,
+            || launch(&self.binary, dir, port),
+            |child| wait_ready(child, dir, port),
+        )
     }
 
     /// Runs one command, e.g. `command(&["HGETALL", "key"])`. An error reply is
     /// [`Error::Redis`].
     pub fn command(&self, args: &[&str]) -> Result<RespValue> {
-        if self.child.is_none() {
+        if self.process.pid().is_none() {
             return Err(Error::NotRunning(SERVER));
         }
         resp::command(self.port(), args, COMMAND_TIMEOUT)
@@ -172,6 +148,7 @@ fn wait_ready(child: &mut Child, dir: &Path, port: u16) -> Result<()> {
 mod tests {
     use super::*;
     use crate::ports::is_port_free;
+    use crate::process::is_address_in_use;
 
     #[test]
     fn a_taken_port_is_reported_as_address_in_use() {
