@@ -27,9 +27,10 @@ pub type BatchRequest = oneshot::Sender<SealedBatch>;
 
 /// Shortest pull request; the server needs some time to answer one.
 const MIN_EXPIRES: Duration = Duration::from_millis(20);
-/// How long after a pull request's expiry the puller stops waiting for its end. The client library
-/// only gives up on a partly filled request seconds after it expired, which would hold a due batch.
-const PULL_END_SLACK: Duration = Duration::from_millis(100);
+/// How long after a pull request's expiry the puller stops waiting for its end. nats-server does
+/// not always answer a short, partly filled request with its expiry status, and the client library
+/// then waits 5 s more, holding a due batch. Messages already received are still taken first.
+const PULL_END_SLACK: Duration = Duration::from_millis(250);
 
 /// NATS headers seen through the encoder's lookup trait.
 struct Headers<'a>(&'a async_nats::HeaderMap);
@@ -109,6 +110,8 @@ impl Puller {
             let pull_ends = tokio::time::Instant::now() + expires + PULL_END_SLACK;
             loop {
                 let next = tokio::select! {
+                    // Buffered messages first: a pull ends only once it has nothing left to give.
+                    biased;
                     next = messages.next() => next,
                     _ = tokio::time::sleep_until(pull_ends) => None,
                     _ = shutdown.cancelled() => None,
