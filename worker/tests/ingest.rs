@@ -26,6 +26,8 @@ fn ten_thousand_messages_become_ten_thousand_rows_each_sequence_once() {
         Duration::from_secs(20),
         || env.consumer_settled(&manifest),
     );
+    // Each message was delivered once: no pull was ended with deliveries still unread.
+    assert_eq!(env.consumer_info(&manifest).num_redelivered, 0);
 
     let summary = env.sequences(&manifest);
     assert_eq!(summary.rows, MESSAGES, "{summary:?}");
