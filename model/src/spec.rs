@@ -5,6 +5,10 @@
 //! Every field carries a doc comment because it becomes the `kubectl explain` text.
 //! Checks that the schema cannot express live in [`crate::validate`].
 
+// kube's `printcolumn(...)` repeats `name`/`type_` keys by design, one group per column; clippy
+// reads the repetition as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;

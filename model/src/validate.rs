@@ -163,10 +163,10 @@ impl SignalPipelineSpec {
             "spec.consumer.durableName",
             || format!("`{durable}` must be letters, digits, `-` and `_`"),
         );
-        if let Some(filter) = &consumer.filter_subject {
-            if let Some(problem) = subject_problem(filter, true) {
-                c.push("spec.consumer.filterSubject", problem);
-            }
+        if let Some(filter) = &consumer.filter_subject
+            && let Some(problem) = subject_problem(filter, true)
+        {
+            c.push("spec.consumer.filterSubject", problem);
         }
         c.check(
             !consumer.ack_wait.0.is_zero(),
