@@ -189,74 +189,15 @@ if [ -z "$clickhouse_url" ]; then
     free_ports clickhouse_interserver_port 1
     ch="$work/clickhouse"
     mkdir -p "$ch"/{data,tmp,user_files,format_schemas,log}
-    # The configuration testkit's ClickHouseServer uses (testkit/src/clickhouse.rs): loopback
-    # only, own directories, small caches, no query log; 18.16 and later accept it.
+    # The configuration testkit's ClickHouseServer uses: loopback only, own directories, small
+    # caches, no query log; 18.16 and later accept it.
     timezone=''
     [ -e /usr/share/zoneinfo/UTC ] && timezone='<timezone>UTC</timezone>'
-    cat >"$ch/config.xml" <<XML
-<?xml version="1.0"?>
-<yandex>
-    <logger>
-        <level>information</level>
-        <log>$ch/log/clickhouse-server.log</log>
-        <errorlog>$ch/log/clickhouse-server.err.log</errorlog>
-        <size>10M</size>
-        <count>1</count>
-    </logger>
-    <display_name>signal-demo</display_name>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>$clickhouse_http_port</http_port>
-    <tcp_port>$clickhouse_tcp_port</tcp_port>
-    <interserver_http_host>127.0.0.1</interserver_http_host>
-    <interserver_http_port>$clickhouse_interserver_port</interserver_http_port>
-    <max_connections>256</max_connections>
-    <keep_alive_timeout>3</keep_alive_timeout>
-    <max_concurrent_queries>64</max_concurrent_queries>
-    <uncompressed_cache_size>0</uncompressed_cache_size>
-    <mark_cache_size>67108864</mark_cache_size>
-    <path>$ch/data/</path>
-    <tmp_path>$ch/tmp/</tmp_path>
-    <user_files_path>$ch/user_files/</user_files_path>
-    <format_schema_path>$ch/format_schemas/</format_schema_path>
-    <users_config>$ch/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <mlock_executable>false</mlock_executable>
-    <umask>022</umask>
-    $timezone
-</yandex>
-XML
-    cat >"$ch/users.xml" <<'XML'
-<?xml version="1.0"?>
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-            <log_queries>0</log_queries>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-    </users>
-    <quotas>
-        <default>
-            <interval>
-                <duration>3600</duration>
-                <queries>0</queries>
-                <errors>0</errors>
-                <result_rows>0</result_rows>
-                <read_rows>0</read_rows>
-                <execution_time>0</execution_time>
-            </interval>
-        </default>
-    </quotas>
-</yandex>
-XML
+    sed -e "s|@DIR@|$ch|g" -e "s|@NAME@|signal-demo|g" -e "s|@HTTP_PORT@|$clickhouse_http_port|g" \
+        -e "s|@TCP_PORT@|$clickhouse_tcp_port|g" \
+        -e "s|@INTERSERVER_PORT@|$clickhouse_interserver_port|g" -e "s|@TIMEZONE@|$timezone|g" \
+        "$repo/testkit/clickhouse/config.xml.in" >"$ch/config.xml"
+    cp "$repo/testkit/clickhouse/users.xml" "$ch/users.xml"
     cd "$ch" # as testkit does: nothing the server writes relative to its cwd lands in the repo
     start clickhouse-server "$ch/log/stdout.log" clickhouse-server --config-file="$ch/config.xml"
     cd "$repo"

@@ -223,8 +223,12 @@ fn is_ready(http_port: u16, name: &str) -> bool {
         })
 }
 
+/// The server configuration, shared with `scripts/demo.sh`; `@NAME@` placeholders are filled in.
+const CONFIG_TEMPLATE: &str = include_str!("../clickhouse/config.xml.in");
+/// The users file (passwordless `default` on loopback), shared with `scripts/demo.sh`.
+const USERS: &str = include_str!("../clickhouse/users.xml");
+
 fn write_config(dir: &Path, name: &str, ports: &Ports) -> Result<()> {
-    let d = dir.display();
     // A fixed time zone makes DateTime text deterministic; only set it when the zone database
     // is installed (clickhouse-server does not depend on tzdata and refuses unknown zones).
     let timezone = if Path::new("/usr/share/zoneinfo/UTC").exists() {
@@ -232,88 +236,20 @@ fn write_config(dir: &Path, name: &str, ports: &Ports) -> Result<()> {
     } else {
         ""
     };
-    // 18.16 has no max_server_memory_usage; the per-query limit is in users.xml.
-    let config = format!(
-        r#"<?xml version="1.0"?>
-<yandex>
-    <logger>
-        <level>information</level>
-        <log>{d}/log/clickhouse-server.log</log>
-        <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
-        <size>10M</size>
-        <count>1</count>
-    </logger>
-    <display_name>{name}</display_name>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>{http}</http_port>
-    <tcp_port>{tcp}</tcp_port>
-    <interserver_http_host>127.0.0.1</interserver_http_host>
-    <interserver_http_port>{interserver}</interserver_http_port>
-    <max_connections>256</max_connections>
-    <keep_alive_timeout>3</keep_alive_timeout>
-    <max_concurrent_queries>64</max_concurrent_queries>
-    <uncompressed_cache_size>0</uncompressed_cache_size>
-    <mark_cache_size>67108864</mark_cache_size>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/tmp/</tmp_path>
-    <user_files_path>{d}/user_files/</user_files_path>
-    <format_schema_path>{d}/format_schemas/</format_schema_path>
-    <users_config>{d}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <mlock_executable>false</mlock_executable>
-    <umask>022</umask>
-    {timezone}
-    <max_table_size_to_drop>0</max_table_size_to_drop>
-    <max_partition_size_to_drop>0</max_partition_size_to_drop>
-</yandex>
-"#,
-        http = ports.http.port(),
-        tcp = ports.tcp.port(),
-        interserver = ports.interserver.port(),
-    );
+    let config = CONFIG_TEMPLATE
+        .replace("@DIR@", &dir.display().to_string())
+        .replace("@NAME@", name)
+        .replace("@HTTP_PORT@", &ports.http.port().to_string())
+        .replace("@TCP_PORT@", &ports.tcp.port().to_string())
+        .replace("@INTERSERVER_PORT@", &ports.interserver.port().to_string())
+        .replace("@TIMEZONE@", timezone);
     let path = dir.join("config.xml");
     std::fs::write(&path, config).context(|| format!("writing {}", path.display()))
 }
 
 fn write_users(dir: &Path) -> Result<()> {
-    let users = r#"<?xml version="1.0"?>
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-            <background_pool_size>4</background_pool_size>
-            <log_queries>0</log_queries>
-            <load_balancing>random</load_balancing>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            <networks>
-                <ip>::/0</ip>
-                <ip>127.0.0.1</ip>
-            </networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-    </users>
-    <quotas>
-        <default>
-            <interval>
-                <duration>3600</duration>
-                <queries>0</queries>
-                <errors>0</errors>
-                <result_rows>0</result_rows>
-                <read_rows>0</read_rows>
-                <execution_time>0</execution_time>
-            </interval>
-        </default>
-    </quotas>
-</yandex>
-"#;
     let path = dir.join("users.xml");
-    std::fs::write(&path, users).context(|| format!("writing {}", path.display()))
+    std::fs::write(&path, USERS).context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
