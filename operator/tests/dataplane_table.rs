@@ -1,8 +1,9 @@
 //! The table reconciler against a real clickhouse-server (Debian's 18.16): creation of the
 //! database and table from the spec, `ALTER TABLE … ADD COLUMN` for new spec columns, schema drift
-//! reported but never "fixed" (no column is dropped or retyped), features the server is too old
-//! for reported with the release that has them, and the server's own refusals in its words.
-//! Every check reads the live table back from `system.columns` / `SHOW CREATE TABLE`.
+//! reported but never "fixed" (no column is dropped or retyped, no table rebuilt for a changed
+//! engine, `PARTITION BY` or `ORDER BY`), features the server is too old for reported with the
+//! release that has them, and the server's own refusals in its words. Every check reads the live
+//! table back from `system.columns` / `SHOW CREATE TABLE`.
 
 #[path = "support/dataplane.rs"]
 mod support;
@@ -296,7 +297,8 @@ async fn a_table_with_another_engine_is_reported_as_drift() {
     clickhouse_query(&format!("CREATE DATABASE {}", spec.database));
     clickhouse_query(&format!(
         "CREATE TABLE {}.{} (event_time DateTime, wallet String, amount Int32) \
-         ENGINE = ReplacingMergeTree() ORDER BY wallet",
+         ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(event_time) \
+         ORDER BY (wallet, event_time)",
         spec.database, spec.table
     ));
     let outcome = reconcile(&spec).await;
@@ -304,6 +306,109 @@ async fn a_table_with_another_engine_is_reported_as_drift() {
     assert_eq!(outcome.report.reason, "SchemaDrift");
     assert_eq!(
         outcome.schema_drift.as_deref(),
-        Some("engine: table is ReplacingMergeTree, spec wants MergeTree")
+        Some(
+            "ENGINE: table has ReplacingMergeTree(), spec wants MergeTree (the table was left as \
+             is: changing it means rebuilding the table, which the operator never does by itself)"
+        )
     );
+}
+
+/// The table's DDL as the server prints it.
+fn show_create_table(spec: &ClickHouseSpec) -> String {
+    clickhouse_query(&format!(
+        "SHOW CREATE TABLE {}.{} FORMAT TSVRaw",
+        spec.database, spec.table
+    ))
+}
+
+#[tokio::test]
+async fn an_unchanged_spec_finds_no_clause_drift_on_later_reconciles() {
+    let mut spec = table_spec("clauses_unchanged");
+    spec.engine = "ReplacingMergeTree(event_time)".to_string();
+    spec.partition_by = Some("(toYYYYMM(event_time), amount % 4)".to_string());
+    spec.order_by = vec!["wallet".to_string(), "toDate(event_time)".to_string()];
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+    for _ in 0..2 {
+        let again = reconcile(&spec).await;
+        assert_eq!(again.report.reason, "UpToDate", "{:?}", again.report);
+        assert_eq!(again.schema_drift, None);
+    }
+
+    // The same for a table with neither key.
+    let mut bare = table_spec("clauses_unchanged_bare");
+    bare.partition_by = None;
+    bare.order_by = Vec::new();
+    assert_eq!(reconcile(&bare).await.report.reason, "Created");
+    let again = reconcile(&bare).await;
+    assert_eq!(again.report.reason, "UpToDate", "{:?}", again.report);
+    assert_eq!(again.schema_drift, None);
+}
+
+#[tokio::test]
+async fn a_changed_order_by_is_reported_and_the_table_left_as_is() {
+    let mut spec = table_spec("order_changed");
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+    let before = show_create_table(&spec);
+
+    spec.order_by = vec!["event_time".to_string(), "wallet".to_string()];
+    let outcome = reconcile(&spec).await;
+    assert!(
+        outcome.report.ready,
+        "the workers keep writing: {:?}",
+        outcome.report
+    );
+    assert_eq!(outcome.report.reason, "SchemaDrift");
+    assert!(outcome.report.changes.is_empty());
+    assert_eq!(
+        outcome.schema_drift.as_deref(),
+        Some(
+            "ORDER BY: table has (wallet, event_time), spec wants (event_time, wallet) (the table \
+             was left as is: changing it means rebuilding the table, which the operator never \
+             does by itself)"
+        )
+    );
+    assert!(
+        outcome.report.message.contains("is usable but differs"),
+        "{}",
+        outcome.report.message
+    );
+    assert_eq!(show_create_table(&spec), before, "the table is untouched");
+    clickhouse_query(&format!(
+        "INSERT INTO {}.{} (event_time, wallet, amount) VALUES (now(), 'w1', 5)",
+        spec.database, spec.table
+    ));
+}
+
+#[tokio::test]
+async fn a_changed_partition_by_is_reported_and_the_table_left_as_is() {
+    let mut spec = table_spec("partition_changed");
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+    let before = show_create_table(&spec);
+
+    spec.partition_by = Some("toDate(event_time)".to_string());
+    let outcome = reconcile(&spec).await;
+    assert!(
+        outcome.report.ready,
+        "the workers keep writing: {:?}",
+        outcome.report
+    );
+    assert_eq!(outcome.report.reason, "SchemaDrift");
+    assert_eq!(
+        outcome.schema_drift.as_deref(),
+        Some(
+            "PARTITION BY: table has toYYYYMM(event_time), spec wants toDate(event_time) (the \
+             table was left as is: changing it means rebuilding the table, which the operator \
+             never does by itself)"
+        )
+    );
+
+    spec.partition_by = None;
+    let removed = reconcile(&spec).await;
+    assert!(
+        removed.schema_drift.as_deref().is_some_and(|drift| drift
+            .starts_with("PARTITION BY: table has toYYYYMM(event_time), spec wants none")),
+        "{:?}",
+        removed.schema_drift
+    );
+    assert_eq!(show_create_table(&spec), before, "the table is untouched");
 }

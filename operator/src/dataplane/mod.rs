@@ -7,12 +7,14 @@
 //!
 //! Each part lives in its own module: pure "spec → desired config" and "desired vs live" functions
 //! next to the I/O that applies them ([`stream`], [`consumer`], [`table`], with the column
-//! comparison in [`table_schema_diff`]). Nothing here panics, and every network step is bounded by
-//! a timeout so an unreachable server is reported within seconds instead of hanging a reconcile.
+//! comparison in [`table_schema_diff`] and the engine and key comparison in
+//! [`table_clause_diff`]). Nothing here panics, and every network step is bounded by a timeout so
+//! an unreachable server is reported within seconds instead of hanging a reconcile.
 
 pub mod consumer;
 pub mod stream;
 pub mod table;
+pub mod table_clause_diff;
 pub mod table_schema_diff;
 
 use std::fmt;

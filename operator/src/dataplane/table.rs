@@ -1,8 +1,8 @@
 //! The pipeline's ClickHouse table: checks what the server supports, creates the database and
-//! table when missing, adds spec columns the table lacks, and reports any other difference as
-//! schema drift instead of changing it.
+//! table when missing, adds spec columns the table lacks, and reports any other difference
+//! (columns, engine, `PARTITION BY`, `ORDER BY`, `TTL`) as schema drift instead of changing it.
 //!
-//! Nothing is ever dropped or retyped here: a column's data outlives a spec edit. The one
+//! Nothing is ever dropped, retyped or rebuilt here: a column's data outlives a spec edit. The one
 //! destructive statement, [`drop_table`], runs only on pipeline deletion with policy `Delete`.
 
 use clickhouse::Client;
@@ -11,6 +11,7 @@ use signal_model::ServerVersion;
 use signal_model::credentials::UserPassword;
 use signal_model::ddl;
 
+use super::table_clause_diff::{LiveClauses, diff_clauses};
 use super::table_schema_diff::{LiveColumn, diff_schema};
 use super::{DataPlaneError, PART_TIMEOUT, PartReport, REQUEST_TIMEOUT, bounded};
 
@@ -67,8 +68,8 @@ async fn apply_table(
         execute(client, &spec.url, &ddl::create_database_sql(&spec.database)).await?;
         changes.push(format!("created database {}", spec.database));
     }
-    let live_engine = table_engine(client, &spec.url, &spec.database, &spec.table).await?;
-    let created = live_engine.is_none();
+    let live_clauses = table_clauses(client, &spec.url, &spec.database, &spec.table).await?;
+    let created = live_clauses.is_none();
     if created {
         let sql = ddl::create_table_sql(spec, version)
             .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
@@ -77,7 +78,11 @@ async fn apply_table(
     }
 
     let live = live_columns(client, &spec.url, &spec.database, &spec.table).await?;
-    let diff = diff_schema(&spec.columns, &live);
+    let mut diff = diff_schema(&spec.columns, &live);
+    // A table just created from the spec has the spec's clauses.
+    if let Some(live_clauses) = &live_clauses {
+        diff.clause_mismatches = diff_clauses(spec, live_clauses);
+    }
     for column in &diff.missing {
         let sql = ddl::add_column_sql(&spec.database, &spec.table, column, version)
             .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
@@ -91,14 +96,7 @@ async fn apply_table(
         ));
     }
 
-    let mut drift: Vec<String> = diff.drift_message().into_iter().collect();
-    if let Some(engine) = &live_engine {
-        let wanted = wanted_engine_name(&spec.engine);
-        if engine != wanted {
-            drift.push(format!("engine: table is {engine}, spec wants {wanted}"));
-        }
-    }
-    let schema_drift = (!drift.is_empty()).then(|| drift.join("; "));
+    let schema_drift = diff.drift_message();
 
     let report = match &schema_drift {
         Some(message) if diff.blocks_writes() => PartReport::not_ready(
@@ -130,13 +128,6 @@ async fn apply_table(
         report,
         schema_drift,
     })
-}
-
-/// The engine name without arguments, as `system.tables.engine` shows it.
-fn wanted_engine_name(engine: &str) -> &str {
-    let engine = engine.trim();
-    let name = engine.split('(').next().unwrap_or(engine).trim();
-    if name.is_empty() { "MergeTree" } else { name }
 }
 
 /// Maps a client error: transport problems mean unreachable, anything else is the server's
@@ -249,25 +240,34 @@ async fn database_exists(
     Ok(count > 0)
 }
 
-/// The table's engine name, or `None` when the table does not exist.
-pub async fn table_engine(
+/// The table's engine and keys, or `None` when the table does not exist. These three columns
+/// of `system.tables` exist on 18.16 and on current servers alike.
+pub async fn table_clauses(
     client: &Client,
     url: &str,
     database: &str,
     table: &str,
-) -> Result<Option<String>, DataPlaneError> {
-    const SQL: &str = "SELECT engine FROM system.tables WHERE database = ? AND name = ?";
-    let engines = bounded("looking up the table", REQUEST_TIMEOUT, async {
+) -> Result<Option<LiveClauses>, DataPlaneError> {
+    const SQL: &str = "SELECT engine_full, partition_key, sorting_key FROM system.tables \
+                       WHERE database = ? AND name = ?";
+    let rows = bounded("looking up the table", REQUEST_TIMEOUT, async {
         client
             .query(SQL)
             .bind(database)
             .bind(table)
-            .fetch_all::<String>()
+            .fetch_all::<(String, String, String)>()
             .await
             .map_err(|error| query_error(url, SQL, error))
     })
     .await?;
-    Ok(engines.into_iter().next())
+    Ok(rows
+        .into_iter()
+        .next()
+        .map(|(engine_full, partition_key, sorting_key)| LiveClauses {
+            engine_full,
+            partition_key,
+            sorting_key,
+        }))
 }
 
 /// The table's columns as the server reports them.

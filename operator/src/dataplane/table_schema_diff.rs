@@ -1,13 +1,17 @@
-//! How a live ClickHouse table's columns differ from the spec, and which differences stop the
-//! workers.
+//! How a live ClickHouse table differs from the spec, and which differences stop the workers.
 //!
+//! Columns are compared here; the engine, `PARTITION BY`, `ORDER BY` and `TTL` in
+//! [`super::table_clause_diff`], and both end up in one [`SchemaDiff`] and one drift message.
 //! Types are compared parsed, never as text: servers print their own normal form
 //! (`Decimal(18, 4)`, `DateTime64(3)`). The operator only ever adds columns; everything else it
 //! finds is reported as drift for a person to resolve. Drift blocks the workers only when a
 //! column's values would be encoded differently on the wire: a time zone or `LowCardinality`
-//! wrapper changes how ClickHouse stores or shows a value, not the RowBinary bytes a worker sends.
+//! wrapper changes how ClickHouse stores or shows a value, not the RowBinary bytes a worker sends,
+//! and a table clause changes how rows are stored, not what a worker sends.
 
 use signal_model::{ColumnSpec, ColumnType};
+
+use super::table_clause_diff::ClauseMismatch;
 
 /// A column as `system.columns` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,15 +39,20 @@ pub struct SchemaDiff {
     pub type_mismatches: Vec<TypeMismatch>,
     /// Table columns the spec does not name; left alone (ClickHouse fills their defaults).
     pub unknown_columns: Vec<LiveColumn>,
+    /// Engine, `PARTITION BY`, `ORDER BY` or `TTL` differences; changing one means rebuilding the
+    /// table, which the operator never does.
+    pub clause_mismatches: Vec<ClauseMismatch>,
 }
 
 impl SchemaDiff {
-    /// The workers cannot write this table until a person resolves a type difference.
+    /// The workers cannot write this table until a person resolves a type difference. Clause
+    /// differences never block.
     pub fn blocks_writes(&self) -> bool {
         self.type_mismatches.iter().any(|m| m.blocks_writes)
     }
 
     /// The drift a person should know about, or `None` when the table only lacks spec columns.
+    /// Column differences come first, then clause differences, joined by `; `.
     pub fn drift_message(&self) -> Option<String> {
         let mut parts: Vec<String> = self
             .type_mismatches
@@ -68,12 +77,14 @@ impl SchemaDiff {
                 c.name, c.type_text
             )
         }));
+        parts.extend(self.clause_mismatches.iter().map(ToString::to_string));
         (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
 
-/// Compares the spec's columns with the live ones. Spec columns whose type does not parse are
-/// skipped (the spec is reported invalid before this is called).
+/// Compares the spec's columns with the live ones, leaving `clause_mismatches` for
+/// [`super::table_clause_diff::diff_clauses`]. Spec columns whose type does not parse are skipped
+/// (the spec is reported invalid before this is called).
 pub fn diff_schema(spec_columns: &[ColumnSpec], live: &[LiveColumn]) -> SchemaDiff {
     let mut diff = SchemaDiff::default();
     for column in spec_columns {
@@ -225,5 +236,28 @@ mod tests {
             &[live("kind", "Enum8('a' = 1, 'b' = 2)")],
         );
         assert!(diff.blocks_writes());
+    }
+
+    #[test]
+    fn a_clause_difference_is_drift_that_never_blocks_writes() {
+        use crate::dataplane::table_clause_diff::TableClause;
+        let mut diff = diff_schema(
+            &[spec_column("id", "UInt64")],
+            &[live("id", "UInt64"), live("legacy", "String")],
+        );
+        diff.clause_mismatches.push(ClauseMismatch {
+            clause: TableClause::OrderBy,
+            live: "id".to_string(),
+            wanted: "(id, at)".to_string(),
+        });
+        assert!(!diff.blocks_writes());
+        let message = diff.drift_message().unwrap();
+        assert!(
+            message.starts_with(
+                "column legacy (String) is in the table but not in the spec; ORDER BY: table has \
+                 id, spec wants (id, at) (the table was left as is"
+            ),
+            "{message}"
+        );
     }
 }
