@@ -349,15 +349,6 @@ fn check_expression(clause: &'static str, expression: &str) -> Result<(), DdlErr
 mod tests {
     use super::*;
 
-    fn column(name: &str, type_name: &str) -> ColumnSpec {
-        ColumnSpec {
-            name: name.to_string(),
-            type_name: type_name.to_string(),
-            from: format!("$.{name}"),
-            default: None,
-        }
-    }
-
     fn spec(columns: Vec<ColumnSpec>) -> ClickHouseSpec {
         ClickHouseSpec {
             url: "http://localhost:8123".to_string(),
@@ -378,9 +369,9 @@ mod tests {
     #[test]
     fn writes_a_full_create_table_statement() {
         let mut table = spec(vec![
-            column("event_time", "DateTime64(3, 'UTC')"),
-            column("wallet", "LowCardinality(String)"),
-            column("amount", "Decimal( 18 ,4 )"),
+            ColumnSpec::from_field("event_time", "DateTime64(3, 'UTC')"),
+            ColumnSpec::from_field("wallet", "LowCardinality(String)"),
+            ColumnSpec::from_field("amount", "Decimal( 18 ,4 )"),
         ]);
         table.engine = "ReplacingMergeTree(event_time)".to_string();
         table.partition_by = Some("toYYYYMM(event_time)".to_string());
@@ -400,7 +391,7 @@ mod tests {
 
     #[test]
     fn orders_by_tuple_when_no_key_and_defaults_the_engine() {
-        let mut table = spec(vec![column("id", "UInt64")]);
+        let mut table = spec(vec![ColumnSpec::from_field("id", "UInt64")]);
         table.engine = String::new();
         let sql = create_table_sql(&table, OLD).unwrap();
         assert!(
@@ -427,7 +418,7 @@ mod tests {
 
     #[test]
     fn add_column_uses_if_not_exists_only_where_the_server_has_it() {
-        let severity = column("severity", "UInt8");
+        let severity = ColumnSpec::from_field("severity", "UInt8");
         assert_eq!(
             add_column_sql("risksignal", "transaction_signals", &severity, OLD).unwrap(),
             "ALTER TABLE `risksignal`.`transaction_signals` ADD COLUMN `severity` UInt8"
@@ -436,7 +427,7 @@ mod tests {
             add_column_sql("risksignal", "transaction_signals", &severity, CURRENT).unwrap(),
             "ALTER TABLE `risksignal`.`transaction_signals` ADD COLUMN IF NOT EXISTS `severity` UInt8"
         );
-        let bad = column("x", "Int33");
+        let bad = ColumnSpec::from_field("x", "Int33");
         assert!(matches!(
             add_column_sql("d", "t", &bad, CURRENT),
             Err(DdlError::ColumnType { .. })
@@ -446,11 +437,11 @@ mod tests {
     #[test]
     fn lists_what_an_old_server_lacks_with_the_minimum_version() {
         let mut table = spec(vec![
-            column("id", "UInt64"),
-            column("event_time", "DateTime64(3)"),
-            column("tags", "Map(String, String)"),
-            column("wallet", "LowCardinality(String)"),
-            column("flag", "Nullable(Bool)"),
+            ColumnSpec::from_field("id", "UInt64"),
+            ColumnSpec::from_field("event_time", "DateTime64(3)"),
+            ColumnSpec::from_field("tags", "Map(String, String)"),
+            ColumnSpec::from_field("wallet", "LowCardinality(String)"),
+            ColumnSpec::from_field("flag", "Nullable(Bool)"),
         ]);
         table.ttl = Some("toDateTime(event_time) + INTERVAL 1 DAY".to_string());
         let found = unsupported_features(&table, OLD);
@@ -479,7 +470,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_engines_types_and_expressions() {
-        let mut table = spec(vec![column("id", "UInt64")]);
+        let mut table = spec(vec![ColumnSpec::from_field("id", "UInt64")]);
         table.engine = "Log".to_string();
         assert!(matches!(
             create_table_sql(&table, CURRENT),
@@ -505,7 +496,10 @@ mod tests {
         table.partition_by = Some("concat(id, ';')".to_string());
         assert!(create_table_sql(&table, CURRENT).is_ok());
 
-        let suspicious = spec(vec![column("n", "Array(LowCardinality(Nullable(UInt32)))")]);
+        let suspicious = spec(vec![ColumnSpec::from_field(
+            "n",
+            "Array(LowCardinality(Nullable(UInt32)))",
+        )]);
         let err = create_table_sql(&suspicious, CURRENT)
             .unwrap_err()
             .to_string();
@@ -514,7 +508,7 @@ mod tests {
             "{err}"
         );
 
-        let bad = spec(vec![column("id", "Int33")]);
+        let bad = spec(vec![ColumnSpec::from_field("id", "Int33")]);
         let err = create_table_sql(&bad, CURRENT).unwrap_err().to_string();
         assert!(
             err.starts_with("column `id`: invalid column type `Int33`"),

@@ -844,15 +844,6 @@ fn parse_time_text(text: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
-    fn column(name: &str, ty: &str, from: &str, default: Option<&str>) -> ColumnSpec {
-        ColumnSpec {
-            name: name.into(),
-            type_name: ty.into(),
-            from: from.into(),
-            default: default.map(Into::into),
-        }
-    }
-
     fn meta() -> MessageMeta<'static> {
         MessageMeta {
             subject: "signals.tx",
@@ -863,7 +854,7 @@ mod tests {
     }
 
     fn encode_one(ty: &str, value: Value) -> Result<Vec<u8>, Poison> {
-        let encoder = RowEncoder::new(&[column("c", ty, "$.v", None)], 1 << 20).unwrap();
+        let encoder = RowEncoder::new(&[ColumnSpec::new("c", ty, "$.v")], 1 << 20).unwrap();
         let payload = serde_json::to_vec(&serde_json::json!({ "v": value })).unwrap();
         let mut out = Vec::new();
         encoder.encode(&payload, &meta(), &mut out).map(|()| out)
@@ -941,8 +932,8 @@ mod tests {
     fn poison_reasons_name_the_column_and_leave_the_buffer_alone() {
         let encoder = RowEncoder::new(
             &[
-                column("seq", "UInt64", "@sequence", None),
-                column("severity", "UInt8", "$.severity", None),
+                ColumnSpec::new("seq", "UInt64", "@sequence"),
+                ColumnSpec::new("severity", "UInt8", "$.severity"),
             ],
             64,
         )
@@ -1004,11 +995,11 @@ mod tests {
         }
         let encoder = RowEncoder::new(
             &[
-                column("severity", "UInt8", "$.severity", Some("7")),
-                column("source", "String", "$.source", Some("0")),
-                column("subject", "String", "@subject", None),
-                column("trace", "String", "@header:Trace", None),
-                column("stored", "DateTime64(6)", "@timestamp", None),
+                ColumnSpec::new("severity", "UInt8", "$.severity").with_default("7"),
+                ColumnSpec::new("source", "String", "$.source").with_default("0"),
+                ColumnSpec::new("subject", "String", "@subject"),
+                ColumnSpec::new("trace", "String", "@header:Trace"),
+                ColumnSpec::new("stored", "DateTime64(6)", "@timestamp"),
             ],
             1024,
         )
@@ -1043,13 +1034,13 @@ mod tests {
     fn json_paths_read_escaped_nested_duplicate_and_whole_values() {
         let encoder = RowEncoder::new(
             &[
-                column("escaped", "String", "$.s", None),
-                column("nested", "Int16", "$.o.list[1]", None),
-                column("quoted", "UInt8", "$['k.j']", None),
-                column("object", "String", "$.o", None),
-                column("whole", "String", "$", None),
-                column("duplicate", "UInt8", "$.d", None),
-                column("index_at_top", "Nullable(UInt8)", "$[0]", None),
+                ColumnSpec::new("escaped", "String", "$.s"),
+                ColumnSpec::new("nested", "Int16", "$.o.list[1]"),
+                ColumnSpec::new("quoted", "UInt8", "$['k.j']"),
+                ColumnSpec::new("object", "String", "$.o"),
+                ColumnSpec::new("whole", "String", "$"),
+                ColumnSpec::new("duplicate", "UInt8", "$.d"),
+                ColumnSpec::new("index_at_top", "Nullable(UInt8)", "$[0]"),
             ],
             1024,
         )
@@ -1083,9 +1074,9 @@ mod tests {
     fn bad_columns_are_reported_with_their_field() {
         let errors = RowEncoder::new(
             &[
-                column("a", "Strin", "$.a", None),
-                column("b", "UInt8", "b", None),
-                column("c", "UInt8", "$.c", Some("x")),
+                ColumnSpec::new("a", "Strin", "$.a"),
+                ColumnSpec::new("b", "UInt8", "b"),
+                ColumnSpec::new("c", "UInt8", "$.c").with_default("x"),
             ],
             10,
         )

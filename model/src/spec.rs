@@ -294,6 +294,33 @@ pub struct ColumnSpec {
     pub default: Option<String>,
 }
 
+impl ColumnSpec {
+    /// A column filled from `from` (a JSON path or `@` metadata), without a default.
+    pub fn new(
+        name: impl Into<String>,
+        type_name: impl Into<String>,
+        from: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            type_name: type_name.into(),
+            from: from.into(),
+            default: None,
+        }
+    }
+
+    /// A column filled from the message's top-level field of the same name (`$.name`).
+    pub fn from_field(name: &str, type_name: impl Into<String>) -> Self {
+        Self::new(name, type_name, format!("$.{name}"))
+    }
+
+    /// The same column, with the value used when the source is missing or null.
+    pub fn with_default(mut self, default: impl Into<String>) -> Self {
+        self.default = Some(default.into());
+        self
+    }
+}
+
 /// The workers that move messages from the consumer into the table.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -68,15 +68,6 @@ fn run_chdb(scratch: &Scratch, statements: &[String]) -> ChdbRun {
     }
 }
 
-fn column(name: &str, type_name: &str) -> ColumnSpec {
-    ColumnSpec {
-        name: name.to_string(),
-        type_name: type_name.to_string(),
-        from: format!("$.{name}"),
-        default: None,
-    }
-}
-
 /// A table using every type the spec allows, with partition, order and TTL clauses.
 fn every_type_spec() -> ClickHouseSpec {
     ClickHouseSpec {
@@ -89,33 +80,33 @@ fn every_type_spec() -> ClickHouseSpec {
         order_by: vec!["wallet".to_string(), "event_time".to_string()],
         ttl: Some("toDateTime(event_time) + INTERVAL 90 DAY".to_string()),
         columns: vec![
-            column("event_time", "DateTime64(3, 'UTC')"),
-            column("received", "DateTime64(6)"),
-            column("wallet", "LowCardinality(String)"),
-            column("chain", "LowCardinality(Nullable(String))"),
-            column("amount", "Decimal(18,4)"),
-            column("fee", "Nullable(Decimal(9, 2))"),
-            column("flagged", "Bool"),
-            column("id", "UUID"),
-            column("day", "Date"),
-            column("seen_at", "DateTime"),
-            column("seen_utc", "DateTime('UTC')"),
-            column("i8", "Int8"),
-            column("i16", "Int16"),
-            column("i32", "Int32"),
-            column("i64", "Int64"),
-            column("u8", "UInt8"),
-            column("u16", "UInt16"),
-            column("u32", "UInt32"),
-            column("u64", "UInt64"),
-            column("f32", "Float32"),
-            column("score", "Nullable(Float64)"),
-            column("note", "String"),
-            column("labels", "Map(String, String)"),
-            column("counts", "Map(String, Nullable(UInt32))"),
-            column("tags", "Array(LowCardinality(String))"),
-            column("matrix", "Array(Array(Float64))"),
-            column("maybe", "Array(Nullable(Int64))"),
+            ColumnSpec::from_field("event_time", "DateTime64(3, 'UTC')"),
+            ColumnSpec::from_field("received", "DateTime64(6)"),
+            ColumnSpec::from_field("wallet", "LowCardinality(String)"),
+            ColumnSpec::from_field("chain", "LowCardinality(Nullable(String))"),
+            ColumnSpec::from_field("amount", "Decimal(18,4)"),
+            ColumnSpec::from_field("fee", "Nullable(Decimal(9, 2))"),
+            ColumnSpec::from_field("flagged", "Bool"),
+            ColumnSpec::from_field("id", "UUID"),
+            ColumnSpec::from_field("day", "Date"),
+            ColumnSpec::from_field("seen_at", "DateTime"),
+            ColumnSpec::from_field("seen_utc", "DateTime('UTC')"),
+            ColumnSpec::from_field("i8", "Int8"),
+            ColumnSpec::from_field("i16", "Int16"),
+            ColumnSpec::from_field("i32", "Int32"),
+            ColumnSpec::from_field("i64", "Int64"),
+            ColumnSpec::from_field("u8", "UInt8"),
+            ColumnSpec::from_field("u16", "UInt16"),
+            ColumnSpec::from_field("u32", "UInt32"),
+            ColumnSpec::from_field("u64", "UInt64"),
+            ColumnSpec::from_field("f32", "Float32"),
+            ColumnSpec::from_field("score", "Nullable(Float64)"),
+            ColumnSpec::from_field("note", "String"),
+            ColumnSpec::from_field("labels", "Map(String, String)"),
+            ColumnSpec::from_field("counts", "Map(String, Nullable(UInt32))"),
+            ColumnSpec::from_field("tags", "Array(LowCardinality(String))"),
+            ColumnSpec::from_field("matrix", "Array(Array(Float64))"),
+            ColumnSpec::from_field("maybe", "Array(Nullable(Int64))"),
         ],
     }
 }
@@ -135,7 +126,7 @@ fn ddl_for_every_type_is_accepted_by_a_current_clickhouse() {
 
     let mut spec = every_type_spec();
     let create = create_table_sql(&spec, version).unwrap();
-    let added = column("severity", "LowCardinality(Nullable(String))");
+    let added = ColumnSpec::from_field("severity", "LowCardinality(Nullable(String))");
     spec.columns.push(added.clone());
     let add = add_column_sql(&spec.database, &spec.table, &added, version).unwrap();
     assert!(add.contains("IF NOT EXISTS"), "{add}");
@@ -192,7 +183,10 @@ fn a_bad_type_is_refused_by_chdb_with_its_message() {
     let spec = ClickHouseSpec {
         database: "bad".to_string(),
         table: "t".to_string(),
-        columns: vec![column("id", "UInt64"), column("n", "Int32")],
+        columns: vec![
+            ColumnSpec::from_field("id", "UInt64"),
+            ColumnSpec::from_field("n", "Int32"),
+        ],
         ..every_type_spec()
     };
     let spec = ClickHouseSpec {
@@ -234,7 +228,7 @@ fn a_repeated_batch_with_the_same_token_is_stored_once() {
         ttl: None,
         engine: "MergeTree".to_string(),
         order_by: vec!["id".to_string()],
-        columns: vec![column("id", "UInt64")],
+        columns: vec![ColumnSpec::from_field("id", "UInt64")],
         ..every_type_spec()
     };
     let create = create_table_sql(&spec, version).unwrap();

@@ -83,12 +83,6 @@ struct Servers {
 
 /// A realistic pipeline: its own stream, consumer and table (in a database shared by the run).
 fn pipeline_spec(servers: &Servers, name: &str) -> SignalPipelineSpec {
-    let column = |name: &str, type_name: &str, from: &str| ColumnSpec {
-        name: name.to_string(),
-        type_name: type_name.to_string(),
-        from: from.to_string(),
-        default: None,
-    };
     SignalPipelineSpec {
         nats: NatsSpec {
             url: servers.nats.clone(),
@@ -115,14 +109,14 @@ fn pipeline_spec(servers: &Servers, name: &str) -> SignalPipelineSpec {
             order_by: vec!["wallet_address".to_string(), "event_time".to_string()],
             ttl: None,
             columns: vec![
-                column("event_time", "DateTime", "$.event_time"),
-                column("source_id", "String", "$.source_id"),
-                column("wallet_address", "String", "$.wallet_address"),
-                column("tx_hash", "String", "$.payload.tx_hash"),
-                column("amount", "Decimal(38, 18)", "$.payload.amount"),
-                column("severity", "UInt8", "$.severity"),
-                column("subject", "String", "@subject"),
-                column("stream_seq", "UInt64", "@sequence"),
+                ColumnSpec::new("event_time", "DateTime", "$.event_time"),
+                ColumnSpec::new("source_id", "String", "$.source_id"),
+                ColumnSpec::new("wallet_address", "String", "$.wallet_address"),
+                ColumnSpec::new("tx_hash", "String", "$.payload.tx_hash"),
+                ColumnSpec::new("amount", "Decimal(38, 18)", "$.payload.amount"),
+                ColumnSpec::new("severity", "UInt8", "$.severity"),
+                ColumnSpec::new("subject", "String", "@subject"),
+                ColumnSpec::new("stream_seq", "UInt64", "@sequence"),
             ],
         },
         ..SignalPipelineSpec::default()

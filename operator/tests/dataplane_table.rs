@@ -8,10 +8,10 @@
 #[path = "support/dataplane.rs"]
 mod support;
 
-use signal_model::ClickHouseSpec;
+use signal_model::{ClickHouseSpec, ColumnSpec};
 use signal_operator::dataplane::table::{TableOutcome, reconcile_table};
 use support::{
-    STEP_TIMEOUT, clickhouse_query, column, live_columns, no_credentials, shared_pipeline_spec,
+    STEP_TIMEOUT, clickhouse_query, live_columns, no_credentials, shared_pipeline_spec,
     table_exists, unique,
 };
 
@@ -105,7 +105,7 @@ async fn every_type_the_old_server_supports_is_created_and_read_back_as_the_same
         ("sparse", "Array(Nullable(Int64))"),
     ]
     .iter()
-    .map(|(name, type_name)| column(name, type_name))
+    .map(|(name, type_name)| ColumnSpec::from_field(name, *type_name))
     .collect();
 
     let created = reconcile(&spec).await;
@@ -135,8 +135,10 @@ async fn new_spec_columns_are_added_and_existing_rows_kept() {
         spec.database, spec.table
     ));
 
-    spec.columns.push(column("severity", "UInt8"));
-    spec.columns.push(column("note", "Nullable(String)"));
+    spec.columns
+        .push(ColumnSpec::from_field("severity", "UInt8"));
+    spec.columns
+        .push(ColumnSpec::from_field("note", "Nullable(String)"));
     let updated = reconcile(&spec).await;
     assert!(updated.report.ready, "{:?}", updated.report);
     assert_eq!(updated.report.reason, "Updated");
@@ -219,7 +221,8 @@ async fn a_column_removed_from_the_spec_stays_in_the_table_as_reported_drift() {
 async fn types_and_clauses_the_server_is_too_old_for_are_reported_with_the_minimum_version() {
     let mut spec = table_spec("too_new");
     spec.columns[0].type_name = "DateTime64(3)".to_string();
-    spec.columns.push(column("tags", "Map(String, String)"));
+    spec.columns
+        .push(ColumnSpec::from_field("tags", "Map(String, String)"));
     spec.ttl = Some("toDateTime(event_time) + INTERVAL 1 DAY".to_string());
     spec.partition_by = None;
 
@@ -245,7 +248,8 @@ async fn an_unsupported_new_column_is_reported_and_not_added() {
     let mut spec = table_spec("too_new_column");
     assert_eq!(reconcile(&spec).await.report.reason, "Created");
 
-    spec.columns.push(column("chain", "LowCardinality(String)"));
+    spec.columns
+        .push(ColumnSpec::from_field("chain", "LowCardinality(String)"));
     let outcome = reconcile(&spec).await;
     assert!(!outcome.report.ready, "{:?}", outcome.report);
     assert_eq!(outcome.report.reason, "UnsupportedByServer");

@@ -176,15 +176,6 @@ struct WorkerFigures {
     peak_rss_mib: f64,
 }
 
-fn column(name: &str, type_name: &str, from: &str) -> ColumnSpec {
-    ColumnSpec {
-        name: name.into(),
-        type_name: type_name.into(),
-        from: from.into(),
-        default: None,
-    }
-}
-
 /// The raw-signals example's columns, in the types ClickHouse 18.16 has.
 fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
     let mut spec = SignalPipelineSpec::default();
@@ -199,16 +190,16 @@ fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
     spec.clickhouse.partition_by = Some("toYYYYMM(event_time)".into());
     spec.clickhouse.order_by = vec!["event_type".into(), "event_time".into()];
     spec.clickhouse.columns = vec![
-        column("event_time", "DateTime", "$.event_time"),
-        column("source_id", "String", "$.source_id"),
-        column("event_type", "String", "$.event_type"),
-        column("severity", "UInt8", "$.severity"),
-        column("trace_id", "String", "$.trace_id"),
-        column("user_id", "String", "$.user_id"),
-        column("wallet_address", "String", "$.wallet_address"),
-        column("payload", "String", "$.payload"),
-        column("subject", "String", "@subject"),
-        column("stream_seq", "UInt64", "@sequence"),
+        ColumnSpec::new("event_time", "DateTime", "$.event_time"),
+        ColumnSpec::new("source_id", "String", "$.source_id"),
+        ColumnSpec::new("event_type", "String", "$.event_type"),
+        ColumnSpec::new("severity", "UInt8", "$.severity"),
+        ColumnSpec::new("trace_id", "String", "$.trace_id"),
+        ColumnSpec::new("user_id", "String", "$.user_id"),
+        ColumnSpec::new("wallet_address", "String", "$.wallet_address"),
+        ColumnSpec::new("payload", "String", "$.payload"),
+        ColumnSpec::new("subject", "String", "@subject"),
+        ColumnSpec::new("stream_seq", "UInt64", "@sequence"),
     ];
     spec.consumer.durable_name = Some("worker".into());
     // Defaults are the spec's (10,000 rows a batch, 20,000 acks pending); these try others.

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestEnv, column, wait_for};
+use common::{TestEnv, wait_for};
 use signal_model::credentials::UserPassword;
 use signal_model::manifest::PipelineManifest;
-use signal_model::{CacheSpec, HumanDuration, RedisSpec};
+use signal_model::{CacheSpec, ColumnSpec, HumanDuration, RedisSpec};
 use signal_testkit::RedisServer;
 use signal_worker::batch::CacheEntry;
 use signal_worker::cache::{self, SEQUENCE_FIELD};
@@ -36,10 +36,10 @@ fn wallet_manifest(env: &TestEnv) -> PipelineManifest {
     let mut manifest = env.manifest(
         "wallets",
         vec![
-            column("seq", "UInt64", "@sequence"),
-            column("wallet", "String", "$.wallet"),
-            column("event_type", "String", "$.event_type"),
-            column("severity", "UInt8", "$.severity"),
+            ColumnSpec::new("seq", "UInt64", "@sequence"),
+            ColumnSpec::new("wallet", "String", "$.wallet"),
+            ColumnSpec::new("event_type", "String", "$.event_type"),
+            ColumnSpec::new("severity", "UInt8", "$.severity"),
         ],
     );
     // Small batches, so the same key is updated by many batches.

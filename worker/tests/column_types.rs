@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CLICKHOUSE_VERSION, TestEnv, column, column_with_default, wait_for};
+use common::{CLICKHOUSE_VERSION, TestEnv, wait_for};
 use signal_model::{ClickHouseSpec, ColumnSpec, ddl};
 
 /// (column, type, source, value in the test message as JSON, what ClickHouse prints in TSV).
@@ -150,22 +150,12 @@ const CASES: &[(&str, &str, &str, &str, &str)] = &[
 fn columns() -> Vec<ColumnSpec> {
     let mut columns: Vec<ColumnSpec> = CASES
         .iter()
-        .map(|(name, ty, from, _, _)| column(name, ty, from))
+        .map(|(name, ty, from, _, _)| ColumnSpec::new(*name, *ty, *from))
         .collect();
-    columns.push(column_with_default("defaulted", "UInt16", "$.absent", "42"));
-    columns.push(column_with_default(
-        "defaulted_text",
-        "String",
-        "$.absent",
-        "unknown",
-    ));
-    columns.push(column_with_default(
-        "defaulted_null",
-        "Float64",
-        "$.null",
-        "0.5",
-    ));
-    columns.push(column("stored_at", "DateTime", "@timestamp"));
+    columns.push(ColumnSpec::new("defaulted", "UInt16", "$.absent").with_default("42"));
+    columns.push(ColumnSpec::new("defaulted_text", "String", "$.absent").with_default("unknown"));
+    columns.push(ColumnSpec::new("defaulted_null", "Float64", "$.null").with_default("0.5"));
+    columns.push(ColumnSpec::new("stored_at", "DateTime", "@timestamp"));
     columns
 }
 
@@ -264,7 +254,7 @@ fn types_newer_than_the_server_are_refused_by_both_the_server_and_the_ddl() {
             database: "signal_test".into(),
             table: format!("too_new_{index}"),
             engine: "MergeTree".into(),
-            columns: vec![column("c", type_name, "$.c")],
+            columns: vec![ColumnSpec::new("c", type_name, "$.c")],
             ..Default::default()
         };
         let refused = ddl::create_table_sql(&table, CLICKHOUSE_VERSION)

@@ -6,9 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEnv, column, column_with_default, wait_for};
+use common::{TestEnv, wait_for};
 use signal_model::manifest::PipelineManifest;
-use signal_model::{ByteSize, DeadLetterSpec, HumanDuration};
+use signal_model::{ByteSize, ColumnSpec, DeadLetterSpec, HumanDuration};
 use signal_worker::dead_letter::{HEADER_REASON, HEADER_SEQUENCE, HEADER_STREAM, HEADER_SUBJECT};
 
 const MAX_MESSAGE_BYTES: u64 = 2048;
@@ -34,9 +34,9 @@ fn poison_manifest(env: &TestEnv, name: &str, dead_letter: Option<&str>) -> Pipe
     let mut manifest = env.manifest(
         name,
         vec![
-            column("seq", "UInt64", "@sequence"),
-            column("severity", "UInt8", "$.severity"),
-            column_with_default("event_type", "String", "$.event_type", "none"),
+            ColumnSpec::new("seq", "UInt64", "@sequence"),
+            ColumnSpec::new("severity", "UInt8", "$.severity"),
+            ColumnSpec::new("event_type", "String", "$.event_type").with_default("none"),
         ],
     );
     manifest.spec.workers.max_message_bytes = ByteSize(MAX_MESSAGE_BYTES);

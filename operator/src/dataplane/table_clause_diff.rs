@@ -446,15 +446,6 @@ mod tests {
     use super::*;
     use signal_model::{ColumnSpec, ServerVersion};
 
-    fn column(name: &str, type_name: &str) -> ColumnSpec {
-        ColumnSpec {
-            name: name.to_string(),
-            type_name: type_name.to_string(),
-            from: format!("$.{name}"),
-            default: None,
-        }
-    }
-
     /// The integration tests' table: partitioned by month, ordered by two columns.
     fn signals_spec() -> ClickHouseSpec {
         ClickHouseSpec {
@@ -467,9 +458,9 @@ mod tests {
             order_by: vec!["wallet".to_string(), "event_time".to_string()],
             ttl: None,
             columns: vec![
-                column("event_time", "DateTime"),
-                column("wallet", "String"),
-                column("amount", "Int32"),
+                ColumnSpec::from_field("event_time", "DateTime"),
+                ColumnSpec::from_field("wallet", "String"),
+                ColumnSpec::from_field("amount", "Int32"),
             ],
         }
     }
@@ -486,9 +477,9 @@ mod tests {
             ],
             ttl: Some("toDateTime(seen_at) + INTERVAL 90 DAY".to_string()),
             columns: vec![
-                column("id", "UInt64"),
-                column("seen_at", "DateTime"),
-                column("day", "Date"),
+                ColumnSpec::from_field("id", "UInt64"),
+                ColumnSpec::from_field("seen_at", "DateTime"),
+                ColumnSpec::from_field("day", "Date"),
             ],
             ..signals_spec()
         }

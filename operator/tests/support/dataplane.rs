@@ -46,16 +46,6 @@ pub fn unique(label: &str) -> String {
     )
 }
 
-/// A column filled from the JSON field of the same name.
-pub fn column(name: &str, type_name: &str) -> ColumnSpec {
-    ColumnSpec {
-        name: name.to_string(),
-        type_name: type_name.to_string(),
-        from: format!("$.{name}"),
-        default: None,
-    }
-}
-
 /// A pipeline whose stream, subjects, durable consumer, database and table carry `name`, so it
 /// shares nothing with other tests.
 pub fn pipeline_spec(name: &str, nats_url: &str, clickhouse_url: &str) -> SignalPipelineSpec {
@@ -86,9 +76,9 @@ pub fn pipeline_spec(name: &str, nats_url: &str, clickhouse_url: &str) -> Signal
             order_by: vec!["wallet".to_string(), "event_time".to_string()],
             ttl: None,
             columns: vec![
-                column("event_time", "DateTime"),
-                column("wallet", "String"),
-                column("amount", "Int32"),
+                ColumnSpec::from_field("event_time", "DateTime"),
+                ColumnSpec::from_field("wallet", "String"),
+                ColumnSpec::from_field("amount", "Int32"),
             ],
         },
         deletion_policy: DeletionPolicy::Retain,

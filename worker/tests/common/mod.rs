@@ -35,35 +35,17 @@ const PUBLISH_WINDOW: usize = 1024;
 /// Pause between two polls of a condition.
 const POLL: Duration = Duration::from_millis(50);
 
-/// A column spec.
-pub fn column(name: &str, type_name: &str, from: &str) -> ColumnSpec {
-    ColumnSpec {
-        name: name.into(),
-        type_name: type_name.into(),
-        from: from.into(),
-        default: None,
-    }
-}
-
-/// A column spec with a default.
-pub fn column_with_default(name: &str, type_name: &str, from: &str, default: &str) -> ColumnSpec {
-    ColumnSpec {
-        default: Some(default.into()),
-        ..column(name, type_name, from)
-    }
-}
-
 /// Columns over the sample signals, keyed by stream sequence so rows can be counted per message.
 pub fn sample_columns() -> Vec<ColumnSpec> {
     vec![
-        column("seq", "UInt64", "@sequence"),
-        column("subject", "String", "@subject"),
-        column("event_time", "DateTime", "$.event_time"),
-        column("event_type", "String", "$.event_type"),
-        column("severity", "UInt8", "$.severity"),
-        column("wallet_address", "String", "$.wallet_address"),
-        column("amount", "Decimal(18, 2)", "$.payload.amount"),
-        column("payload", "String", "$.payload"),
+        ColumnSpec::new("seq", "UInt64", "@sequence"),
+        ColumnSpec::new("subject", "String", "@subject"),
+        ColumnSpec::new("event_time", "DateTime", "$.event_time"),
+        ColumnSpec::new("event_type", "String", "$.event_type"),
+        ColumnSpec::new("severity", "UInt8", "$.severity"),
+        ColumnSpec::new("wallet_address", "String", "$.wallet_address"),
+        ColumnSpec::new("amount", "Decimal(18, 2)", "$.payload.amount"),
+        ColumnSpec::new("payload", "String", "$.payload"),
     ]
 }
 
