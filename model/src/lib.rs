@@ -17,6 +17,7 @@ pub mod spec;
 pub mod status;
 pub mod validate;
 pub mod value_source;
+pub mod worker_health;
 
 pub use column_type::ColumnType;
 pub use quantity::{ByteSize, HumanDuration};
