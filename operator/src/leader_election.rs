@@ -202,6 +202,8 @@ pub struct LeaderElector<S = KubeLeases, C = SystemClock> {
     identity: String,
     timing: LeaseTiming,
     observed: Mutex<Option<Observation>>,
+    /// When our last successful write's attempt started: others cannot have seen it earlier.
+    last_write_started: Mutex<Option<Instant>>,
 }
 
 impl LeaderElector {
@@ -225,6 +227,7 @@ impl<S: LeaseStore, C: Clock> LeaderElector<S, C> {
             identity,
             timing,
             observed: Mutex::new(None),
+            last_write_started: Mutex::new(None),
         }
     }
 
@@ -234,10 +237,7 @@ impl<S: LeaseStore, C: Clock> LeaderElector<S, C> {
 
     /// Notes `record` as seen at `now`, and returns how long it has been seen unchanged.
     fn observe(&self, record: RecordVersion, now: Instant) -> Duration {
-        let mut observed = self
-            .observed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut observed = lock(&self.observed);
         match observed.as_ref() {
             Some(seen) if seen.record == record => now.saturating_duration_since(seen.since),
             _ => {
@@ -249,6 +249,7 @@ impl<S: LeaseStore, C: Clock> LeaderElector<S, C> {
 
     /// One attempt: true when we hold the Lease afterwards.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
+        let started = self.clock.monotonic();
         let existing = self.store.get().await?;
         let now = self.clock.monotonic();
         let unchanged_for = existing.as_ref().map_or(Duration::ZERO, |lease| {
@@ -290,6 +291,7 @@ impl<S: LeaseStore, C: Clock> LeaderElector<S, C> {
             Written::Done => {
                 // Our own write is a change of the record, seen when we made it.
                 self.observe(RecordVersion::of(&lease), now);
+                *lock(&self.last_write_started) = Some(started);
                 Ok(true)
             }
             Written::Conflict => Ok(false),
@@ -338,17 +340,14 @@ impl<S: LeaseStore, C: Clock> LeaderElector<S, C> {
 
     /// Renews the Lease until it is lost or cannot be renewed within the deadline; returns then.
     pub async fn hold(&self) {
-        // Counted from the start of an attempt: its write is seen by others no earlier.
-        let mut last_renewal_started = self.clock.monotonic();
         loop {
             tokio::time::sleep(self.timing.retry).await;
-            let started = self.clock.monotonic();
             let left = self
                 .timing
                 .renew_deadline
-                .saturating_sub(started.saturating_duration_since(last_renewal_started));
+                .saturating_sub(self.since_last_write());
             match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
-                Ok(Ok(true)) => last_renewal_started = started,
+                Ok(Ok(true)) => {}
                 Ok(Ok(false)) => {
                     warn!(identity = %self.identity, "another replica took the leader lease");
                     return;
@@ -356,15 +355,20 @@ impl<S: LeaseStore, C: Clock> LeaderElector<S, C> {
                 Ok(Err(error)) => warn!(%error, "cannot renew the leader lease"),
                 Err(_) => warn!("renewing the leader lease timed out"),
             }
-            let since_renewal = self
-                .clock
-                .monotonic()
-                .saturating_duration_since(last_renewal_started);
-            if since_renewal >= self.timing.renew_deadline {
+            if self.since_last_write() >= self.timing.renew_deadline {
                 warn!("renew deadline passed; stepping down");
                 return;
             }
         }
+    }
+
+    /// Time since the start of our last successful write (all time, when there was none), by
+    /// which the renew deadline is counted: others saw that write no earlier.
+    fn since_last_write(&self) -> Duration {
+        let now = self.clock.monotonic();
+        lock(&self.last_write_started).map_or(Duration::MAX, |started| {
+            now.saturating_duration_since(started)
+        })
     }
 
     /// Gives the Lease up on shutdown so a standby takes over at once instead of after expiry.
@@ -387,6 +391,13 @@ impl<S: LeaseStore, C: Clock> LeaderElector<S, C> {
             Err(error) => warn!(%error, "cannot release the leader lease"),
         }
     }
+}
+
+/// Locks a mutex of plain values, which a panic elsewhere cannot leave half-updated.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// This replica's identity: the pod name (downward API `POD_NAME`), else the host name.
@@ -512,11 +523,11 @@ mod tests {
     }
 
     /// A candidate as `main` runs it: attempts every `retry`, leads from a successful attempt
-    /// until a failed one or until the renew deadline passes without a successful renewal.
+    /// until a failed one or until the renew deadline passes without a successful renewal (as
+    /// [`LeaderElector::hold`] judges it).
     struct Candidate {
         elector: LeaderElector<MemoryLeases, FakeClock>,
-        clock: FakeClock,
-        last_success_started: Option<Instant>,
+        last_attempt_won: bool,
         running: bool,
     }
 
@@ -525,12 +536,11 @@ mod tests {
             Self {
                 elector: LeaderElector::with_store(
                     store.clone(),
-                    clock.clone(),
+                    clock,
                     name.to_string(),
                     LeaseTiming::default(),
                 ),
-                clock,
-                last_success_started: None,
+                last_attempt_won: false,
                 running: true,
             }
         }
@@ -539,20 +549,13 @@ mod tests {
             if !self.running {
                 return;
             }
-            let started = self.clock.monotonic();
-            if self.elector.try_acquire_or_renew().await.unwrap() {
-                self.last_success_started = Some(started);
-            } else {
-                self.last_success_started = None;
-            }
+            self.last_attempt_won = self.elector.try_acquire_or_renew().await.unwrap();
         }
 
         fn leads(&self) -> bool {
             self.running
-                && self.last_success_started.is_some_and(|started| {
-                    self.clock.monotonic().saturating_duration_since(started)
-                        < LeaseTiming::default().renew_deadline
-                })
+                && self.last_attempt_won
+                && self.elector.since_last_write() < LeaseTiming::default().renew_deadline
         }
     }
 
