@@ -238,10 +238,10 @@ say "signal-operator local runs $replicas workers (metrics on 127.0.0.1:$metrics
 say "  NATS $nats_url · ClickHouse $clickhouse_url · Redis $redis_url"
 say "  pipeline $pipeline (from examples/local/demo.yaml); log $work/operator.log"
 
-"$bin/signal-demo" publish -f "$pipeline" --count "$count" \
+"$bin/signal-demo" --log-level warn publish -f "$pipeline" --count "$count" \
     --malformed-percent "$malformed_percent"
 kill -0 "$operator_pid" 2>/dev/null || die "signal-operator local exited"
 
-"$bin/signal-demo" report -f "$pipeline"
+"$bin/signal-demo" --log-level warn report -f "$pipeline"
 echo
 say "done; stopping what the demo started"
