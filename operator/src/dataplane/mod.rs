@@ -194,7 +194,7 @@ pub(crate) async fn connect_jetstream(
         format!("connecting to NATS at {url}"),
         CONNECT_TIMEOUT + Duration::from_secs(1),
         async {
-            signal_worker::connect::nats(&url, client_name, &creds.nats)
+            signal_clients::connect::nats(&url, client_name, &creds.nats)
                 .await
                 .map_err(|error| nats_connect_error(&url, error))
         },
@@ -207,9 +207,9 @@ pub(crate) async fn connect_jetstream(
 
 /// Tells a refused login and a bad URL apart from a server that cannot be reached: "unreachable"
 /// would send a person looking at the network when the Secret or the spec is what is wrong.
-fn nats_connect_error(url: &str, error: signal_worker::connect::ConnectError) -> DataPlaneError {
+fn nats_connect_error(url: &str, error: signal_clients::connect::ConnectError) -> DataPlaneError {
     use async_nats::ConnectErrorKind as Kind;
-    use signal_worker::connect::ConnectError;
+    use signal_clients::connect::ConnectError;
     let message = error.to_string();
     match &error {
         ConnectError::NatsCreds(_) => DataPlaneError::AuthenticationFailed {

@@ -26,7 +26,7 @@ pub struct TableOutcome {
 
 /// Brings the table in line with `spec` as far as adding things allows.
 pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> TableOutcome {
-    let client = signal_worker::connect::clickhouse(&spec.url, auth);
+    let client = signal_clients::connect::clickhouse(&spec.url, auth);
     bounded(
         format!(
             "reconciling table {}",
@@ -213,23 +213,23 @@ pub(super) async fn execute(client: &Client, url: &str, sql: &str) -> Result<(),
 
 /// The server's `major.minor` release.
 pub async fn server_version(client: &Client, url: &str) -> Result<ServerVersion, DataPlaneError> {
-    const SQL: &str = "SELECT version()";
-    let text = bounded(
+    use signal_clients::clickhouse::{VERSION_SQL, VersionError};
+    bounded(
         format!("asking ClickHouse at {url} for its version"),
         REQUEST_TIMEOUT,
         async {
-            client
-                .query(SQL)
-                .fetch_one::<String>()
+            signal_clients::clickhouse::server_version(client)
                 .await
-                .map_err(|error| query_error(url, SQL, error))
+                .map_err(|error| match error {
+                    VersionError::Query(error) => query_error(url, VERSION_SQL, error),
+                    VersionError::NotAVersion(_) => DataPlaneError::ClickHouseRefused {
+                        statement: VERSION_SQL.to_string(),
+                        message: error.to_string(),
+                    },
+                })
         },
     )
-    .await?;
-    ServerVersion::parse(&text).ok_or_else(|| DataPlaneError::ClickHouseRefused {
-        statement: SQL.to_string(),
-        message: format!("`{text}` is not a version"),
-    })
+    .await
 }
 
 async fn database_exists(
@@ -306,7 +306,7 @@ pub async fn live_columns(
 
 /// Drops the table (a missing table is fine). The database is kept: other tables may live in it.
 pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<(), DataPlaneError> {
-    let client = signal_worker::connect::clickhouse(&spec.url, auth);
+    let client = signal_clients::connect::clickhouse(&spec.url, auth);
     execute(
         &client,
         &spec.url,
