@@ -9,6 +9,7 @@
 pub mod autoscale;
 pub mod conditions;
 pub mod conflicts;
+pub mod dead_letter_health;
 pub mod events;
 pub mod reconcile;
 pub mod secrets;
