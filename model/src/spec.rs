@@ -75,8 +75,9 @@ pub struct SignalPipelineSpec {
     /// The worker Deployment: replicas, image, batching and resources.
     #[serde(default)]
     pub workers: WorkersSpec,
-    /// Where messages that cannot become a row are published and kept. Defaults apply when absent
-    /// (see `DeadLetterSpec`): poison is never dropped.
+    /// Where messages that cannot become a row are published and kept. When absent, every default
+    /// applies: subject `dlq.<stream.name>.<durable>`, kept by the stream `<stream.name>_DLQ`.
+    /// Poison is never dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetterSpec>,
     /// An optional Redis cache of the latest row per key.

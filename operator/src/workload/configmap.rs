@@ -85,7 +85,14 @@ mod tests {
             PipelineManifest::from_yaml(&data[MANIFEST_KEY]).expect("the worker parses it");
         assert_eq!(manifest.metadata.name, "orders");
         assert_eq!(manifest.metadata.namespace.as_deref(), Some(NAMESPACE));
-        assert_eq!(manifest.spec, pipeline.spec);
+        // The spec, with the dead-letter defaults written out for the worker.
+        assert_eq!(manifest.spec, pipeline.spec.with_dead_letter_resolved("orders"));
+        let dead_letter = manifest.spec.dead_letter.expect("resolved");
+        assert_eq!(
+            dead_letter.subject,
+            Some(pipeline.spec.dead_letter_subject("orders"))
+        );
+        assert_eq!(pipeline.spec.dead_letter, None);
     }
 
     #[test]
