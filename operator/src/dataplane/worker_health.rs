@@ -7,7 +7,8 @@
 //! [`read_health_reports`] reads the last report per worker with one short-lived consumer
 //! (deliver policy last-per-subject, nothing to acknowledge) and [`summarise_health`] turns them
 //! into what the `WorkersHealthy` condition says. A reconcile costs one stream lookup when no
-//! worker has reported, and a consumer create, one fetch and a delete when some have.
+//! worker on the server has reported lately, and a consumer create, one fetch and a delete when
+//! some have.
 
 use std::time::Duration;
 
@@ -78,16 +79,29 @@ pub fn health_stream_drift(live: &stream::Config) -> Vec<FieldChange> {
     changes
 }
 
+/// What [`ensure_health_stream`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthStreamState {
+    /// Reports the stream holds, of every pipeline (none: nothing to read).
+    pub messages: u64,
+    /// What was changed, one sentence each.
+    pub changes: Vec<String>,
+}
+
 /// Creates the health stream when missing and puts back its contract fields when they drifted.
-/// Returns what it changed, one sentence each.
-pub async fn ensure_health_stream(js: &jetstream::Context) -> Result<Vec<String>, DataPlaneError> {
+pub async fn ensure_health_stream(
+    js: &jetstream::Context,
+) -> Result<HealthStreamState, DataPlaneError> {
     let Some(live) = stream_info(js, HEALTH_STREAM).await? else {
         return match js.create_stream(health_stream_config()).await {
-            Ok(_) => Ok(vec![format!("created health stream {HEALTH_STREAM}")]),
+            Ok(_) => Ok(HealthStreamState {
+                messages: 0,
+                changes: vec![format!("created health stream {HEALTH_STREAM}")],
+            }),
             // Another reconcile (of another pipeline) may have created it meanwhile.
             Err(error) if stream_info(js, HEALTH_STREAM).await?.is_some() => {
                 tracing::debug!(%error, "health stream created concurrently");
-                Ok(Vec::new())
+                Ok(HealthStreamState::default())
             }
             Err(error) => Err(DataPlaneError::NatsRefused {
                 action: format!("create stream {HEALTH_STREAM}"),
@@ -95,9 +109,13 @@ pub async fn ensure_health_stream(js: &jetstream::Context) -> Result<Vec<String>
             }),
         };
     };
+    let messages = live.state.messages;
     let drift = health_stream_drift(&live.config);
     if drift.is_empty() {
-        return Ok(Vec::new());
+        return Ok(HealthStreamState {
+            messages,
+            changes: Vec::new(),
+        });
     }
     let desired = health_stream_config();
     let mut update = live.config.clone();
@@ -111,10 +129,13 @@ pub async fn ensure_health_stream(js: &jetstream::Context) -> Result<Vec<String>
             action: format!("update stream {HEALTH_STREAM}"),
             message: error.to_string(),
         })?;
-    Ok(vec![format!(
-        "updated health stream {HEALTH_STREAM}: {}",
-        list_changes(&drift)
-    )])
+    Ok(HealthStreamState {
+        messages,
+        changes: vec![format!(
+            "updated health stream {HEALTH_STREAM}: {}",
+            list_changes(&drift)
+        )],
+    })
 }
 
 /// The last report of every worker of the pipeline still in the health stream.
@@ -233,9 +254,14 @@ pub async fn check_worker_health(
 ) -> (WorkerHealth, Vec<String>) {
     let durable = spec.durable_name(pipeline_name);
     let result = bounded("reading the workers' health reports", PART_TIMEOUT, async {
-        let changes = ensure_health_stream(js).await?;
-        let reports = read_health_reports(js, &spec.stream.name, durable).await?;
-        Ok((reports, changes))
+        let state = ensure_health_stream(js).await?;
+        // An empty stream (no worker anywhere has reported lately) needs no reader.
+        let reports = if state.messages == 0 {
+            Vec::new()
+        } else {
+            read_health_reports(js, &spec.stream.name, durable).await?
+        };
+        Ok((reports, state.changes))
     })
     .await;
     match result {

@@ -86,7 +86,10 @@ mod tests {
         assert_eq!(manifest.metadata.name, "orders");
         assert_eq!(manifest.metadata.namespace.as_deref(), Some(NAMESPACE));
         // The spec, with the dead-letter defaults written out for the worker.
-        assert_eq!(manifest.spec, pipeline.spec.with_dead_letter_resolved("orders"));
+        assert_eq!(
+            manifest.spec,
+            pipeline.spec.with_dead_letter_resolved("orders")
+        );
         let dead_letter = manifest.spec.dead_letter.expect("resolved");
         assert_eq!(
             dead_letter.subject,
