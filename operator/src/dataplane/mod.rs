@@ -3,15 +3,17 @@
 //!
 //! [`reconcile_data_plane`] brings the parts in line with the spec, reads the workers' health
 //! reports and reports each part the way the controller turns into conditions and events;
-//! [`delete_data_plane`] removes them when the pipeline's deletion policy says so. The Kubernetes controller and local mode
-//! ([`crate::local`]) both call these, so a pipeline behaves the same with or without a cluster.
+//! [`delete_data_plane`] removes them when the pipeline's deletion policy says so. The Kubernetes
+//! controller and local mode ([`crate::local`]) both call these, so a pipeline behaves the same
+//! with or without a cluster.
 //!
 //! Each part lives in its own module: pure "spec → desired config" and "desired vs live" functions
 //! next to the I/O that applies them ([`stream`], [`consumer`], [`table`], [`dead_letter_stream`],
-//! [`worker_health`], with the column
-//! comparison in [`table_schema_diff`] and the engine and key comparison in
-//! [`table_clause_diff`]). Nothing here panics, and every network step is bounded by a timeout so
-//! an unreachable server is reported within seconds instead of hanging a reconcile.
+//! [`worker_health`]), with the column comparison in [`table_schema_diff`] and the engine and key
+//! comparison in [`table_clause_diff`], which compares the live table with the spec's table as the
+//! server itself prints it, made in [`table_scratch`]. Nothing here panics, and every network step
+//! is bounded by a timeout so an unreachable server is reported within seconds instead of hanging
+//! a reconcile.
 
 pub mod consumer;
 pub mod dead_letter_stream;
@@ -19,6 +21,7 @@ pub mod stream;
 pub mod table;
 pub mod table_clause_diff;
 pub mod table_schema_diff;
+pub mod table_scratch;
 pub mod worker_health;
 
 use std::fmt;
