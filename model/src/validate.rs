@@ -5,10 +5,13 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::time::Duration;
 
 use crate::cache_key::KeyTemplate;
+use crate::quantity::HumanDuration;
 use crate::row_encoder::RowEncoder;
 use crate::spec::SignalPipelineSpec;
+use crate::worker_health::HEALTH_SUBJECTS;
 
 /// One problem with a spec: the field's path and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +96,30 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     literal.next().is_none()
 }
 
+/// True when some literal subject matches both patterns (so two streams could not both capture
+/// them: JetStream refuses streams with overlapping subjects).
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let (mut left, mut right) = (a.split('.'), b.split('.'));
+    loop {
+        match (left.next(), right.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// How many times `batch.maxWait` must fit into `consumer.ackWait`.
+pub const MAX_WAIT_ACK_WAIT_RATIO: u32 = 2;
+
+/// The rule for `spec.workers.batch.maxWait`: at most half of `spec.consumer.ackWait`, so that a
+/// message held for a full batch wait still has half its ack deadline left for the insert. The
+/// CRD carries the same rule in CEL (operator/src/crd.rs); the worker checks it at start.
+pub fn max_wait_leaves_ack_headroom(max_wait: Duration, ack_wait: Duration) -> bool {
+    max_wait.saturating_mul(MAX_WAIT_ACK_WAIT_RATIO) <= ack_wait
+}
+
 struct Checker {
     errors: Vec<FieldError>,
 }
@@ -143,6 +170,11 @@ impl SignalPipelineSpec {
         for (index, subject) in stream.subjects.iter().enumerate() {
             if let Some(problem) = subject_problem(subject, true) {
                 c.push(&format!("spec.stream.subjects[{index}]"), problem);
+            } else if subjects_overlap(subject, HEALTH_SUBJECTS) {
+                c.push(
+                    &format!("spec.stream.subjects[{index}]"),
+                    format!("`{subject}` overlaps `{HEALTH_SUBJECTS}`, the subjects of the workers' health reports"),
+                );
             }
         }
         c.check(
@@ -285,6 +317,17 @@ impl SignalPipelineSpec {
             || "must be more than 0".into(),
         );
         c.check(
+            max_wait_leaves_ack_headroom(workers.batch.max_wait.0, consumer.ack_wait.0),
+            "spec.workers.batch.maxWait",
+            || {
+                format!(
+                    "{} must be at most 1/{MAX_WAIT_ACK_WAIT_RATIO} of spec.consumer.ackWait ({}): \
+                     messages held for a batch longer than ackWait are redelivered while they are written",
+                    workers.batch.max_wait, consumer.ack_wait
+                )
+            },
+        );
+        c.check(
             workers.max_message_bytes.0 >= 1,
             "spec.workers.maxMessageBytes",
             || "must be at least 1".into(),
@@ -312,26 +355,7 @@ impl SignalPipelineSpec {
             );
         }
 
-        if let Some(dead_letter) = &self.dead_letter {
-            if let Some(problem) = subject_problem(&dead_letter.subject, false) {
-                c.push("spec.deadLetter.subject", problem);
-            } else {
-                // A dead letter that this pipeline's own consumer reads again would loop for ever.
-                let consumed = match &consumer.filter_subject {
-                    Some(filter) => subject_matches(filter, &dead_letter.subject),
-                    None => stream
-                        .subjects
-                        .iter()
-                        .any(|s| subject_matches(s, &dead_letter.subject)),
-                };
-                c.check(!consumed, "spec.deadLetter.subject", || {
-                    format!(
-                        "`{}` would be consumed again by this pipeline; pick a subject outside its consumer's filter",
-                        dead_letter.subject
-                    )
-                });
-            }
-        }
+        self.check_dead_letter(pipeline_name, &mut c);
 
         if let Some(cache) = &self.cache {
             c.check(
@@ -373,6 +397,160 @@ impl SignalPipelineSpec {
     }
 }
 
+impl SignalPipelineSpec {
+    /// The dead-letter subject and stream, defaults resolved: valid, outside the source stream
+    /// and the health reports, captured by the dead-letter stream, deduplicating long enough.
+    fn check_dead_letter(&self, pipeline_name: &str, c: &mut Checker) {
+        if !is_valid_nats_name(&self.stream.name)
+            || !is_valid_nats_name(self.durable_name(pipeline_name))
+        {
+            // The defaults derive from these names, whose own errors are already reported.
+            return;
+        }
+        let subject = self.dead_letter_subject(pipeline_name);
+        let explicit = self
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.subject.as_ref())
+            .is_some();
+        let what = if explicit {
+            format!("`{subject}`")
+        } else {
+            format!("the default dead-letter subject `{subject}`")
+        };
+        let subject_field = "spec.deadLetter.subject";
+        let subject_ok = match subject_problem(&subject, false) {
+            Some(problem) => {
+                c.push(subject_field, problem);
+                false
+            }
+            None => true,
+        };
+        if subject_ok {
+            for (index, source) in self.stream.subjects.iter().enumerate() {
+                c.check(!subject_matches(source, &subject), subject_field, || {
+                    format!(
+                        "{what} is captured by the source stream (spec.stream.subjects[{index}] \
+                         `{source}`), so dead letters would be stored with the signals; set \
+                         spec.deadLetter.subject to a subject outside it"
+                    )
+                });
+            }
+            c.check(
+                !subject_matches(HEALTH_SUBJECTS, &subject),
+                subject_field,
+                || format!("{what} is among the health report subjects `{HEALTH_SUBJECTS}`"),
+            );
+        }
+
+        let stream = self.dead_letter_stream();
+        c.check(
+            is_valid_nats_name(&stream.name),
+            "spec.deadLetter.stream.name",
+            || format!("`{}` must be letters, digits, `-` and `_`", stream.name),
+        );
+        c.check(
+            stream.name != self.stream.name,
+            "spec.deadLetter.stream.name",
+            || {
+                format!(
+                    "`{}` is the source stream; dead letters need a stream of their own",
+                    stream.name
+                )
+            },
+        );
+        if !self.dead_letter_stream_managed() {
+            // Someone else's stream: whether it captures the subject is checked live.
+            return;
+        }
+        let explicit_subjects = self
+            .dead_letter
+            .as_ref()
+            .is_some_and(|d| !d.stream.subjects.is_empty());
+        let subjects_field = |index: usize| {
+            if explicit_subjects {
+                format!("spec.deadLetter.stream.subjects[{index}]")
+            } else {
+                "spec.deadLetter.stream.subjects".to_string()
+            }
+        };
+        for (index, dead_letter_subject) in stream.subjects.iter().enumerate() {
+            if let Some(problem) = subject_problem(dead_letter_subject, true) {
+                c.push(&subjects_field(index), problem);
+                continue;
+            }
+            for (source_index, source) in self.stream.subjects.iter().enumerate() {
+                c.check(
+                    !subjects_overlap(dead_letter_subject, source),
+                    &subjects_field(index),
+                    || {
+                        format!(
+                            "`{dead_letter_subject}` overlaps spec.stream.subjects[{source_index}] \
+                             `{source}`; JetStream refuses streams with overlapping subjects"
+                        )
+                    },
+                );
+            }
+            c.check(
+                !subjects_overlap(dead_letter_subject, HEALTH_SUBJECTS),
+                &subjects_field(index),
+                || {
+                    format!(
+                        "`{dead_letter_subject}` overlaps `{HEALTH_SUBJECTS}`, the subjects of the \
+                         workers' health reports"
+                    )
+                },
+            );
+        }
+        if subject_ok {
+            c.check(
+                stream.subjects.iter().any(|s| subject_matches(s, &subject)),
+                "spec.deadLetter.stream.subjects",
+                || {
+                    format!(
+                        "[{}] does not capture the dead-letter subject `{subject}`",
+                        stream.subjects.join(", ")
+                    )
+                },
+            );
+        }
+        c.check(
+            (1..=5).contains(&stream.replicas),
+            "spec.deadLetter.stream.replicas",
+            || format!("{} is outside 1..=5", stream.replicas),
+        );
+        if let Some(max) = stream.max_msgs {
+            c.check(max >= -1, "spec.deadLetter.stream.maxMsgs", || {
+                format!("{max} must be -1 (unlimited) or more")
+            });
+        }
+        let max_age = stream.max_age.unwrap_or_default().0;
+        if let Some(window) = stream.duplicate_window {
+            let ack_wait = self.consumer.ack_wait;
+            c.check(
+                window.0 >= ack_wait.0,
+                "spec.deadLetter.stream.duplicateWindow",
+                || {
+                    format!(
+                        "{window} is shorter than spec.consumer.ackWait ({ack_wait}): a dead letter \
+                         republished after a worker crash would be stored twice"
+                    )
+                },
+            );
+            c.check(
+                max_age.is_zero() || window.0 <= max_age,
+                "spec.deadLetter.stream.duplicateWindow",
+                || {
+                    format!(
+                        "{window} is longer than spec.deadLetter.stream.maxAge ({}), which JetStream refuses",
+                        HumanDuration(max_age)
+                    )
+                },
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,7 +566,7 @@ clickhouse:
   columns:
     - {name: event_time, type: "DateTime64(3)", from: "$.event_time"}
     - {name: wallet_address, type: String, from: "$.wallet_address"}
-deadLetter: {subject: signals.dlq.transactions}
+deadLetter: {subject: dlq.signals.transactions}
 cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:latest", fields: [event_time], ttl: 5m}
 "#;
 
@@ -404,18 +582,19 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
     #[test]
     fn each_problem_names_its_field() {
         let mut bad = spec(EXAMPLE);
-        bad.stream.name = "bad name".into();
+        bad.stream.replicas = 9;
         bad.clickhouse.columns[1].type_name = "Strng".into();
-        bad.consumer.filter_subject = None;
+        bad.dead_letter.as_mut().unwrap().subject = Some("signals.dlq.x".into());
         bad.cache.as_mut().unwrap().key = "wallet:{nope}".into();
         let err = bad.validate("transactions").unwrap_err();
         let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
             [
-                "spec.stream.name",
+                "spec.stream.replicas",
                 "spec.clickhouse.columns[1].type",
                 "spec.deadLetter.subject",
+                "spec.deadLetter.stream.subjects",
                 "spec.cache.key"
             ]
         );
@@ -439,5 +618,121 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
         assert!(subject_problem("a..b", true).is_some());
         assert!(subject_problem("a.*", false).is_some());
         assert!(subject_problem("a.b", false).is_none());
+    }
+
+    fn fields(spec: &SignalPipelineSpec) -> Vec<String> {
+        match spec.validate("transactions") {
+            Ok(()) => Vec::new(),
+            Err(error) => error.errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    fn messages(spec: &SignalPipelineSpec) -> String {
+        spec.validate("transactions")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn subjects_overlap_when_one_literal_matches_both() {
+        assert!(subjects_overlap("a.>", "a.b.c"));
+        assert!(subjects_overlap("a.*.c", "a.b.*"));
+        assert!(subjects_overlap(">", "x"));
+        assert!(subjects_overlap("a.b", "a.b"));
+        assert!(!subjects_overlap("a.>", "a"));
+        assert!(!subjects_overlap("a.*", "a.b.c"));
+        assert!(!subjects_overlap("dlq.S.>", "signals.>"));
+        assert!(!subjects_overlap("signals.>", HEALTH_SUBJECTS));
+    }
+
+    #[test]
+    fn a_pipeline_without_dead_letter_gets_a_valid_default() {
+        let mut spec = spec(EXAMPLE);
+        spec.dead_letter = None;
+        assert_eq!(fields(&spec), Vec::<String>::new());
+        // A source stream that captures the default subject must name another one.
+        spec.stream.subjects = vec!["signals.>".into(), "dlq.>".into()];
+        assert_eq!(
+            fields(&spec),
+            ["spec.deadLetter.subject", "spec.deadLetter.stream.subjects"]
+        );
+        assert!(
+            messages(&spec).contains("the default dead-letter subject `dlq.SIGNALS.transactions` is captured by the source stream (spec.stream.subjects[1] `dlq.>`)"),
+            "{}",
+            messages(&spec)
+        );
+    }
+
+    #[test]
+    fn the_dead_letter_stream_must_capture_the_subject_outside_the_source() {
+        let mut spec = spec(EXAMPLE);
+        let dead_letter = spec.dead_letter.as_mut().unwrap();
+        dead_letter.stream.subjects = vec!["poison.>".into(), "signals.dlq.>".into()];
+        assert_eq!(
+            fields(&spec),
+            [
+                "spec.deadLetter.stream.subjects[1]",
+                "spec.deadLetter.stream.subjects"
+            ]
+        );
+        assert!(
+            messages(&spec)
+                .contains("does not capture the dead-letter subject `dlq.signals.transactions`")
+        );
+
+        let mut named = self::spec(EXAMPLE);
+        named.dead_letter.as_mut().unwrap().stream.name = Some("SIGNALS".into());
+        assert_eq!(fields(&named), ["spec.deadLetter.stream.name"]);
+
+        let mut health = self::spec(EXAMPLE);
+        health.dead_letter.as_mut().unwrap().subject = Some("signal.health.x".into());
+        assert_eq!(
+            fields(&health),
+            ["spec.deadLetter.subject", "spec.deadLetter.stream.subjects"]
+        );
+    }
+
+    #[test]
+    fn an_unmanaged_dead_letter_stream_is_checked_live_not_here() {
+        let mut spec = spec(EXAMPLE);
+        let dead_letter = spec.dead_letter.as_mut().unwrap();
+        dead_letter.stream.managed = false;
+        dead_letter.stream.subjects = vec!["elsewhere.>".into()];
+        assert_eq!(fields(&spec), Vec::<String>::new());
+        // Still never into the source stream.
+        spec.dead_letter.as_mut().unwrap().subject = Some("signals.dead".into());
+        assert_eq!(fields(&spec), ["spec.deadLetter.subject"]);
+    }
+
+    #[test]
+    fn the_duplicate_window_must_outlast_ack_wait_and_fit_max_age() {
+        let mut spec = spec(EXAMPLE);
+        spec.dead_letter.as_mut().unwrap().stream.duplicate_window =
+            Some(HumanDuration::from_secs(10));
+        assert_eq!(fields(&spec), ["spec.deadLetter.stream.duplicateWindow"]);
+        assert!(messages(&spec).contains("shorter than spec.consumer.ackWait (30s)"));
+        let stream = &mut spec.dead_letter.as_mut().unwrap().stream;
+        stream.duplicate_window = Some(HumanDuration::from_secs(3600));
+        stream.max_age = HumanDuration::from_secs(600);
+        assert_eq!(fields(&spec), ["spec.deadLetter.stream.duplicateWindow"]);
+        spec.dead_letter.as_mut().unwrap().stream.max_age = HumanDuration::from_secs(0);
+        assert_eq!(fields(&spec), Vec::<String>::new());
+    }
+
+    #[test]
+    fn batch_max_wait_must_be_at_most_half_of_ack_wait() {
+        assert!(max_wait_leaves_ack_headroom(
+            Duration::from_secs(15),
+            Duration::from_secs(30)
+        ));
+        assert!(!max_wait_leaves_ack_headroom(
+            Duration::from_millis(15_001),
+            Duration::from_secs(30)
+        ));
+        let mut spec = spec(EXAMPLE);
+        spec.workers.batch.max_wait = HumanDuration::from_secs(20);
+        assert_eq!(fields(&spec), ["spec.workers.batch.maxWait"]);
+        assert!(messages(&spec).contains("20s must be at most 1/2 of spec.consumer.ackWait (30s)"));
     }
 }

@@ -217,7 +217,7 @@ pub async fn run(
         cache: cache_layout,
         limits: BatchLimits::from(&spec.workers.batch),
         dead_letters: DeadLetters {
-            subject: spec.dead_letter.as_ref().map(|d| d.subject.clone()),
+            subject: spec.dead_letter.as_ref().and_then(|d| d.subject.clone()),
             stream: spec.stream.name.clone(),
             client: nats.clone(),
             jetstream: js.clone(),

@@ -43,7 +43,8 @@ fn poison_manifest(env: &TestEnv, name: &str, dead_letter: Option<&str>) -> Pipe
     // Short, so that a redelivery would show within the test.
     manifest.spec.consumer.ack_wait = HumanDuration::from_secs(2);
     manifest.spec.dead_letter = dead_letter.map(|subject| DeadLetterSpec {
-        subject: subject.into(),
+        subject: Some(subject.into()),
+        ..DeadLetterSpec::default()
     });
     manifest
 }
