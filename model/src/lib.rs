@@ -2,13 +2,14 @@
 //!
 //! Everything here is pure: the `SignalPipeline` spec users write ([`spec`]), its validation
 //! ([`validate`]), the manifest file the worker reads ([`manifest`]), ClickHouse column types
-//! ([`column_type`]), how a message becomes a RowBinary row ([`row_encoder`]), the DDL the operator
+//! ([`column_type`]) and whether a live table matches them ([`live_schema`]), how a message becomes a RowBinary row ([`row_encoder`]), the DDL the operator
 //! runs ([`ddl`]) and the Redis cache key template ([`cache_key`]). No I/O happens in this crate.
 
 pub mod cache_key;
 pub mod column_type;
 pub mod credentials;
 pub mod ddl;
+pub mod live_schema;
 pub mod manifest;
 pub mod quantity;
 pub mod row_encoder;

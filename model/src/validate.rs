@@ -120,6 +120,41 @@ fn url_with_scheme(url: &str, schemes: &[&str]) -> bool {
     })
 }
 
+/// The shortest ack wait: below it a progress ack's round trip, a scheduling pause or a
+/// reconnect already outlasts the wait, and messages are redelivered to a healthy worker.
+pub const MIN_ACK_WAIT_SECS: u64 = 1;
+/// `batch.maxWait` may be at most this fraction of `consumer.ackWait` ("well below" it).
+pub const MAX_WAIT_SHARE_OF_ACK_WAIT: u32 = 3;
+
+/// Settings that make redelivery (and so duplicates) certain rather than exceptional: a batch
+/// that waits longer than a fraction of the ack wait, or an ack wait too short to keep a message
+/// alive across one round trip. The worker refuses them at start; the operator's CRD rule
+/// (`maxWait * 3 <= ackWait`, `ackWait >= 1s`) refuses them at apply. Pure, for both.
+pub fn redelivery_problems(spec: &SignalPipelineSpec) -> Vec<FieldError> {
+    let ack_wait = spec.consumer.ack_wait.0;
+    let max_wait = spec.workers.batch.max_wait.0;
+    let mut problems = Vec::new();
+    if !ack_wait.is_zero() && ack_wait < std::time::Duration::from_secs(MIN_ACK_WAIT_SECS) {
+        problems.push(FieldError {
+            field: "spec.consumer.ackWait".into(),
+            message: format!(
+                "{} is below {MIN_ACK_WAIT_SECS}s: messages would be redelivered while a worker still holds them",
+                spec.consumer.ack_wait
+            ),
+        });
+    }
+    if !ack_wait.is_zero() && max_wait * MAX_WAIT_SHARE_OF_ACK_WAIT > ack_wait {
+        problems.push(FieldError {
+            field: "spec.workers.batch.maxWait".into(),
+            message: format!(
+                "{} must be at most a third of spec.consumer.ackWait ({}): a batch waiting that long leaves no time to store it before redelivery",
+                spec.workers.batch.max_wait, spec.consumer.ack_wait
+            ),
+        });
+    }
+    problems
+}
+
 impl SignalPipelineSpec {
     /// Checks the whole spec of the pipeline called `pipeline_name`.
     pub fn validate(&self, pipeline_name: &str) -> Result<(), ValidationError> {
@@ -333,6 +368,8 @@ impl SignalPipelineSpec {
             }
         }
 
+        c.errors.extend(redelivery_problems(self));
+
         if let Some(cache) = &self.cache {
             c.check(
                 url_with_scheme(&cache.redis.url, &["redis", "rediss"]),
@@ -424,6 +461,32 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
                 .contains("spec.clickhouse.columns[1].type: invalid column type `Strng`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn settings_that_make_redelivery_certain_are_refused_naming_both_fields() {
+        let mut bad = spec(EXAMPLE);
+        bad.consumer.ack_wait = crate::HumanDuration::from_secs(2);
+        bad.workers.batch.max_wait = crate::HumanDuration::from_secs(1);
+        let problems = redelivery_problems(&bad);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.workers.batch.maxWait");
+        assert!(
+            problems[0].message.contains("spec.consumer.ackWait (2s)"),
+            "{}",
+            problems[0].message
+        );
+        assert!(bad.validate("p").is_err());
+
+        bad.consumer.ack_wait = crate::HumanDuration(std::time::Duration::from_millis(500));
+        bad.workers.batch.max_wait = crate::HumanDuration(std::time::Duration::from_millis(100));
+        let problems = redelivery_problems(&bad);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.consumer.ackWait");
+
+        bad.consumer.ack_wait = crate::HumanDuration::from_secs(3);
+        bad.workers.batch.max_wait = crate::HumanDuration::from_secs(1);
+        assert!(redelivery_problems(&bad).is_empty());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The health and metrics endpoint: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive) and `/readyz` (connected to NATS and ClickHouse), on one port.
+//! alive) and `/readyz` (connected to NATS and ClickHouse and not blocked; else why not), on one port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Answers whether the process is ready for work.
-pub type ReadinessCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+/// Answers whether the process is ready for work, or why not.
+pub type ReadinessCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 #[derive(Clone)]
 struct Endpoints {
@@ -37,10 +37,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(endpoints): State<Endpoints>) -> impl IntoResponse {
-    if (endpoints.ready)() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match (endpoints.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! The flow, one module a step: [`source`] pulls messages and fills a [`batch`] through the row
 //! encoder, routing poison to [`dead_letter`]; [`clickhouse_sink`] inserts each sealed batch with
-//! retries and acknowledges it once stored; [`cache`] then updates Redis. [`pipeline`] wires them
-//! together with shutdown, and [`http`] serves metrics and health.
+//! retries (telling errors apart with [`insert_error`]) and acknowledges it once stored; [`cache`]
+//! then updates Redis. Every message pulled is kept alive until settled by [`held_messages`];
+//! [`health`] says why the worker is stuck when it is. [`pipeline`] wires them together with
+//! shutdown, and [`http`] serves metrics and health.
 
 pub mod batch;
 pub mod cache;
@@ -11,7 +13,10 @@ pub mod clickhouse_sink;
 pub mod connect;
 pub mod consumer_config;
 pub mod dead_letter;
+pub mod health;
+pub mod held_messages;
 pub mod http;
+pub mod insert_error;
 pub mod metrics;
 pub mod pipeline;
 pub mod retry;
