@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::{TestEnv, sample_columns, wait_for};
 use signal_model::manifest::PipelineManifest;
 use signal_model::{CacheSpec, ColumnSpec, DeadLetterSpec, HumanDuration, RedisSpec};
+use signal_testkit::RespValue;
 use signal_worker::dead_letter::HEADER_SEQUENCE;
 
 /// Signals published per fault cycle.
@@ -238,16 +239,24 @@ fn two_workers_under_kills_and_server_outages_lose_nothing_and_dead_letter_exact
     let redis = env.redis.as_ref().expect("redis");
     let mut newest_keys = 0;
     let mut stale = Vec::new();
+    // Users whose signals are all poison (every 100th index) have no key.
+    let mut keyed_users = 0;
     for user in 0..USERS {
-        let newest_index = (0..total)
+        let Some(newest_index) = (0..total)
             .rev()
             .find(|i| i % USERS == user && !is_poison(*i))
-            .expect("every user has a valid signal");
+        else {
+            continue;
+        };
+        keyed_users += 1;
         let held = redis
             .command(&["HGET", &format!("user:user-{user}:latest"), "seq"])
             .expect("HGET");
-        let held = format!("{held:?}");
-        if held.contains(&format!("\"{}\"", newest_index + 1)) {
+        let held = match held {
+            RespValue::Bulk(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            other => format!("{other:?}"),
+        };
+        if held == (newest_index + 1).to_string() {
             newest_keys += 1;
         } else {
             stale.push((user, newest_index + 1, held));
@@ -276,13 +285,12 @@ fn two_workers_under_kills_and_server_outages_lose_nothing_and_dead_letter_exact
         manifest.spec.workers.batch.max_rows,
     );
     println!(
-        "fault suite: dead letters {letters} for {} poison ({} distinct sequences); consumer pending {} ack-pending {} redelivered {}; \
-         redis keys holding the newest row {newest_keys} of {USERS}",
+        "fault suite: dead letters {letters} for {} poison ({} distinct sequences); consumer pending {} ack-pending {}; \
+         redis keys holding the newest row {newest_keys} of {keyed_users}",
         poison.len(),
         lettered.len(),
         info.num_pending,
         info.num_ack_pending,
-        info.num_redelivered,
     );
     assert_eq!(letters, poison.len() as u64, "one dead letter per poison");
     assert_eq!(lettered, expected, "each poison sequence dead-lettered");
@@ -292,7 +300,12 @@ fn two_workers_under_kills_and_server_outages_lose_nothing_and_dead_letter_exact
         "{} duplicates exceed {bound}",
         summary.duplicates()
     );
-    assert!(stale.is_empty(), "stale keys (user, want, held): {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "{} stale keys (user, want, held), first: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(10)]
+    );
     drop(killed);
     steady
         .process
