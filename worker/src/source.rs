@@ -311,9 +311,11 @@ impl Puller {
             let pulling = pull.as_ref().is_some_and(|p| p.open);
             tokio::select! {
                 request = requests.recv() => {
-                    return match request.map(|request| request.send(batch.seal())) {
-                        Some(Ok(())) => Step::Continue,
-                        _ => Step::Stop,
+                    let Some(request) = request else { return Step::Stop };
+                    // A writer gone before taking its batch leaves the messages to redelivery.
+                    return match request.send(batch.seal()) {
+                        Ok(()) => Step::Continue,
+                        Err(_) => Step::Stop,
                     };
                 }
                 next = async {

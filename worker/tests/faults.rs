@@ -46,7 +46,7 @@ fn signal(index: u64) -> Vec<u8> {
     if !is_poison(index) {
         return signal_worker::sample_signals::sample_signal(index);
     }
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         format!("not json {index}").into_bytes()
     } else {
         format!(r#"{{"severity":"high","index":{index}}}"#).into_bytes()
