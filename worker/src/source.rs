@@ -159,8 +159,11 @@ impl Puller {
                         }
                     }
                 };
-                self.process(&mut batch, message, &wanted_texts, &mut texts)
-                    .await;
+                if let Some(letter) = self.process(&mut batch, message, &wanted_texts, &mut texts)
+                    && !self.dead_letter(letter, &mut pull, &mut pending).await
+                {
+                    tracing::warn!("dead-letter router stopped; poison left for redelivery");
+                }
                 if batch.is_full(&self.limits) {
                     batch = match self
                         .hand_over(batch, &mut requests, Some(&mut pull), &mut pending)
@@ -218,14 +221,45 @@ impl Puller {
         }
     }
 
-    /// Encodes one message into the batch, or sends it to the dead letters.
-    async fn process(
+    /// Hands a dead letter to the router. While the router is full, what the pull still
+    /// delivers is held (kept alive) in `pending`. False when the router has stopped.
+    async fn dead_letter(
+        &self,
+        letter: DeadLetter,
+        pull: &mut OpenPull,
+        pending: &mut VecDeque<jetstream::Message>,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                // `reserve` is cancel-safe: the letter is not lost when the pull wins.
+                permit = self.dead_letters.reserve() => {
+                    return match permit {
+                        Ok(permit) => {
+                            permit.send(letter);
+                            true
+                        }
+                        Err(_) => {
+                            self.held.release([&letter.reply], &self.metrics);
+                            false
+                        }
+                    };
+                }
+                next = pull.messages.next(), if pull.open => match self.receive(next) {
+                    Some(message) => pending.push_back(message),
+                    None => pull.open = false,
+                },
+            }
+        }
+    }
+
+    /// Encodes one message into the batch, or returns it as a dead letter.
+    fn process(
         &self,
         batch: &mut Batch,
         message: jetstream::Message,
         wanted_texts: &[usize],
         texts: &mut Vec<String>,
-    ) {
+    ) -> Option<DeadLetter> {
         let (sequence, timestamp_nanos, delivered) = match message.info() {
             Ok(info) => {
                 self.metrics.consumer_lag.set(info.pending);
@@ -241,14 +275,10 @@ impl Puller {
                 if let Some(reply) = &message.reply {
                     self.held.release([reply], &self.metrics);
                 }
-                return;
+                return None;
             }
         };
-        let Some(reply) = message.reply.clone() else {
-            return;
-        };
-        // The metadata borrows the message's headers as a trait object, which is not `Send`:
-        // it must be gone before the next await.
+        let reply = message.reply.clone()?;
         let encoded = {
             let headers = message.headers.as_ref().map(Headers);
             let meta = MessageMeta {
@@ -282,18 +312,11 @@ impl Puller {
                     })
                     .flatten();
                 batch.push(reply, sequence, message.payload.len(), last_delivery);
+                None
             }
             Err(reason) => {
                 self.metrics.count_poison(reason.label());
-                if let Some(letter) =
-                    DeadLetter::from_message(&message, sequence, reason.label(), reason.to_string())
-                    && self.dead_letters.send(letter).await.is_err()
-                {
-                    tracing::warn!(
-                        sequence,
-                        "dead-letter router stopped; poison left for redelivery"
-                    );
-                }
+                DeadLetter::from_message(&message, sequence, reason.label(), reason.to_string())
             }
         }
     }
