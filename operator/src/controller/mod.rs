@@ -2,17 +2,21 @@
 //! and runs [`reconcile::reconcile`] for each pipeline that changed.
 //!
 //! The pure decisions live in their own files ([`autoscale`], [`conflicts`], [`conditions`]); the
-//! I/O steps in [`secrets`], [`status`] and [`events`]. This module wires them into kube-runtime's
-//! `Controller` and owns the retry policy: failures back off exponentially per pipeline, so a
-//! broken pipeline is retried without hammering its servers and the operator never crash-loops.
+//! I/O steps in [`secrets`], [`status`] and [`events`]; a reconcile's apply path in [`reconcile`],
+//! its workers step in `workers` and its deletion path in `cleanup`. This module wires them into
+//! kube-runtime's `Controller` and owns the retry policy: failures back off exponentially per
+//! pipeline, so a broken pipeline is retried without hammering its servers and the operator never
+//! crash-loops.
 
 pub mod autoscale;
+mod cleanup;
 pub mod conditions;
 pub mod conflicts;
 pub mod events;
 pub mod reconcile;
 pub mod secrets;
 pub mod status;
+mod workers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

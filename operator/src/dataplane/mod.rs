@@ -8,14 +8,17 @@
 //! Each part lives in its own module: pure "spec → desired config" and "desired vs live" functions
 //! next to the I/O that applies them ([`stream`], [`consumer`], [`table`], with the column
 //! comparison in [`table_schema_diff`] and the engine and key comparison in
-//! [`table_clause_diff`]). Nothing here panics, and every network step is bounded by a timeout so
-//! an unreachable server is reported within seconds instead of hanging a reconcile.
+//! [`table_clause_diff`], which compares the live table with the spec's table as the server
+//! itself prints it, made in [`table_scratch`]). Nothing here panics, and every network step is
+//! bounded by a timeout so an unreachable server is reported within seconds instead of hanging a
+//! reconcile.
 
 pub mod consumer;
 pub mod stream;
 pub mod table;
 pub mod table_clause_diff;
 pub mod table_schema_diff;
+pub mod table_scratch;
 
 use std::fmt;
 use std::future::Future;
