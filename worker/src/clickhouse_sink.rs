@@ -198,7 +198,10 @@ impl ClickHouseSink {
         loop {
             let last_error =
                 if self.health.has(HealthReason::SchemaMismatch) && !self.check_schema().await {
-                    "the table's columns do not match the manifest".to_string()
+                    let refused = "the table's columns do not match the manifest".to_string();
+                    // Not written is as good as failed for a message on its last delivery.
+                    self.dead_letter_last_deliveries(batch, &refused).await;
+                    refused
                 } else {
                     let started = Instant::now();
                     match self.insert_once(batch).await {
@@ -258,6 +261,13 @@ impl ClickHouseSink {
             InsertFailure::Transient(_) => self.healthy.store(false, Ordering::Relaxed),
         }
         self.check_schema().await;
+        self.dead_letter_last_deliveries(batch, error).await;
+        error.to_string()
+    }
+
+    /// Sends the rows on their last allowed delivery to the dead letters (`max_deliveries` and
+    /// why this attempt failed), leaving the rest of the batch to be retried.
+    async fn dead_letter_last_deliveries(&self, batch: &mut SealedBatch, error: &str) {
         let reason =
             format!("{MAX_DELIVERIES}: insert failed on the last allowed delivery: {error}");
         for mut letter in batch.take_last_deliveries() {
@@ -267,6 +277,5 @@ impl ClickHouseSink {
                 tracing::warn!("dead-letter router stopped; the message will be redelivered");
             }
         }
-        error.to_string()
     }
 }
