@@ -5,7 +5,6 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::time::Duration;
 
 use crate::cache_key::KeyTemplate;
 use crate::quantity::HumanDuration;
@@ -110,16 +109,6 @@ pub fn subjects_overlap(a: &str, b: &str) -> bool {
     }
 }
 
-/// How many times `batch.maxWait` must fit into `consumer.ackWait`.
-pub const MAX_WAIT_ACK_WAIT_RATIO: u32 = 2;
-
-/// The rule for `spec.workers.batch.maxWait`: at most half of `spec.consumer.ackWait`, so that a
-/// message held for a full batch wait still has half its ack deadline left for the insert. The
-/// CRD carries the same rule in CEL (operator/src/crd.rs); the worker checks it at start.
-pub fn max_wait_leaves_ack_headroom(max_wait: Duration, ack_wait: Duration) -> bool {
-    max_wait.saturating_mul(MAX_WAIT_ACK_WAIT_RATIO) <= ack_wait
-}
-
 struct Checker {
     errors: Vec<FieldError>,
 }
@@ -145,6 +134,41 @@ fn url_with_scheme(url: &str, schemes: &[&str]) -> bool {
             .and_then(|rest| rest.strip_prefix("://"))
             .is_some_and(|host| !host.is_empty())
     })
+}
+
+/// The shortest ack wait: below it a progress ack's round trip, a scheduling pause or a
+/// reconnect already outlasts the wait, and messages are redelivered to a healthy worker.
+pub const MIN_ACK_WAIT_SECS: u64 = 1;
+/// `batch.maxWait` may be at most this fraction of `consumer.ackWait` ("well below" it).
+pub const MAX_WAIT_SHARE_OF_ACK_WAIT: u32 = 3;
+
+/// Settings that make redelivery (and so duplicates) certain rather than exceptional: a batch
+/// that waits longer than a fraction of the ack wait, or an ack wait too short to keep a message
+/// alive across one round trip. The worker refuses them at start; the operator's CRD rule
+/// (`maxWait * 3 <= ackWait`, `ackWait >= 1s`) refuses them at apply. Pure, for both.
+pub fn redelivery_problems(spec: &SignalPipelineSpec) -> Vec<FieldError> {
+    let ack_wait = spec.consumer.ack_wait.0;
+    let max_wait = spec.workers.batch.max_wait.0;
+    let mut problems = Vec::new();
+    if !ack_wait.is_zero() && ack_wait < std::time::Duration::from_secs(MIN_ACK_WAIT_SECS) {
+        problems.push(FieldError {
+            field: "spec.consumer.ackWait".into(),
+            message: format!(
+                "{} is below {MIN_ACK_WAIT_SECS}s: messages would be redelivered while a worker still holds them",
+                spec.consumer.ack_wait
+            ),
+        });
+    }
+    if !ack_wait.is_zero() && max_wait * MAX_WAIT_SHARE_OF_ACK_WAIT > ack_wait {
+        problems.push(FieldError {
+            field: "spec.workers.batch.maxWait".into(),
+            message: format!(
+                "{} must be at most a third of spec.consumer.ackWait ({}): a batch waiting that long leaves no time to store it before redelivery",
+                spec.workers.batch.max_wait, spec.consumer.ack_wait
+            ),
+        });
+    }
+    problems
 }
 
 impl SignalPipelineSpec {
@@ -317,17 +341,6 @@ impl SignalPipelineSpec {
             || "must be more than 0".into(),
         );
         c.check(
-            max_wait_leaves_ack_headroom(workers.batch.max_wait.0, consumer.ack_wait.0),
-            "spec.workers.batch.maxWait",
-            || {
-                format!(
-                    "{} must be at most 1/{MAX_WAIT_ACK_WAIT_RATIO} of spec.consumer.ackWait ({}): \
-                     messages held for a batch longer than ackWait are redelivered while they are written",
-                    workers.batch.max_wait, consumer.ack_wait
-                )
-            },
-        );
-        c.check(
             workers.max_message_bytes.0 >= 1,
             "spec.workers.maxMessageBytes",
             || "must be at least 1".into(),
@@ -356,6 +369,8 @@ impl SignalPipelineSpec {
         }
 
         self.check_dead_letter(pipeline_name, &mut c);
+
+        c.errors.extend(redelivery_problems(self));
 
         if let Some(cache) = &self.cache {
             c.check(
@@ -606,6 +621,32 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
     }
 
     #[test]
+    fn settings_that_make_redelivery_certain_are_refused_naming_both_fields() {
+        let mut bad = spec(EXAMPLE);
+        bad.consumer.ack_wait = crate::HumanDuration::from_secs(2);
+        bad.workers.batch.max_wait = crate::HumanDuration::from_secs(1);
+        let problems = redelivery_problems(&bad);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.workers.batch.maxWait");
+        assert!(
+            problems[0].message.contains("spec.consumer.ackWait (2s)"),
+            "{}",
+            problems[0].message
+        );
+        assert!(bad.validate("p").is_err());
+
+        bad.consumer.ack_wait = crate::HumanDuration(std::time::Duration::from_millis(500));
+        bad.workers.batch.max_wait = crate::HumanDuration(std::time::Duration::from_millis(100));
+        let problems = redelivery_problems(&bad);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.consumer.ackWait");
+
+        bad.consumer.ack_wait = crate::HumanDuration::from_secs(3);
+        bad.workers.batch.max_wait = crate::HumanDuration::from_secs(1);
+        assert!(redelivery_problems(&bad).is_empty());
+    }
+
+    #[test]
     fn subjects_and_patterns() {
         assert!(subject_matches("signals.>", "signals.dlq.x"));
         assert!(subject_matches("signals.*", "signals.tx"));
@@ -721,18 +762,12 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
     }
 
     #[test]
-    fn batch_max_wait_must_be_at_most_half_of_ack_wait() {
-        assert!(max_wait_leaves_ack_headroom(
-            Duration::from_secs(15),
-            Duration::from_secs(30)
-        ));
-        assert!(!max_wait_leaves_ack_headroom(
-            Duration::from_millis(15_001),
-            Duration::from_secs(30)
-        ));
+    fn batch_max_wait_must_be_at_most_a_third_of_ack_wait() {
         let mut spec = spec(EXAMPLE);
-        spec.workers.batch.max_wait = HumanDuration::from_secs(20);
+        spec.workers.batch.max_wait = HumanDuration::from_secs(10);
+        assert_eq!(fields(&spec), Vec::<String>::new());
+        spec.workers.batch.max_wait = HumanDuration(Duration::from_millis(10_001));
         assert_eq!(fields(&spec), ["spec.workers.batch.maxWait"]);
-        assert!(messages(&spec).contains("20s must be at most 1/2 of spec.consumer.ackWait (30s)"));
+        assert!(messages(&spec).contains("must be at most a third of spec.consumer.ackWait (30s)"));
     }
 }

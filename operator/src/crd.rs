@@ -157,8 +157,8 @@ fn immutable(field: &str) -> Value {
     }])
 }
 
-/// `workers.batch.maxWait` at most half of `consumer.ackWait`, as
-/// [`signal_model::validate::max_wait_leaves_ack_headroom`] says. CEL's `duration()` reads Go
+/// `workers.batch.maxWait` at most a third of `consumer.ackWait`, and `ackWait` at least 1 s, as
+/// [`signal_model::validate::redelivery_problems`] says. CEL's `duration()` reads Go
 /// durations, which have no `d` unit: a value in days is left to the operator's own validation.
 fn max_wait_rule() -> Value {
     let max_wait = "self.workers.batch.maxWait";
@@ -168,10 +168,18 @@ fn max_wait_rule() -> Value {
             "!has(self.workers) || !has(self.workers.batch) || !has({max_wait}) || \
              !has(self.consumer) || !has({ack_wait}) || \
              {max_wait}.contains('d') || {ack_wait}.contains('d') || \
-             duration({max_wait}) + duration({max_wait}) <= duration({ack_wait})"
+             duration({max_wait}) + duration({max_wait}) + duration({max_wait}) <= duration({ack_wait})"
         ),
-        "message": "workers.batch.maxWait must be at most half of consumer.ackWait: messages held \
-                    for a batch longer than ackWait are redelivered while they are written",
+        "message": "workers.batch.maxWait must be at most a third of consumer.ackWait: a batch waiting \
+                    that long leaves no time to store it before redelivery",
+    })
+}
+
+/// `consumer.ackWait` of at least one second (0 means the server's default).
+fn ack_wait_rule() -> Value {
+    json!({
+        "rule": "self == '0' || self.contains('d') || duration(self) >= duration('1s')",
+        "message": "consumer.ackWait must be at least 1s: messages would be redelivered while a worker still holds them",
     })
 }
 
@@ -245,7 +253,10 @@ fn field_rules() -> Vec<(&'static str, Value)> {
         ("spec.workers.batch.maxRows", json!({"minimum": 1})),
         // Bounded, so the API server's cost estimate of the rule on `spec` stays small.
         ("spec.workers.batch.maxWait", json!({"maxLength": 64})),
-        ("spec.consumer.ackWait", json!({"maxLength": 64})),
+        (
+            "spec.consumer.ackWait",
+            json!({"maxLength": 64, "x-kubernetes-validations": [ack_wait_rule()]}),
+        ),
         (
             "spec",
             json!({"x-kubernetes-validations": [max_wait_rule()]}),
