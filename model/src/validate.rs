@@ -766,7 +766,7 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
         let mut spec = spec(EXAMPLE);
         spec.workers.batch.max_wait = HumanDuration::from_secs(10);
         assert_eq!(fields(&spec), Vec::<String>::new());
-        spec.workers.batch.max_wait = HumanDuration(Duration::from_millis(10_001));
+        spec.workers.batch.max_wait = HumanDuration(std::time::Duration::from_millis(10_001));
         assert_eq!(fields(&spec), ["spec.workers.batch.maxWait"]);
         assert!(messages(&spec).contains("must be at most a third of spec.consumer.ackWait (30s)"));
     }
