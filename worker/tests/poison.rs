@@ -1,6 +1,7 @@
 //! Poison messages: each kind lands on the dead-letter subject with headers saying why, where
 //! it came from and its stream sequence; the good messages around them are stored; and nothing
-//! is redelivered afterwards. Without a dead-letter subject poison is terminated and counted.
+//! is redelivered afterwards. Without `spec.deadLetter` poison goes to the default dead-letter
+//! subject, which the default dead-letter stream captures.
 
 mod common;
 
@@ -182,26 +183,46 @@ fn poison_goes_to_the_dead_letter_subject_with_its_reason_subject_and_sequence()
 }
 
 #[test]
-fn without_a_dead_letter_subject_poison_is_terminated_and_counted() {
+fn without_a_dead_letter_spec_poison_goes_to_the_default_dead_letter_subject() {
     let env = TestEnv::start();
-    let manifest = poison_manifest(&env, "terminated", None);
+    let manifest = poison_manifest(&env, "defaulted", None);
     env.provision(&manifest);
-    let poison = publish_mixed(&env, "terminated.in");
+    // The stream the operator would reconcile for a pipeline without `spec.deadLetter`.
+    let default_stream = manifest.spec.dead_letter_stream();
+    let expected_subject = manifest.spec.dead_letter_subject(&manifest.metadata.name);
+    let dead_letters = env.runtime.block_on(async {
+        env.jetstream
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: default_stream.name.clone(),
+                subjects: default_stream.subjects.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("default dead-letter stream")
+    });
+    let poison = publish_mixed(&env, "defaulted.in");
     let worker = env.start_worker(&manifest);
 
     wait_for("the good rows", Duration::from_secs(30), || {
         env.row_count(&manifest) == GOOD_MESSAGES
     });
-    for (label, _) in &poison {
-        wait_for(label, Duration::from_secs(10), || {
-            worker.metric(&format!(
-                "signal_worker_poison_messages_total{{reason=\"{label}\"}}"
-            )) == 1.0
-        });
-    }
+    wait_for("every dead letter", Duration::from_secs(30), || {
+        let mut stream = dead_letters.clone();
+        env.runtime
+            .block_on(stream.info())
+            .expect("stream info")
+            .state
+            .messages
+            == poison.len() as u64
+    });
+    let letter = env
+        .runtime
+        .block_on(dead_letters.get_raw_message(1))
+        .expect("dead letter");
+    assert_eq!(letter.subject.as_str(), expected_subject);
     assert_eq!(
         worker.metric("signal_worker_dead_letters_published_total"),
-        0.0
+        poison.len() as f64
     );
     assert_nothing_redelivered(&env, &manifest);
     assert_eq!(env.sequences(&manifest).duplicates(), 0);
