@@ -87,6 +87,16 @@ fn assert_nothing_redelivered(env: &TestEnv, manifest: &PipelineManifest) {
     assert_eq!(env.row_count(manifest), rows);
 }
 
+/// Messages a stream holds now.
+fn stored_messages(env: &TestEnv, stream: &async_nats::jetstream::stream::Stream) -> u64 {
+    let mut stream = stream.clone();
+    env.runtime
+        .block_on(stream.info())
+        .expect("stream info")
+        .state
+        .messages
+}
+
 #[test]
 fn poison_goes_to_the_dead_letter_subject_with_its_reason_subject_and_sequence() {
     let env = TestEnv::start();
@@ -110,13 +120,7 @@ fn poison_goes_to_the_dead_letter_subject_with_its_reason_subject_and_sequence()
         env.row_count(&manifest) == GOOD_MESSAGES
     });
     wait_for("every dead letter", Duration::from_secs(30), || {
-        let mut stream = dead_letters.clone();
-        env.runtime
-            .block_on(stream.info())
-            .expect("stream info")
-            .state
-            .messages
-            == poison.len() as u64
+        stored_messages(&env, &dead_letters) == poison.len() as u64
     });
     let payloads = poison_payloads();
     // Dead letters are routed concurrently: find each by its sequence header, not its position.
@@ -207,13 +211,7 @@ fn without_a_dead_letter_spec_poison_goes_to_the_default_dead_letter_subject() {
         env.row_count(&manifest) == GOOD_MESSAGES
     });
     wait_for("every dead letter", Duration::from_secs(30), || {
-        let mut stream = dead_letters.clone();
-        env.runtime
-            .block_on(stream.info())
-            .expect("stream info")
-            .state
-            .messages
-            == poison.len() as u64
+        stored_messages(&env, &dead_letters) == poison.len() as u64
     });
     let letter = env
         .runtime
