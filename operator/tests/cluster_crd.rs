@@ -175,35 +175,48 @@ async fn unknown_fields_are_refused_when_strict_and_pruned_otherwise() {
     let client = admin_client().await.unwrap();
     let namespace = namespace("crd-unknown");
     let api = dynamic_api(&client, &namespace);
-    let mut with_unknown = manifest(&namespace, "unknown");
-    with_unknown["spec"]["stream"]["colour"] = json!("blue");
-    with_unknown["spec"]["surprise"] = json!({"nested": true});
+    let unknown = json!({"spec": {"stream": {"colour": "blue"}, "surprise": {"nested": true}}});
 
-    let strict = api
-        .patch(
-            "unknown",
-            &PatchParams::apply(FIELD_MANAGER).validation_strict(),
-            &Patch::Apply(&with_unknown),
-        )
-        .await;
-    match strict {
-        Err(kube::Error::Api(status)) => {
-            assert!(
-                status
-                    .message
-                    .contains("unknown field \"spec.stream.colour\"")
-                    && status.message.contains("unknown field \"spec.surprise\""),
-                "{}",
-                status.message
-            );
-        }
-        other => panic!("strict field validation should refuse unknown fields: {other:?}"),
-    }
+    // Server-side apply checks every field against the schema.
+    let mut applied = manifest(&namespace, "unknown");
+    applied["spec"]["stream"]["colour"] = json!("blue");
+    let message = refused(&api, "unknown", &applied).await.unwrap();
+    assert!(
+        message.contains(".spec.stream.colour: field not declared in schema"),
+        "{message}"
+    );
 
     api.patch(
         "unknown",
-        &PatchParams::apply(FIELD_MANAGER).validation_ignore(),
-        &Patch::Apply(&with_unknown),
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&manifest(&namespace, "unknown")),
+    )
+    .await
+    .unwrap();
+    // Other writes: refused with strict field validation...
+    let strict = api
+        .patch(
+            "unknown",
+            &PatchParams::default().validation_strict(),
+            &Patch::Merge(&unknown),
+        )
+        .await;
+    match strict {
+        Err(kube::Error::Api(status)) => assert!(
+            status
+                .message
+                .contains("unknown field \"spec.stream.colour\"")
+                && status.message.contains("unknown field \"spec.surprise\""),
+            "{}",
+            status.message
+        ),
+        other => panic!("strict field validation should refuse unknown fields: {other:?}"),
+    }
+    // ...and otherwise pruned by the structural schema before the object is stored.
+    api.patch(
+        "unknown",
+        &PatchParams::default().validation_ignore(),
+        &Patch::Merge(&unknown),
     )
     .await
     .unwrap();
@@ -214,10 +227,26 @@ async fn unknown_fields_are_refused_when_strict_and_pruned_otherwise() {
     assert!(spec["stream"].get("colour").is_none(), "pruned: {spec}");
     assert!(spec.get("surprise").is_none(), "pruned: {spec}");
     // Defaults from the schema were filled in by the API server.
-    assert_eq!(spec["deletionPolicy"], json!("Delete"));
-    assert_eq!(spec["stream"]["storage"], json!("file"));
-    assert_eq!(spec["consumer"]["deliverPolicy"], json!("all"));
-    assert_eq!(spec["workers"]["batch"]["maxRows"], json!(10000));
+    let mut sparse = manifest(&namespace, "sparse");
+    for (section, field) in [("stream", "storage"), ("consumer", "deliverPolicy")] {
+        sparse["spec"][section]
+            .as_object_mut()
+            .map(|object| object.remove(field));
+    }
+    sparse["spec"]
+        .as_object_mut()
+        .map(|spec| spec.remove("deletionPolicy"));
+    api.patch(
+        "sparse",
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(&sparse),
+    )
+    .await
+    .unwrap();
+    let defaulted = api.get("sparse").await.unwrap().data["spec"].clone();
+    assert_eq!(defaulted["deletionPolicy"], json!("Retain"));
+    assert_eq!(defaulted["stream"]["storage"], json!("file"));
+    assert_eq!(defaulted["consumer"]["deliverPolicy"], json!("all"));
 }
 
 #[tokio::test]

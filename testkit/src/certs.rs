@@ -142,10 +142,11 @@ impl CertificateAuthority {
     }
 }
 
-/// A new ECDSA P-256 private key alone, PKCS#8 PEM (e.g. a service-account token signing key).
-pub fn private_key_pem() -> Result<String> {
+/// A new ECDSA P-256 key pair without a certificate (e.g. for signing service-account tokens):
+/// the private key as PKCS#8 PEM and the public key as PKIX PEM (`-----BEGIN PUBLIC KEY-----`).
+pub fn signing_key_pem() -> Result<(String, String)> {
     let key = KeyPair::generate().map_err(certificate_error("generating a key"))?;
-    Ok(key.serialize_pem())
+    Ok((key.serialize_pem(), key.public_key_pem()))
 }
 
 impl IssuedCertificate {

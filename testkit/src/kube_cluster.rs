@@ -356,6 +356,7 @@ struct Files {
     controller_manager_cert: PathBuf,
     controller_manager_key: PathBuf,
     service_account_key: PathBuf,
+    service_account_public_key: PathBuf,
     admin_kubeconfig: PathBuf,
     controller_manager_kubeconfig: PathBuf,
     etcd_data: PathBuf,
@@ -378,6 +379,7 @@ impl Files {
             controller_manager_cert: dir.join("controller-manager.crt"),
             controller_manager_key: dir.join("controller-manager.key"),
             service_account_key: dir.join("service-account.key"),
+            service_account_public_key: dir.join("service-account.pub"),
             admin_kubeconfig: dir.join("admin.kubeconfig"),
             controller_manager_kubeconfig: dir.join("controller-manager.kubeconfig"),
             etcd_data: dir.join("etcd"),
@@ -426,7 +428,10 @@ impl Pki {
             &files.controller_manager_cert,
             &files.controller_manager_key,
         )?;
-        certs::write_private(&files.service_account_key, &certs::private_key_pem()?)?;
+        let (signing_key, public_key) = certs::signing_key_pem()?;
+        certs::write_private(&files.service_account_key, &signing_key)?;
+        std::fs::write(&files.service_account_public_key, public_key)
+            .context(|| format!("writing {}", files.service_account_public_key.display()))?;
 
         let admin_client = TlsClient::new(&ca.cert_der(), &admin.cert_der, &admin.key_der)?;
         Ok(Pki { admin_client })
@@ -490,7 +495,7 @@ fn launch_apiserver(binary: &Path, files: &Files, port: u16, etcd_port: u16) -> 
         format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
         format!(
             "--service-account-key-file={}",
-            path(&files.service_account_key)
+            path(&files.service_account_public_key)
         ),
         format!(
             "--service-account-signing-key-file={}",
