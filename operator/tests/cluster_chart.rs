@@ -108,6 +108,14 @@ async fn the_charts_rbac_is_enough_and_only_watched_namespaces_are_touched() {
         .write_token_kubeconfig(&kubeconfig, &token, &release_namespace)
         .unwrap();
 
+    // The token is the ServiceAccount's and nothing more: outside its Roles it is refused.
+    let as_operator = cluster::client_for(Some(&kubeconfig)).await.unwrap();
+    let outside: Api<Secret> = Api::namespaced(as_operator, &other);
+    match outside.list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{}", status.message),
+        other => panic!("the chart's ServiceAccount should not list Secrets elsewhere: {other:?}"),
+    }
+
     // ClickHouse credentials in a Secret (the test server's default user has no password).
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &watched);
     let secret = json!({
