@@ -48,7 +48,8 @@ use cluster::{
 struct Target {
     namespace: String,
     spec: SignalPipelineSpec,
-    /// Check the stream and table on the servers themselves (reachable from the test).
+    /// Check the stream and table on the servers themselves (reachable from the test), and use
+    /// `kubectl` with the test control plane's kubeconfig.
     check_servers: bool,
     ready_timeout: Duration,
 }
@@ -173,6 +174,30 @@ async fn lifecycle(client: &Client, target: &Target, name: &str) -> Result<()> {
         "no WorkersApplied event on the pipeline; reasons: {reasons:?}"
     );
 
+    if target.check_servers {
+        // The printer columns, as `kubectl get sigp` shows them.
+        let listed = cluster::kubectl(&["get", "sigp", name, "--namespace", namespace])?;
+        let mut lines = listed.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        ensure!(
+            header == ["NAME", "STREAM", "TABLE", "REPLICAS", "LAG", "READY", "AGE"],
+            "kubectl get sigp columns: {listed}"
+        );
+        let row: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        ensure!(
+            row.len() == 7 && row[..6] == [name, &stream, &qualified, "1", "0", "True"],
+            "kubectl get sigp row: {listed}"
+        );
+    }
+
     // `kubectl scale sigp NAME --replicas 2` goes through the scale subresource.
     call(
         "scaling through the scale subresource",
@@ -195,6 +220,18 @@ async fn lifecycle(client: &Client, target: &Target, name: &str) -> Result<()> {
         selector.contains(&format!("app.kubernetes.io/instance={name}")),
         "the scale subresource's selector `{selector}` does not select the workers"
     );
+
+    if target.check_servers {
+        cluster::kubectl(&[
+            "scale",
+            "sigp",
+            name,
+            "--replicas=4",
+            "--namespace",
+            namespace,
+        ])?;
+        wait_deployment_replicas(&deployments, &worker, 4).await?;
+    }
 
     call(
         "editing spec.workers.replicas",
