@@ -115,12 +115,15 @@ async fn every_cel_rule_is_evaluated_with_its_message() {
     );
 }
 
+/// What is broken, how, and what the API server says about it.
+type InvalidCase = (&'static str, fn(&mut Value), &'static str);
+
 #[tokio::test]
 async fn invalid_enums_ranges_and_patterns_are_refused_at_apply() {
     let client = admin_client().await.unwrap();
     let namespace = namespace("crd-invalid");
     let api = dynamic_api(&client, &namespace);
-    let cases: [(&str, fn(&mut Value), &str); 7] = [
+    let cases: [InvalidCase; 7] = [
         (
             "deletionPolicy",
             |m| m["spec"]["deletionPolicy"] = json!("Sometimes"),

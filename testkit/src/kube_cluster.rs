@@ -89,7 +89,7 @@ impl KubeCluster {
                         ETCD,
                         child,
                         ETCD_START_TIMEOUT,
-                        &[files.etcd_log.clone()],
+                        std::slice::from_ref(&files.etcd_log),
                         || etcd_healthy(client.port()),
                     )
                 },
@@ -108,7 +108,7 @@ impl KubeCluster {
                         APISERVER,
                         child,
                         APISERVER_START_TIMEOUT,
-                        &[files.apiserver_log.clone()],
+                        std::slice::from_ref(&files.apiserver_log),
                         || status_of(&pki.admin_client, port.port(), "/readyz") == Some(200),
                     )
                 },
@@ -149,7 +149,7 @@ impl KubeCluster {
                             CONTROLLER_MANAGER,
                             child,
                             CONTROLLER_MANAGER_START_TIMEOUT,
-                            &[files.controller_manager_log.clone()],
+                            std::slice::from_ref(&files.controller_manager_log),
                             // The service-account controller made the default namespace's account.
                             || {
                                 status_of(
