@@ -8,12 +8,16 @@
 //!   Deployment and ConfigMap;
 //! - deleting while NATS and ClickHouse are gone: a `Retain` pipeline goes at once; a `Delete`
 //!   one keeps its finalizer, saying why in `CleanupFailed` events, and completes once the
-//!   servers are back.
+//!   servers are back; when they never come back, it gives up once the operator's cleanup
+//!   timeout (5 minutes) has passed, with a `CleanupAbandoned` event. That test alone takes five
+//!   minutes; the others of this binary run beside it.
 
 #[path = "support/cluster.rs"]
 mod cluster;
 #[path = "support/dataplane.rs"]
 mod dataplane;
+
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -348,4 +352,67 @@ async fn deleting_while_nats_and_clickhouse_are_gone() {
     );
     collected(&client, &namespace, "deleted").await;
     collected(&client, &namespace, "retained").await;
+}
+
+/// The operator's cleanup timeout (`Settings::cleanup_timeout`): how long a `Delete` finalizer
+/// retries before giving up.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[tokio::test]
+async fn a_delete_finalizer_gives_up_once_the_cleanup_timeout_has_passed() {
+    let client = cluster::admin_client().await.unwrap();
+    let namespace = cluster::namespace("abandon");
+    let operator = Operator::start(OperatorOptions {
+        namespaces: vec![namespace.clone()],
+        ..OperatorOptions::default()
+    })
+    .unwrap();
+    let mut nats = NatsServer::start().unwrap();
+    let mut clickhouse = ClickHouseServer::start().unwrap();
+    let pipelines: Api<SignalPipeline> = Api::namespaced(client.clone(), &namespace);
+    let spec = spec_on(
+        &dataplane::unique("abandon"),
+        &nats,
+        &clickhouse,
+        DeletionPolicy::Delete,
+    );
+    apply_pipeline(&pipelines, &pipeline_object(&namespace, "stranded", &spec))
+        .await
+        .unwrap();
+    wait_condition(&pipelines, "stranded", "TableReady", FOLLOW_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", operator.log_text()));
+
+    // The servers go for good: nothing can ever remove the stream and the table.
+    nats.kill();
+    clickhouse.kill();
+    let deleted = Instant::now();
+    call(
+        "deleting",
+        pipelines.delete("stranded", &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    // Retries back off (5 s doubling) but never past the timeout, so the pipeline goes within
+    // it plus one retry's worth of slack.
+    wait_gone(&pipelines, "stranded", CLEANUP_TIMEOUT + FOLLOW_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\noperator log:\n{}", operator.log_text()));
+    let waited = deleted.elapsed();
+    eprintln!("the Delete finalizer gave up {waited:?} after the deletion");
+    assert!(
+        waited >= CLEANUP_TIMEOUT - Duration::from_secs(5),
+        "gave up after {waited:?}, before the cleanup timeout"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    let list = call("listing events", events.list(&ListParams::default()))
+        .await
+        .unwrap();
+    let abandoned = list
+        .items
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("CleanupAbandoned"))
+        .and_then(|e| e.note.clone())
+        .expect("a CleanupAbandoned event says what is left");
+    assert!(abandoned.contains("remove them by hand"), "{abandoned}");
 }
