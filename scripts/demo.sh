@@ -7,7 +7,7 @@
 # It installs the server packages it lacks (nats-server, clickhouse-server, clickhouse-client,
 # redis-server; through scripts/install-test-deps.sh, which starts no system service), starts its
 # own servers on free loopback ports in a temporary directory, builds the release binaries, runs the
-# pipeline of examples/local/demo.yaml, publishes COUNT sample signals (a few malformed on purpose)
+# pipeline of examples/local/demo.yaml, publishes COUNT sample signals with `signal-demo` (a few malformed on purpose)
 # with a live progress line, and shows what arrived in ClickHouse, in Redis and on the dead-letter
 # subject. Ctrl-C or the end stops everything it started (and nothing else) and removes its
 # temporary directory.
@@ -218,7 +218,7 @@ fi
 # Binaries and the pipeline
 # ---------------------------------------------------------------------------------------------
 say "building release binaries (the first build takes a few minutes)"
-cargo build --release --quiet -p signal-operator -p signal-worker
+cargo build --release --quiet -p signal-operator -p signal-worker -p signal-demo
 bin=$(cargo metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release
 [ -x "$bin/signal-operator" ] || bin="$repo/target/release"
@@ -238,10 +238,10 @@ say "signal-operator local runs $replicas workers (metrics on 127.0.0.1:$metrics
 say "  NATS $nats_url · ClickHouse $clickhouse_url · Redis $redis_url"
 say "  pipeline $pipeline (from examples/local/demo.yaml); log $work/operator.log"
 
-"$bin/signal-operator" --log-level warn demo publish -f "$pipeline" --count "$count" \
+"$bin/signal-demo" --log-level warn publish -f "$pipeline" --count "$count" \
     --malformed-percent "$malformed_percent"
 kill -0 "$operator_pid" 2>/dev/null || die "signal-operator local exited"
 
-"$bin/signal-operator" --log-level warn demo report -f "$pipeline"
+"$bin/signal-demo" --log-level warn report -f "$pipeline"
 echo
 say "done; stopping what the demo started"

@@ -2,8 +2,9 @@
 //!
 //! The operator passes Secret keys to worker pods as `valueFrom.secretKeyRef` environment variables
 //! with the names below, and reads the same keys itself when it connects; the worker reads them back
-//! with [`PipelineCredentials::from_env`]. Secrets never enter the pipeline manifest or a ConfigMap,
-//! and `Debug` output redacts them so they cannot reach a log line.
+//! from its environment (`signal_clients::credentials::from_env`, which also reads a creds file named
+//! by [`ENV_NATS_CREDS_FILE`]). Secrets never enter the pipeline manifest or a ConfigMap, and
+//! `Debug` output redacts them so they cannot reach a log line.
 
 use std::fmt;
 
@@ -15,7 +16,8 @@ pub const ENV_NATS_USER: &str = "SIGNAL_NATS_USER";
 pub const ENV_NATS_PASSWORD: &str = "SIGNAL_NATS_PASSWORD";
 /// Environment variable with the contents of a NATS `.creds` file (Secret key `creds`).
 pub const ENV_NATS_CREDS: &str = "SIGNAL_NATS_CREDS";
-/// Environment variable with the path of a NATS `.creds` file (for local use).
+/// Environment variable with the path of a NATS `.creds` file (for local use; read by
+/// `signal_clients::credentials`, never here).
 pub const ENV_NATS_CREDS_FILE: &str = "SIGNAL_NATS_CREDS_FILE";
 /// Environment variable with the ClickHouse user (Secret key `user`).
 pub const ENV_CLICKHOUSE_USER: &str = "SIGNAL_CLICKHOUSE_USER";
@@ -72,31 +74,19 @@ pub struct PipelineCredentials {
 /// Why credentials could not be assembled.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("{variable}: cannot read the creds file `{path}`: {source}")]
-    CredsFile {
-        variable: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
     #[error("{0}: a NATS password was given without a user")]
     PasswordWithoutUser(&'static str),
 }
 
 impl PipelineCredentials {
     /// Assembles credentials from a lookup of variable names (the process environment, or a Secret's
-    /// keys already mapped to variable names). Empty values count as absent.
+    /// keys already mapped to variable names). Empty values count as absent. A creds file path
+    /// ([`ENV_NATS_CREDS_FILE`]) is not read here: the caller passes the file's contents as
+    /// [`ENV_NATS_CREDS`].
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, CredentialsError> {
         let get = |name: &str| lookup(name).filter(|v| !v.is_empty());
         let nats = if let Some(creds) = get(ENV_NATS_CREDS) {
             NatsAuth::Creds(creds)
-        } else if let Some(path) = get(ENV_NATS_CREDS_FILE) {
-            let contents =
-                std::fs::read_to_string(&path).map_err(|source| CredentialsError::CredsFile {
-                    variable: ENV_NATS_CREDS_FILE,
-                    path,
-                    source,
-                })?;
-            NatsAuth::Creds(contents)
         } else if let Some(token) = get(ENV_NATS_TOKEN) {
             NatsAuth::Token(token)
         } else {
@@ -122,11 +112,6 @@ impl PipelineCredentials {
                 password: get(ENV_REDIS_PASSWORD),
             },
         })
-    }
-
-    /// Credentials from this process's environment.
-    pub fn from_env() -> Result<Self, CredentialsError> {
-        Self::from_lookup(|name| std::env::var(name).ok())
     }
 }
 

@@ -1,9 +1,11 @@
 //! The shared model of a signal pipeline.
 //!
 //! Everything here is pure: the `SignalPipeline` spec users write ([`spec`]), its validation
-//! ([`validate`]), the manifest file the worker reads ([`manifest`]), ClickHouse column types
-//! ([`column_type`]), how a message becomes a RowBinary row ([`row_encoder`]), the DDL the operator
-//! runs ([`ddl`]) and the Redis cache key template ([`cache_key`]). No I/O happens in this crate.
+//! ([`validate`]), parsing the manifest the worker reads ([`manifest`]), the credential types and
+//! the variables that carry them ([`credentials`]), ClickHouse column types ([`column_type`]), how a
+//! message becomes a RowBinary row ([`row_encoder`]), the DDL the operator runs ([`ddl`]) and the
+//! Redis cache key template ([`cache_key`]). No I/O happens in this crate: reading files and the
+//! environment, and talking to servers, is `signal-clients`' part.
 
 pub mod cache_key;
 pub mod column_type;

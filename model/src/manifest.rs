@@ -1,7 +1,6 @@
-//! The pipeline manifest file: the same YAML a user applies with kubectl, read by the worker
-//! (`--pipeline FILE`, mounted from the ConfigMap the operator writes) and by local mode.
-
-use std::path::Path;
+//! The pipeline manifest: the same YAML a user applies with kubectl, read by the worker
+//! (`--pipeline FILE`, mounted from the ConfigMap the operator writes) and by local mode. Parsing
+//! only: `signal_clients::manifest` reads the file.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,11 +33,6 @@ pub struct PipelineManifest {
 /// Why a manifest could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
     #[error("{0}")]
     Parse(String),
     #[error("{0}")]
@@ -83,15 +77,6 @@ impl PipelineManifest {
         }
         manifest.spec.validate(&manifest.metadata.name)?;
         Ok(manifest)
-    }
-
-    /// Reads, parses and validates a manifest file.
-    pub fn from_file(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_yaml(&text)
     }
 
     /// The manifest as YAML.

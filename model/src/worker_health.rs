@@ -55,7 +55,11 @@ pub struct WorkerHealthReport {
 /// The subject one worker of a pipeline reports on. Stream, consumer and worker names are
 /// already subject-safe tokens except for the worker name, whose dots are replaced.
 pub fn health_subject(stream: &str, durable: &str, worker: &str) -> String {
-    format!("{}.{worker}", health_filter_prefix(stream, durable), worker = subject_token(worker))
+    format!(
+        "{}.{worker}",
+        health_filter_prefix(stream, durable),
+        worker = subject_token(worker)
+    )
 }
 
 /// The filter matching every worker's report of one pipeline.
@@ -64,7 +68,11 @@ pub fn health_filter(stream: &str, durable: &str) -> String {
 }
 
 fn health_filter_prefix(stream: &str, durable: &str) -> String {
-    format!("signal.health.{}.{}", subject_token(stream), subject_token(durable))
+    format!(
+        "signal.health.{}.{}",
+        subject_token(stream),
+        subject_token(durable)
+    )
 }
 
 fn subject_token(name: &str) -> String {
@@ -84,7 +92,10 @@ mod tests {
     fn subjects_are_per_worker_under_one_filter() {
         let subject = health_subject("SIGNALS", "writer", "pod.a");
         assert_eq!(subject, "signal.health.SIGNALS.writer.pod_a");
-        assert_eq!(health_filter("SIGNALS", "writer"), "signal.health.SIGNALS.writer.*");
+        assert_eq!(
+            health_filter("SIGNALS", "writer"),
+            "signal.health.SIGNALS.writer.*"
+        );
         assert!(HEALTH_SUBJECTS.starts_with("signal.health."));
     }
 

@@ -1,5 +1,5 @@
-//! The `signal-operator` command: `run` the controller, print the `crd`, run a pipeline `local`ly, or
-//! the `demo` helpers of scripts/demo.sh.
+//! The `signal-operator` command: `run` the controller, print the `crd`, or run a pipeline `local`ly.
+//! (The demo's publisher and report are the `signal-demo` command.)
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -10,11 +10,12 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use kube::Client;
 use signal_operator::controller::{self, Settings};
-use signal_operator::http::{self, Readiness};
 use signal_operator::leader_election::{LeaderElector, LeaseTiming, default_identity};
-use signal_operator::local::{self, LocalOptions, demo};
+use signal_operator::local::{self, LocalOptions};
 use signal_operator::metrics::Metrics;
-use signal_operator::telemetry::{self, LogFormat};
+use signal_telemetry::LogArgs;
+use signal_telemetry::http::{self, Readiness};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -24,18 +25,8 @@ use tracing::{error, info, warn};
     about = "Runs SignalPipelines: NATS JetStream into ClickHouse"
 )]
 struct Cli {
-    /// Log line format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "human",
-        env = "SIGNAL_LOG_FORMAT"
-    )]
-    log_format: LogFormat,
-    /// Log filter, e.g. `info` or `signal_operator=debug,kube=info` (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "info", env = "SIGNAL_LOG_LEVEL")]
-    log_level: String,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,9 +40,6 @@ enum Command {
     /// Run one pipeline file without Kubernetes: reconcile its stream, consumer and table, run its
     /// workers as processes, and follow edits of the file until SIGINT or SIGTERM.
     Local(LocalArgs),
-    /// Helpers of scripts/demo.sh: publish sample signals, report what arrived.
-    #[command(subcommand)]
-    Demo(DemoCommand),
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,47 +65,6 @@ struct LocalArgs {
     delete_on_exit: bool,
 }
 
-#[derive(Subcommand, Debug)]
-enum DemoCommand {
-    /// Publish sample signals, a few malformed, to a pipeline's stream with a live progress line,
-    /// then wait until the pipeline has written them.
-    Publish(DemoPublishArgs),
-    /// Show rows per event type in ClickHouse, cached values in Redis and the dead letters.
-    Report(DemoReportArgs),
-}
-
-#[derive(clap::Args, Debug)]
-struct DemoPublishArgs {
-    /// The pipeline manifest (addresses, stream, consumer and table come from it).
-    #[arg(long = "file", short = 'f')]
-    file: PathBuf,
-    /// Number of signals to publish.
-    #[arg(long, env = "SIGNAL_DEMO_MESSAGES", default_value_t = 200_000)]
-    count: u64,
-    /// Share of deliberately malformed signals, in percent.
-    #[arg(long, env = "SIGNAL_DEMO_MALFORMED_PERCENT", default_value_t = 3.0)]
-    malformed_percent: f64,
-    /// Publish acknowledgements awaited at most at once.
-    #[arg(long, default_value_t = 1024)]
-    in_flight: usize,
-    /// Seconds to wait after publishing for the pipeline to catch up.
-    #[arg(long, default_value_t = 120)]
-    drain_timeout_seconds: u64,
-}
-
-#[derive(clap::Args, Debug)]
-struct DemoReportArgs {
-    /// The pipeline manifest.
-    #[arg(long = "file", short = 'f')]
-    file: PathBuf,
-    /// Column whose values the row counts are grouped by.
-    #[arg(long, default_value = "event_type")]
-    group_by: String,
-    /// How many cached values and dead letters to print.
-    #[arg(long, default_value_t = 3)]
-    show: usize,
-}
-
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Namespace to watch; repeat for several. All namespaces when absent.
@@ -139,7 +86,7 @@ struct RunArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format, &cli.log_level).context("setting up logging")?;
+    cli.log.init().context("setting up logging")?;
     match cli.command {
         Command::Crd => {
             print!(
@@ -152,7 +99,6 @@ fn main() -> Result<()> {
             .context("starting the async runtime")?
             .block_on(run(args)),
         Command::Local(args) => exit_on_error(run_local(args)),
-        Command::Demo(command) => exit_on_error(run_demo(command)),
     }
 }
 
@@ -191,38 +137,6 @@ fn run_local(args: LocalArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_demo(command: DemoCommand) -> Result<()> {
-    let file = match &command {
-        DemoCommand::Publish(args) => &args.file,
-        DemoCommand::Report(args) => &args.file,
-    };
-    let (_, manifest) = local::load_manifest(file)?;
-    let credentials = signal_model::credentials::PipelineCredentials::from_env()
-        .context("invalid credentials in the environment")?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    match command {
-        DemoCommand::Publish(args) => {
-            let options = demo::PublishOptions {
-                count: args.count,
-                malformed_percent: args.malformed_percent,
-                in_flight: args.in_flight,
-                drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
-            };
-            runtime
-                .block_on(demo::publish(&manifest, &credentials, &options))
-                .context("demo publisher")
-        }
-        DemoCommand::Report(args) => runtime
-            .block_on(demo::report(
-                &manifest,
-                &credentials,
-                &args.group_by,
-                args.show,
-            ))
-            .context("demo report"),
-    }
-}
-
 async fn run(args: RunArgs) -> Result<()> {
     let client = Client::try_default()
         .await
@@ -230,11 +144,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
     let readiness = Readiness::default();
 
-    let server = tokio::spawn(http::serve(
+    let (_, server) = http::serve(
         args.metrics_addr,
         metrics.clone(),
-        readiness.clone(),
-    ));
+        readiness.check(),
+        CancellationToken::new(),
+    )
+    .await
+    .with_context(|| format!("serving on {}", args.metrics_addr))?;
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
 
     let settings = Settings::new(args.worker_image.clone());
@@ -293,9 +210,9 @@ async fn run(args: RunArgs) -> Result<()> {
     tokio::select! {
         result = controllers => result,
         served = server => {
-            let outcome = served.context("metrics server task")?;
+            served.context("metrics server task")?;
             error!("metrics server stopped");
-            outcome.with_context(|| format!("serving on {}", args.metrics_addr))
+            anyhow::bail!("the metrics server on {} stopped", args.metrics_addr)
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The operator's Prometheus metrics: reconciles, failures by reason, reconcile duration, and how
-//! many pipelines are ready. Served on `/metrics` by [`crate::http`].
+//! many pipelines are ready. Served on `/metrics` by `signal_telemetry::http`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -107,11 +107,10 @@ impl Metrics {
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
     }
+}
 
-    /// The text exposition format.
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
-        Ok(text)
+impl signal_telemetry::http::MetricsSource for Metrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }

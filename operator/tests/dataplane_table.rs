@@ -416,3 +416,77 @@ async fn a_changed_partition_by_is_reported_and_the_table_left_as_is() {
     );
     assert_eq!(show_create_table(&spec), before, "the table is untouched");
 }
+
+/// Scratch tables (the spec's table as the server prints it) still present for a spec whose
+/// table has a column named `marker`.
+fn scratch_tables_for(marker: &str) -> String {
+    clickhouse_query(&format!(
+        "SELECT count() FROM system.tables WHERE database = 'signal_operator_scratch' \
+         AND create_table_query LIKE '%{marker}%'"
+    ))
+    .trim()
+    .to_string()
+}
+
+#[tokio::test]
+async fn expressions_the_server_rewrites_are_no_drift() {
+    // The server prints `amount % 4` for `modulo(amount, 4)`, `CAST(amount, 'UInt8')` for the
+    // lower-case `cast(amount as UInt8)` and drops the spacing, quotes and outer parentheses: a
+    // comparison of texts (the tokenizer this replaced) reported these as drift on every reconcile.
+    let mut spec = table_spec("rewritten");
+    let marker = unique("marker");
+    spec.columns.push(ColumnSpec::from_field(&marker, "UInt8"));
+    spec.partition_by = Some("modulo(amount, 4)".to_string());
+    spec.order_by = vec![
+        "( `wallet` )".to_string(),
+        "cast(amount as UInt8)".to_string(),
+    ];
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+    let printed = show_create_table(&spec);
+    assert!(
+        printed.contains("PARTITION BY amount % 4") && printed.contains("CAST(amount, 'UInt8')"),
+        "the server rewrites the spec's expressions: {printed}"
+    );
+    for _ in 0..2 {
+        let again = reconcile(&spec).await;
+        assert_eq!(again.report.reason, "UpToDate", "{:?}", again.report);
+        assert_eq!(again.schema_drift, None);
+    }
+    assert_eq!(scratch_tables_for(&marker), "0", "no scratch table is left");
+
+    // A real change is still found, on the first reconcile after the edit.
+    spec.partition_by = Some("modulo(amount, 8)".to_string());
+    let changed = reconcile(&spec).await;
+    assert_eq!(changed.report.reason, "SchemaDrift", "{:?}", changed.report);
+    assert!(
+        changed.schema_drift.as_deref().is_some_and(|drift| drift
+            .starts_with("PARTITION BY: table has amount % 4, spec wants modulo(amount, 8)")),
+        "{:?}",
+        changed.schema_drift
+    );
+    assert_eq!(scratch_tables_for(&marker), "0", "no scratch table is left");
+}
+
+#[tokio::test]
+async fn spec_clauses_the_server_refuses_on_an_existing_table_are_noted_not_blocking() {
+    let mut spec = table_spec("clauses_refused");
+    let marker = unique("marker");
+    spec.columns.push(ColumnSpec::from_field(&marker, "UInt8"));
+    assert_eq!(reconcile(&spec).await.report.reason, "Created");
+    let before = show_create_table(&spec);
+
+    spec.order_by = vec!["no_such_column".to_string()];
+    let outcome = reconcile(&spec).await;
+    assert!(outcome.report.ready, "{:?}", outcome.report);
+    assert_eq!(outcome.report.reason, "SchemaDrift");
+    let drift = outcome.schema_drift.unwrap_or_default();
+    assert!(
+        drift.starts_with(
+            "ENGINE, PARTITION BY, ORDER BY and TTL were not compared: ClickHouse refused \
+             `CREATE TABLE"
+        ) && drift.contains("no_such_column"),
+        "{drift}"
+    );
+    assert_eq!(show_create_table(&spec), before, "the table is untouched");
+    assert_eq!(scratch_tables_for(&marker), "0", "no scratch table is left");
+}

@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use signal_demo::sample_signals::sample_signal;
 use signal_testkit::{ChildProcess, ClickHouseServer, NatsServer, free_port, is_port_free};
-use signal_worker::sample_signals::sample_signal;
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_signal-operator");
 /// Upper bound for anything the operator should do after a file edit or a crash.

@@ -93,11 +93,11 @@ pub enum Error {
         message: String,
     },
 
-    /// Redis answered a command with an error reply.
+    /// Redis answered a command with an error reply (`WRONGTYPE …`), or could not be asked.
     #[error("Redis error: {0}")]
     Redis(String),
 
-    /// A server sent something the tiny protocol clients here do not understand.
+    /// A server sent something the tiny HTTP client here does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
 

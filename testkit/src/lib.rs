@@ -5,7 +5,8 @@
 //! Each server runs as a child process on free loopback ports, with its own temporary directory,
 //! so tests can run in parallel (test threads and several test binaries at once). Servers are
 //! stopped when dropped, and also when the test process dies (`PR_SET_PDEATHSIG`). Everything is
-//! blocking and std-only, so the crate works from sync and async tests alike.
+//! blocking (the `redis` crate's synchronous API for Redis), so the crate works from sync and
+//! async tests alike.
 //!
 //! The binaries come from Debian packages (`scripts/install-test-deps.sh` installs them); a
 //! missing one is an [`Error::BinaryNotFound`] naming the `apt-get install` command. The
@@ -31,7 +32,6 @@ mod nats;
 mod ports;
 mod process;
 mod redis;
-mod resp;
 
 pub use clickhouse::ClickHouseServer;
 pub use error::{Error, Result};
@@ -40,4 +40,3 @@ pub use nats::NatsServer;
 pub use ports::{free_port, is_port_free};
 pub use process::{ChildProcess, workspace_bin};
 pub use redis::RedisServer;
-pub use resp::RespValue;

@@ -2,8 +2,8 @@
 //!
 //! [`RedisServer::start`] runs `redis-server --port P --bind 127.0.0.1 --save "" --appendonly no
 //! --dir <tmp>` on a free port and waits until it answers `PING` and reports our child's pid in
-//! `INFO server`. [`RedisServer::command`] runs one command through the tiny RESP client in
-//! [`crate::resp`]. Nothing is persisted, so a restart starts empty (on the same port).
+//! `INFO server`. [`RedisServer::command`] runs one command through the `redis` crate's synchronous
+//! client. Nothing is persisted, so a restart starts empty (on the same port).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +15,6 @@ use crate::binary;
 use crate::error::{Error, IoContext, Result};
 use crate::ports::{PortReservation, reserve_port};
 use crate::process::{self, ServerProcess};
-use crate::resp::{self, RespValue};
 
 const SERVER: &str = "redis-server";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -95,13 +94,14 @@ impl RedisServer {
         )
     }
 
-    /// Runs one command, e.g. `command(&["HGETALL", "key"])`. An error reply is
-    /// [`Error::Redis`].
-    pub fn command(&self, args: &[&str]) -> Result<RespValue> {
+    /// Runs one command and converts its reply, e.g.
+    /// `command::<BTreeMap<String, String>>(&["HGETALL", "key"])`. An error reply is
+    /// [`Error::Redis`] with the server's words.
+    pub fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> Result<T> {
         if self.process.pid().is_none() {
             return Err(Error::NotRunning(SERVER));
         }
-        resp::command(self.port(), args, COMMAND_TIMEOUT)
+        command(self.port(), args, COMMAND_TIMEOUT)
     }
 }
 
@@ -109,6 +109,28 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends one command on a new connection to `127.0.0.1:port` and converts the reply.
+fn command<T: redis::FromRedisValue>(port: u16, args: &[&str], timeout: Duration) -> Result<T> {
+    let name = args.first().copied().unwrap_or_default();
+    let failed = |error: redis::RedisError| match (error.code(), error.detail()) {
+        // An error reply: the server's own line, `WRONGTYPE Operation against a key …`.
+        (Some(code), Some(detail)) => Error::Redis(format!("{code} {detail}")),
+        _ => Error::Redis(format!("{name:?} to 127.0.0.1:{port}: {error}")),
+    };
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).map_err(failed)?;
+    let mut connection = client
+        .get_connection_with_timeout(timeout)
+        .map_err(failed)?;
+    connection.set_read_timeout(Some(timeout)).map_err(failed)?;
+    connection
+        .set_write_timeout(Some(timeout))
+        .map_err(failed)?;
+    redis::cmd(name)
+        .arg(args.get(1..).unwrap_or_default())
+        .query(&mut connection)
+        .map_err(failed)
 }
 
 fn log_path(dir: &Path) -> PathBuf {
@@ -137,10 +159,9 @@ fn wait_ready(child: &mut Child, dir: &Path, port: u16) -> Result<()> {
     let pid_line = format!("process_id:{}\r\n", child.id());
     process::wait_until_ready(SERVER, child, START_TIMEOUT, &[log_path(dir)], || {
         let probe = Duration::from_millis(500);
-        let pong = resp::command(port, &["PING"], probe)
-            .is_ok_and(|v| v == RespValue::Simple("PONG".into()));
-        pong && resp::command(port, &["INFO", "server"], probe)
-            .is_ok_and(|v| v.as_str().is_some_and(|info| info.contains(&pid_line)))
+        let pong = command::<String>(port, &["PING"], probe).is_ok_and(|reply| reply == "PONG");
+        pong && command::<String>(port, &["INFO", "server"], probe)
+            .is_ok_and(|info| info.contains(&pid_line))
     })
 }
 
@@ -149,6 +170,7 @@ mod tests {
     use super::*;
     use crate::ports::is_port_free;
     use crate::process::is_address_in_use;
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_taken_port_is_reported_as_address_in_use() {
@@ -171,33 +193,46 @@ mod tests {
         let port = redis.port();
         assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}"));
         assert_eq!(
-            redis.command(&["SET", "k", "v", "EX", "100"]).unwrap(),
-            RespValue::Simple("OK".into())
+            redis
+                .command::<String>(&["SET", "k", "v", "EX", "100"])
+                .unwrap(),
+            "OK"
         );
-        assert_eq!(redis.command(&["GET", "k"]).unwrap().as_str(), Some("v"));
-        assert!(redis.command(&["GET", "missing"]).unwrap().is_nil());
-        let ttl = redis.command(&["TTL", "k"]).unwrap().as_int().unwrap();
+        assert_eq!(
+            redis.command::<Option<String>>(&["GET", "k"]).unwrap(),
+            Some("v".to_string())
+        );
+        assert_eq!(
+            redis
+                .command::<Option<String>>(&["GET", "missing"])
+                .unwrap(),
+            None
+        );
+        let ttl: i64 = redis.command(&["TTL", "k"]).unwrap();
         assert!((1..=100).contains(&ttl), "{ttl}");
-        redis.command(&["HSET", "h", "a", "1", "b", "2"]).unwrap();
-        let map = redis.command(&["HGETALL", "h"]).unwrap().to_map().unwrap();
+        redis
+            .command::<()>(&["HSET", "h", "a", "1", "b", "2"])
+            .unwrap();
+        let map: BTreeMap<String, String> = redis.command(&["HGETALL", "h"]).unwrap();
         assert_eq!(map.get("b").map(String::as_str), Some("2"));
-        let keys = redis.command(&["KEYS", "*"]).unwrap();
-        assert_eq!(keys.to_sorted_strings().unwrap(), ["h", "k"]);
-        assert_eq!(redis.command(&["DBSIZE"]).unwrap().as_int(), Some(2));
+        let mut keys: Vec<String> = redis.command(&["KEYS", "*"]).unwrap();
+        keys.sort();
+        assert_eq!(keys, ["h", "k"]);
+        assert_eq!(redis.command::<i64>(&["DBSIZE"]).unwrap(), 2);
         assert!(matches!(
-            redis.command(&["HGETALL", "k"]),
+            redis.command::<BTreeMap<String, String>>(&["HGETALL", "k"]),
             Err(Error::Redis(m)) if m.starts_with("WRONGTYPE")
         ));
 
         redis.restart().unwrap();
         assert_eq!(redis.port(), port);
-        assert_eq!(redis.command(&["DBSIZE"]).unwrap().as_int(), Some(0));
+        assert_eq!(redis.command::<i64>(&["DBSIZE"]).unwrap(), 0);
 
         let pid = redis.pid().unwrap();
         redis.stop();
         assert!(!redis.is_running());
         assert!(matches!(
-            redis.command(&["PING"]),
+            redis.command::<String>(&["PING"]),
             Err(Error::NotRunning(_))
         ));
         assert!(!Path::new(&format!("/proc/{pid}")).exists());

@@ -18,10 +18,10 @@ use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use signal_demo::sample_signals::sample_signal;
 use signal_model::manifest::PipelineManifest;
 use signal_model::{ColumnSpec, ServerVersion, SignalPipelineSpec, ddl};
 use signal_testkit::{ChildProcess, ClickHouseServer, NatsServer};
-use signal_worker::sample_signals::sample_signal;
 
 const STREAM: &str = "BENCH";
 const SUBJECT: &str = "bench.signals";

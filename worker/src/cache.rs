@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, IntoConnectionInfo, ServerErrorKind};
+use redis::{ErrorKind, ServerErrorKind};
+use signal_clients::retry::Backoff;
 use signal_model::CacheSpec;
 use signal_model::cache_key::KeyTemplate;
 use signal_model::credentials::UserPassword;
@@ -21,7 +22,6 @@ use tokio::sync::mpsc;
 
 use crate::batch::CacheEntry;
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
 
 /// Batches of cache updates queued at most; beyond that updates are dropped.
 const QUEUE_BATCHES: usize = 4;
@@ -131,16 +131,7 @@ pub fn start(
     auth: &UserPassword,
     metrics: Arc<Metrics>,
 ) -> Result<(CacheQueue, tokio::task::JoinHandle<()>), redis::RedisError> {
-    let mut info = spec.redis.url.as_str().into_connection_info()?;
-    let mut settings = info.redis_settings().clone();
-    if let Some(user) = &auth.user {
-        settings = settings.set_username(user);
-    }
-    if let Some(password) = &auth.password {
-        settings = settings.set_password(password);
-    }
-    info = info.set_redis_settings(settings);
-    let client = redis::Client::open(info)?;
+    let client = signal_clients::connect::redis(&spec.redis.url, auth)?;
     let (sender, receiver) = mpsc::channel(QUEUE_BATCHES);
     let ttl = spec.ttl.0;
     let task = tokio::spawn(write_loop(client, receiver, ttl, metrics.clone()));

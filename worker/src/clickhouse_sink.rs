@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::Acker;
-use signal_model::ServerVersion;
+use signal_clients::clickhouse::server_version;
+use signal_clients::retry::Backoff;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::SealedBatch;
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
 
 /// How long a shutting-down worker keeps retrying a batch before leaving it to redelivery.
 const SHUTDOWN_RETRY_BUDGET: Duration = Duration::from_secs(15);
@@ -41,12 +41,6 @@ pub struct ClickHouseSink {
     metrics: Arc<Metrics>,
     /// Last insert or probe succeeded; read by `/readyz`.
     pub healthy: Arc<AtomicBool>,
-}
-
-/// Asks the server for its version; `None` when it cannot be reached.
-pub async fn server_version(client: &clickhouse::Client) -> Option<ServerVersion> {
-    let text: String = client.query("SELECT version()").fetch_one().await.ok()?;
-    ServerVersion::parse(&text)
 }
 
 impl ClickHouseSink {
@@ -75,14 +69,14 @@ impl ClickHouseSink {
     /// Checks the server once: reachable, and whether it honours deduplication tokens.
     pub async fn probe(&self) -> bool {
         match server_version(&self.client).await {
-            Some(version) => {
+            Ok(version) => {
                 let tokens = version.supports_insert_deduplication_token();
                 self.deduplication_tokens.store(tokens, Ordering::Relaxed);
                 self.healthy.store(true, Ordering::Relaxed);
                 tracing::info!(%version, deduplication_tokens = tokens, "ClickHouse reachable");
                 true
             }
-            None => {
+            Err(_) => {
                 self.healthy.store(false, Ordering::Relaxed);
                 false
             }

@@ -6,16 +6,8 @@
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
+use signal_clients::dead_letter::{HEADER_REASON, HEADER_SEQUENCE, HEADER_STREAM, HEADER_SUBJECT};
 use signal_model::row_encoder::Poison;
-
-/// Header with the poison reason (`wrong_type: column ...`).
-pub const HEADER_REASON: &str = "Signal-Poison-Reason";
-/// Header with the subject the message was first published on.
-pub const HEADER_SUBJECT: &str = "Signal-Original-Subject";
-/// Header with the message's sequence in its stream.
-pub const HEADER_SEQUENCE: &str = "Signal-Stream-Sequence";
-/// Header with the stream the message came from.
-pub const HEADER_STREAM: &str = "Signal-Stream";
 
 /// Why a dead letter could not be published.
 #[derive(Debug, thiserror::Error)]

@@ -3,18 +3,13 @@
 //! The flow, one module a step: [`source`] pulls messages and fills a [`batch`] through the row
 //! encoder, routing poison to [`dead_letter`]; [`clickhouse_sink`] inserts each sealed batch with
 //! retries and acknowledges it once stored; [`cache`] then updates Redis. [`pipeline`] wires them
-//! together with shutdown, and [`http`] serves metrics and health.
+//! together with shutdown, and serves [`metrics`] and health through `signal-telemetry`. Connecting,
+//! credentials, the consumer config and retries come from `signal-clients`, shared with the operator.
 
 pub mod batch;
 pub mod cache;
 pub mod clickhouse_sink;
-pub mod connect;
-pub mod consumer_config;
 pub mod dead_letter;
-pub mod http;
 pub mod metrics;
 pub mod pipeline;
-pub mod retry;
-pub mod sample_signals;
 pub mod source;
-pub mod telemetry;

@@ -8,10 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use signal_model::credentials::PipelineCredentials;
-use signal_model::manifest::PipelineManifest;
+use signal_telemetry::LogArgs;
 use signal_worker::pipeline::{self, WorkerOptions};
-use signal_worker::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// Moves signals from a NATS JetStream consumer into a ClickHouse table.
@@ -27,18 +25,18 @@ struct Args {
     /// Create the durable consumer if it does not exist (standalone use without the operator).
     #[arg(long)]
     ensure_consumer: bool,
-    /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
-    log_format: LogFormat,
-    /// Log level or filter (RUST_LOG overrides it).
-    #[arg(long, default_value = "info")]
-    log_level: String,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() {
     let args = Args::parse();
-    telemetry::init(args.log_format, &args.log_level);
-    if let Err(error) = run(args) {
+    if let Err(error) = args
+        .log
+        .init()
+        .context("cannot set up logging")
+        .and_then(|()| run(args))
+    {
         eprintln!("signal-worker: {}", one_line(&error));
         std::process::exit(1);
     }
@@ -63,10 +61,11 @@ fn one_line(error: &anyhow::Error) -> String {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let manifest = PipelineManifest::from_file(&args.pipeline)
-        .with_context(|| format!("invalid pipeline {}", args.pipeline.display()))?;
-    let credentials =
-        PipelineCredentials::from_env().context("invalid credentials in the environment")?;
+    let manifest = signal_clients::manifest::load(&args.pipeline)
+        .with_context(|| format!("invalid pipeline {}", args.pipeline.display()))?
+        .manifest;
+    let credentials = signal_clients::credentials::from_env()
+        .context("invalid credentials in the environment")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -114,20 +114,18 @@ impl Metrics {
         }
     }
 
-    /// The metrics in Prometheus text format.
-    pub fn render(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
-    }
-
     pub fn count_poison(&self, reason: &str) {
         self.poison
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+}
+
+impl signal_telemetry::http::MetricsSource for Metrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

@@ -7,21 +7,21 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
+use signal_clients::connect;
+use signal_clients::consumer_config::desired_consumer_config;
+use signal_clients::retry::Backoff;
 use signal_model::credentials::PipelineCredentials;
 use signal_model::manifest::PipelineManifest;
 use signal_model::row_encoder::RowEncoder;
+use signal_telemetry::http;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchLimits;
 use crate::cache::{self, CacheLayout, CacheQueue};
 use crate::clickhouse_sink::{ClickHouseSink, acknowledge};
-use crate::connect;
-use crate::consumer_config::desired_consumer_config;
 use crate::dead_letter::DeadLetters;
-use crate::http;
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
 use crate::source::{BatchRequest, Puller};
 
 /// What a worker is told to do.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
+use signal_clients::retry::Backoff;
 use signal_model::row_encoder::{HeaderLookup, MessageMeta, RowEncoder};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +21,6 @@ use crate::cache::CacheLayout;
 use crate::clickhouse_sink::send_progress;
 use crate::dead_letter::{DeadLetters, PoisonMessage};
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
 
 /// The writer's request for its next batch.
 pub type BatchRequest = oneshot::Sender<SealedBatch>;

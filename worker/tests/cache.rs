@@ -76,11 +76,8 @@ fn hashes(redis: &RedisServer) -> BTreeMap<String, BTreeMap<String, String>> {
     (0..WALLETS)
         .map(|wallet| {
             let key = format!("wallet:w{wallet}:latest");
-            let hash = redis
-                .command(&["HGETALL", &key])
-                .expect("HGETALL")
-                .to_map()
-                .expect("a hash");
+            let hash: BTreeMap<String, String> =
+                redis.command(&["HGETALL", &key]).expect("HGETALL");
             (key, hash)
         })
         .filter(|(_, hash)| !hash.is_empty())
@@ -105,11 +102,9 @@ fn the_cache_holds_the_newest_row_per_key_with_a_ttl_and_redis_down_does_not_blo
         || hashes(redis) == expected_hashes(100),
     );
     for wallet in 0..WALLETS {
-        let ttl = redis
+        let ttl: i64 = redis
             .command(&["TTL", &format!("wallet:w{wallet}:latest")])
-            .expect("TTL")
-            .as_int()
-            .expect("an integer");
+            .expect("TTL");
         assert!((1..=TTL_SECS as i64).contains(&ttl), "TTL {ttl}");
     }
 
@@ -170,11 +165,9 @@ fn an_older_row_written_late_does_not_replace_a_newer_one() {
         drop(queue);
         writer.await.expect("writer ends once the queue is dropped");
     });
-    let hash = redis
+    let hash: BTreeMap<String, String> = redis
         .command(&["HGETALL", "wallet:w0:latest"])
-        .expect("HGETALL")
-        .to_map()
-        .expect("a hash");
+        .expect("HGETALL");
     assert_eq!(hash.get("event_type").map(String::as_str), Some("newer"));
     assert_eq!(hash.get(SEQUENCE_FIELD).map(String::as_str), Some("10"));
 
@@ -189,10 +182,8 @@ fn an_older_row_written_late_does_not_replace_a_newer_one() {
         drop(queue);
         writer.await.expect("writer ends");
     });
-    let hash = redis
+    let hash: BTreeMap<String, String> = redis
         .command(&["HGETALL", "wallet:w0:latest"])
-        .expect("HGETALL")
-        .to_map()
-        .expect("a hash");
+        .expect("HGETALL");
     assert_eq!(hash.get("event_type").map(String::as_str), Some("newest"));
 }

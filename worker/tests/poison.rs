@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{TestEnv, wait_for};
+use signal_clients::dead_letter::{HEADER_REASON, HEADER_SEQUENCE, HEADER_STREAM, HEADER_SUBJECT};
 use signal_model::manifest::PipelineManifest;
 use signal_model::{ByteSize, ColumnSpec, DeadLetterSpec, HumanDuration};
-use signal_worker::dead_letter::{HEADER_REASON, HEADER_SEQUENCE, HEADER_STREAM, HEADER_SUBJECT};
 
 const MAX_MESSAGE_BYTES: u64 = 2048;
 const GOOD_MESSAGES: u64 = 200;

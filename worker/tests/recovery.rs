@@ -29,7 +29,7 @@ fn publish_paced(
             common::publish_all(
                 jetstream.clone(),
                 subject.clone(),
-                (next..end).map(signal_worker::sample_signals::sample_signal),
+                (next..end).map(signal_demo::sample_signals::sample_signal),
             )
             .await;
             next = end;

@@ -2,17 +2,21 @@
 //! and runs [`reconcile::reconcile`] for each pipeline that changed.
 //!
 //! The pure decisions live in their own files ([`autoscale`], [`conflicts`], [`conditions`]); the
-//! I/O steps in [`secrets`], [`status`] and [`events`]. This module wires them into kube-runtime's
-//! `Controller` and owns the retry policy: failures back off exponentially per pipeline, so a
-//! broken pipeline is retried without hammering its servers and the operator never crash-loops.
+//! I/O steps in [`secrets`], [`status`] and [`events`]; a reconcile's apply path in [`reconcile`],
+//! its workers step in `workers` and its deletion path in `cleanup`. This module wires them into
+//! kube-runtime's `Controller` and owns the retry policy: failures back off exponentially per
+//! pipeline, so a broken pipeline is retried without hammering its servers and the operator never
+//! crash-loops.
 
 pub mod autoscale;
+mod cleanup;
 pub mod conditions;
 pub mod conflicts;
 pub mod events;
 pub mod reconcile;
 pub mod secrets;
 pub mod status;
+mod workers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +32,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
+use signal_clients::retry::RetryPolicy;
 use signal_model::SignalPipeline;
 use tracing::{info, warn};
 
@@ -35,10 +40,8 @@ use crate::metrics::Metrics;
 use crate::workload::FIELD_MANAGER;
 pub use reconcile::{FINALIZER, ReconcileError, reconcile};
 
-/// First retry delay after a failure; it doubles per consecutive failure.
-const BACKOFF_START: Duration = Duration::from_secs(5);
-/// Longest delay between retries.
-const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Retry delays after a failure: 5 s, doubling per consecutive failure, at most 5 minutes.
+const BACKOFF: RetryPolicy = RetryPolicy::new(Duration::from_secs(5), Duration::from_secs(300));
 
 /// Knobs of the controller, from the command line.
 #[derive(Clone, Debug)]
@@ -124,7 +127,7 @@ impl Context {
     /// The delay before the next retry of a pipeline that just failed.
     pub fn next_backoff(&self, pipeline: &SignalPipeline) -> Duration {
         let Ok(mut failures) = self.failures.lock() else {
-            return BACKOFF_MAX;
+            return BACKOFF.max;
         };
         let count = failures.entry(Self::key(pipeline)).or_insert(0);
         let delay = backoff_delay(*count);
@@ -139,12 +142,10 @@ impl Context {
     }
 }
 
-/// `BACKOFF_START * 2^failures`, capped at `BACKOFF_MAX`.
+/// The controller's delay after `previous_failures` consecutive failures (no jitter: kube's queue
+/// spreads requeues).
 pub fn backoff_delay(previous_failures: u32) -> Duration {
-    BACKOFF_START
-        .checked_mul(1u32.checked_shl(previous_failures).unwrap_or(u32::MAX))
-        .unwrap_or(BACKOFF_MAX)
-        .min(BACKOFF_MAX)
+    BACKOFF.delay(previous_failures)
 }
 
 /// What the controller does after a failed reconcile: count it and retry with backoff.

@@ -1,36 +1,16 @@
-//! The durable pull consumer the workers share: its desired config, how the live one differs, and
-//! the create/update that applies it.
+//! The durable pull consumer the workers share: how the live one differs from the desired config
+//! (`signal_clients::consumer_config`, which the worker builds the same way), and the create/update
+//! that applies it.
 //!
 //! Acknowledgement is explicit: a worker acks a message only once its row is in ClickHouse, so a
 //! crash redelivers instead of losing data. Pull limits (`max_waiting`, `max_batch`) keep the
 //! server's defaults; the workers choose their batch size per fetch.
 
 use async_nats::jetstream::{self, consumer};
-use signal_model::{ConsumerStatus, DeliverPolicyKind, SignalPipelineSpec};
+pub use signal_clients::consumer_config::desired_consumer_config;
+use signal_model::{ConsumerStatus, SignalPipelineSpec};
 
 use super::{DataPlaneError, FieldChange, PART_TIMEOUT, PartReport, bounded, list_changes};
-
-/// The consumer config the spec asks for.
-pub fn desired_consumer_config(
-    pipeline_name: &str,
-    spec: &SignalPipelineSpec,
-) -> consumer::pull::Config {
-    let consumer = &spec.consumer;
-    consumer::pull::Config {
-        durable_name: Some(spec.durable_name(pipeline_name).to_string()),
-        description: Some(format!("signal-operator pipeline {pipeline_name}")),
-        filter_subject: consumer.filter_subject.clone().unwrap_or_default(),
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: consumer.ack_wait.as_duration(),
-        max_deliver: consumer.max_deliver,
-        max_ack_pending: consumer.max_ack_pending,
-        deliver_policy: match consumer.deliver_policy {
-            DeliverPolicyKind::All => consumer::DeliverPolicy::All,
-            DeliverPolicyKind::New => consumer::DeliverPolicy::New,
-        },
-        ..Default::default()
-    }
-}
 
 /// How a live consumer differs from the desired one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -375,7 +355,7 @@ pub async fn delete_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use signal_model::{ConsumerSpec, HumanDuration};
+    use signal_model::{ConsumerSpec, DeliverPolicyKind, HumanDuration};
     use std::time::Duration;
 
     fn spec(consumer: ConsumerSpec) -> SignalPipelineSpec {

@@ -8,14 +8,17 @@
 //! Each part lives in its own module: pure "spec → desired config" and "desired vs live" functions
 //! next to the I/O that applies them ([`stream`], [`consumer`], [`table`], with the column
 //! comparison in [`table_schema_diff`] and the engine and key comparison in
-//! [`table_clause_diff`]). Nothing here panics, and every network step is bounded by a timeout so
-//! an unreachable server is reported within seconds instead of hanging a reconcile.
+//! [`table_clause_diff`], which compares the live table with the spec's table as the server
+//! itself prints it, made in [`table_scratch`]). Nothing here panics, and every network step is
+//! bounded by a timeout so an unreachable server is reported within seconds instead of hanging a
+//! reconcile.
 
 pub mod consumer;
 pub mod stream;
 pub mod table;
 pub mod table_clause_diff;
 pub mod table_schema_diff;
+pub mod table_scratch;
 
 use std::fmt;
 use std::future::Future;
@@ -191,7 +194,7 @@ pub(crate) async fn connect_jetstream(
         format!("connecting to NATS at {url}"),
         CONNECT_TIMEOUT + Duration::from_secs(1),
         async {
-            signal_worker::connect::nats(&url, client_name, &creds.nats)
+            signal_clients::connect::nats(&url, client_name, &creds.nats)
                 .await
                 .map_err(|error| nats_connect_error(&url, error))
         },
@@ -204,9 +207,9 @@ pub(crate) async fn connect_jetstream(
 
 /// Tells a refused login and a bad URL apart from a server that cannot be reached: "unreachable"
 /// would send a person looking at the network when the Secret or the spec is what is wrong.
-fn nats_connect_error(url: &str, error: signal_worker::connect::ConnectError) -> DataPlaneError {
+fn nats_connect_error(url: &str, error: signal_clients::connect::ConnectError) -> DataPlaneError {
     use async_nats::ConnectErrorKind as Kind;
-    use signal_worker::connect::ConnectError;
+    use signal_clients::connect::ConnectError;
     let message = error.to_string();
     match &error {
         ConnectError::NatsCreds(_) => DataPlaneError::AuthenticationFailed {

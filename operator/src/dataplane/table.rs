@@ -11,8 +11,9 @@ use signal_model::ServerVersion;
 use signal_model::credentials::UserPassword;
 use signal_model::ddl;
 
-use super::table_clause_diff::{LiveClauses, diff_clauses};
+use super::table_clause_diff::{PrintedClauses, diff_clauses};
 use super::table_schema_diff::{LiveColumn, diff_schema};
+use super::table_scratch::printed_spec_clauses;
 use super::{DataPlaneError, PART_TIMEOUT, PartReport, REQUEST_TIMEOUT, bounded};
 
 /// The result of reconciling the table.
@@ -25,7 +26,7 @@ pub struct TableOutcome {
 
 /// Brings the table in line with `spec` as far as adding things allows.
 pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> TableOutcome {
-    let client = signal_worker::connect::clickhouse(&spec.url, auth);
+    let client = signal_clients::connect::clickhouse(&spec.url, auth);
     bounded(
         format!(
             "reconciling table {}",
@@ -81,7 +82,16 @@ async fn apply_table(
     let mut diff = diff_schema(&spec.columns, &live);
     // A table just created from the spec has the spec's clauses.
     if let Some(live_clauses) = &live_clauses {
-        diff.clause_mismatches = diff_clauses(spec, live_clauses);
+        match printed_spec_clauses(client, spec, version).await {
+            Ok(spec_clauses) => {
+                diff.clause_mismatches = diff_clauses(spec, live_clauses, &spec_clauses);
+            }
+            // Not knowing how the server prints the spec is worth a note, not a stopped table.
+            Err(refused @ DataPlaneError::ClickHouseRefused { .. }) => {
+                diff.clauses_not_compared = Some(refused.to_string());
+            }
+            Err(other) => return Err(other),
+        }
     }
     for column in &diff.missing {
         let sql = ddl::add_column_sql(&spec.database, &spec.table, column, version)
@@ -189,7 +199,7 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     text
 }
 
-async fn execute(client: &Client, url: &str, sql: &str) -> Result<(), DataPlaneError> {
+pub(super) async fn execute(client: &Client, url: &str, sql: &str) -> Result<(), DataPlaneError> {
     // Raw: DDL is complete text, and a `?` inside an expression is not a bind placeholder.
     bounded(format!("running `{sql}`"), REQUEST_TIMEOUT, async {
         client
@@ -203,23 +213,23 @@ async fn execute(client: &Client, url: &str, sql: &str) -> Result<(), DataPlaneE
 
 /// The server's `major.minor` release.
 pub async fn server_version(client: &Client, url: &str) -> Result<ServerVersion, DataPlaneError> {
-    const SQL: &str = "SELECT version()";
-    let text = bounded(
+    use signal_clients::clickhouse::{VERSION_SQL, VersionError};
+    bounded(
         format!("asking ClickHouse at {url} for its version"),
         REQUEST_TIMEOUT,
         async {
-            client
-                .query(SQL)
-                .fetch_one::<String>()
+            signal_clients::clickhouse::server_version(client)
                 .await
-                .map_err(|error| query_error(url, SQL, error))
+                .map_err(|error| match error {
+                    VersionError::Query(error) => query_error(url, VERSION_SQL, error),
+                    VersionError::NotAVersion(_) => DataPlaneError::ClickHouseRefused {
+                        statement: VERSION_SQL.to_string(),
+                        message: error.to_string(),
+                    },
+                })
         },
     )
-    .await?;
-    ServerVersion::parse(&text).ok_or_else(|| DataPlaneError::ClickHouseRefused {
-        statement: SQL.to_string(),
-        message: format!("`{text}` is not a version"),
-    })
+    .await
 }
 
 async fn database_exists(
@@ -240,14 +250,14 @@ async fn database_exists(
     Ok(count > 0)
 }
 
-/// The table's engine and keys, or `None` when the table does not exist. These three columns
-/// of `system.tables` exist on 18.16 and on current servers alike.
+/// The table's engine and keys as the server prints them, or `None` when the table does not
+/// exist. These three columns of `system.tables` exist on 18.16 and on current servers alike.
 pub async fn table_clauses(
     client: &Client,
     url: &str,
     database: &str,
     table: &str,
-) -> Result<Option<LiveClauses>, DataPlaneError> {
+) -> Result<Option<PrintedClauses>, DataPlaneError> {
     const SQL: &str = "SELECT engine_full, partition_key, sorting_key FROM system.tables \
                        WHERE database = ? AND name = ?";
     let rows = bounded("looking up the table", REQUEST_TIMEOUT, async {
@@ -263,7 +273,7 @@ pub async fn table_clauses(
     Ok(rows
         .into_iter()
         .next()
-        .map(|(engine_full, partition_key, sorting_key)| LiveClauses {
+        .map(|(engine_full, partition_key, sorting_key)| PrintedClauses {
             engine_full,
             partition_key,
             sorting_key,
@@ -296,7 +306,7 @@ pub async fn live_columns(
 
 /// Drops the table (a missing table is fine). The database is kept: other tables may live in it.
 pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<(), DataPlaneError> {
-    let client = signal_worker::connect::clickhouse(&spec.url, auth);
+    let client = signal_clients::connect::clickhouse(&spec.url, auth);
     execute(
         &client,
         &spec.url,

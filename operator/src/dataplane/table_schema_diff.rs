@@ -42,6 +42,9 @@ pub struct SchemaDiff {
     /// Engine, `PARTITION BY`, `ORDER BY` or `TTL` differences; changing one means rebuilding the
     /// table, which the operator never does.
     pub clause_mismatches: Vec<ClauseMismatch>,
+    /// Why the clauses could not be compared (the server refused the scratch table the
+    /// comparison needs, see [`super::table_scratch`]); a note, never a blocker.
+    pub clauses_not_compared: Option<String>,
 }
 
 impl SchemaDiff {
@@ -78,6 +81,9 @@ impl SchemaDiff {
             )
         }));
         parts.extend(self.clause_mismatches.iter().map(ToString::to_string));
+        parts.extend(self.clauses_not_compared.iter().map(|reason| {
+            format!("ENGINE, PARTITION BY, ORDER BY and TTL were not compared: {reason}")
+        }));
         (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
@@ -258,6 +264,20 @@ mod tests {
                  id, spec wants (id, at) (the table was left as is"
             ),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn clauses_that_could_not_be_compared_are_a_note_that_never_blocks_writes() {
+        let mut diff = diff_schema(&[spec_column("id", "UInt64")], &[live("id", "UInt64")]);
+        diff.clauses_not_compared = Some("ClickHouse refused `CREATE TABLE …`: denied".to_string());
+        assert!(!diff.blocks_writes());
+        assert_eq!(
+            diff.drift_message().as_deref(),
+            Some(
+                "ENGINE, PARTITION BY, ORDER BY and TTL were not compared: ClickHouse refused \
+                 `CREATE TABLE …`: denied"
+            )
         );
     }
 }

@@ -4,14 +4,12 @@
 //! the same [`crate::dataplane`] code the controller uses, then runs `spec.workers.replicas`
 //! `signal-worker` processes where the controller would run a Deployment ([`supervisor`]). It
 //! follows edits of the file ([`watch`]); what an edit calls for (reconcile, rescale, restart the
-//! workers) is decided by the pure functions in [`decide`]. [`demo`] holds the publisher and the
-//! report of `scripts/demo.sh`.
+//! workers) is decided by the pure functions in [`decide`].
 //!
 //! Workers read a snapshot of the last *valid* manifest rather than the file itself, so that an
 //! invalid edit, which local mode refuses, cannot break a worker that happens to restart after it.
 
 pub mod decide;
-pub mod demo;
 pub mod supervisor;
 pub mod watch;
 
@@ -21,9 +19,11 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use signal_model::credentials::{CredentialsError, PipelineCredentials};
-use signal_model::manifest::{ManifestError, PipelineManifest};
-use signal_worker::retry::Backoff;
+use signal_clients::credentials::LoadCredentialsError;
+use signal_clients::manifest::{self, ManifestFile, ManifestFileError};
+use signal_clients::retry::Backoff;
+use signal_model::credentials::PipelineCredentials;
+use signal_model::manifest::PipelineManifest;
 use tokio::task::{JoinError, JoinHandle};
 use tracing::{debug, info, warn};
 
@@ -68,10 +68,10 @@ pub enum LocalError {
     #[error("invalid pipeline {path}: {problem}")]
     Manifest {
         path: String,
-        problem: ManifestError,
+        problem: ManifestFileError,
     },
     #[error("invalid credentials in the environment: {0}")]
-    Credentials(CredentialsError),
+    Credentials(LoadCredentialsError),
     #[error(
         "worker binary {0} not found (build it with `cargo build -p signal-worker`, or pass --worker-binary)"
     )]
@@ -84,17 +84,11 @@ pub enum LocalError {
 
 /// Reads and validates a pipeline file, returning its text too (what the workers get to read).
 pub fn load_manifest(path: &Path) -> Result<(String, PipelineManifest), LocalError> {
-    let invalid = |problem| LocalError::Manifest {
-        path: path.display().to_string(),
-        problem,
-    };
-    let text = std::fs::read_to_string(path).map_err(|source| {
-        invalid(ManifestError::Read {
+    let ManifestFile { text, manifest } =
+        manifest::load(path).map_err(|problem| LocalError::Manifest {
             path: path.display().to_string(),
-            source,
-        })
-    })?;
-    let manifest = PipelineManifest::from_yaml(&text).map_err(invalid)?;
+            problem,
+        })?;
     Ok((text, manifest))
 }
 
@@ -113,7 +107,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), LocalError> {
     let (text, mut manifest) = load_manifest(&options.pipeline_file)?;
-    let credentials = PipelineCredentials::from_env().map_err(LocalError::Credentials)?;
+    let credentials = signal_clients::credentials::from_env().map_err(LocalError::Credentials)?;
     if !options.worker_binary.is_file() {
         return Err(LocalError::WorkerBinaryMissing(
             options.worker_binary.display().to_string(),

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use signal_worker::retry::Backoff;
+use signal_clients::retry::Backoff;
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 

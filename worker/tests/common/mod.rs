@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use signal_clients::consumer_config::desired_consumer_config;
 use signal_model::credentials::PipelineCredentials;
 use signal_model::manifest::PipelineManifest;
 use signal_model::{ColumnSpec, HumanDuration, ServerVersion, SignalPipelineSpec, ddl};
 use signal_testkit::{ChildProcess, ClickHouseServer, NatsServer, RedisServer};
-use signal_worker::consumer_config::desired_consumer_config;
 use signal_worker::pipeline::{self, WorkerError, WorkerOptions};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -227,7 +227,7 @@ impl TestEnv {
     pub fn publish_samples(&self, subject: &str, indices: std::ops::Range<u64>) {
         self.publish_all(
             subject,
-            indices.map(signal_worker::sample_signals::sample_signal),
+            indices.map(signal_demo::sample_signals::sample_signal),
         );
     }
 

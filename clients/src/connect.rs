@@ -1,8 +1,9 @@
-//! Opening clients for NATS and ClickHouse from a pipeline spec and its credentials.
+//! Opening clients for NATS, ClickHouse and Redis from a server address and its credentials.
 //!
-//! The one place that knows how to authenticate, so the worker, the operator and local mode connect
-//! the same way. Clients reconnect by themselves: async-nats retries forever with backoff, and the
-//! ClickHouse client opens a new HTTP connection per request.
+//! The one place that knows how to authenticate, so the worker, the operator, local mode and the
+//! demo connect the same way. Clients reconnect by themselves: async-nats retries forever with
+//! backoff, the ClickHouse client opens a new HTTP connection per request, and a Redis client
+//! connects when asked for a connection.
 
 use std::time::Duration;
 
@@ -66,4 +67,21 @@ pub fn clickhouse(url: &str, auth: &UserPassword) -> clickhouse::Client {
         client = client.with_password(password);
     }
     client
+}
+
+/// A Redis client for `url` that authenticates with `auth`; it connects when asked for a
+/// connection. Fails only on a malformed URL.
+#[cfg(feature = "redis")]
+pub fn redis(url: &str, auth: &UserPassword) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let mut info = url.into_connection_info()?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &auth.user {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = &auth.password {
+        settings = settings.set_password(password);
+    }
+    info = info.set_redis_settings(settings);
+    redis::Client::open(info)
 }

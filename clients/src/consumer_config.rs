@@ -1,7 +1,7 @@
 //! The durable pull consumer a pipeline's workers share, as a JetStream config built from the spec.
 //!
-//! The operator creates and updates the consumer from this config; the worker uses it only with
-//! `--ensure-consumer`, for standalone runs without the operator.
+//! The operator creates and updates the consumer from this config (and compares the live one with
+//! it); the worker uses it only with `--ensure-consumer`, for standalone runs without the operator.
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use signal_model::{DeliverPolicyKind, SignalPipelineSpec};

@@ -3,10 +3,35 @@
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    #[default]
     Human,
     Json,
+}
+
+/// The logging flags every command takes (`--log-format`, `--log-level`), for `#[command(flatten)]`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "SIGNAL_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `signal_operator=debug,kube=info` (RUST_LOG overrides it).
+    #[arg(long, global = true, default_value = "info", env = "SIGNAL_LOG_LEVEL")]
+    pub log_level: String,
+}
+
+impl LogArgs {
+    /// Installs the global subscriber these flags ask for (see [`init`]).
+    pub fn init(&self) -> Result<(), TelemetryError> {
+        init(self.log_format, &self.log_level)
+    }
 }
 
 /// Why logging could not be set up.
@@ -21,7 +46,7 @@ pub enum TelemetryError {
     AlreadySet(String),
 }
 
-/// Installs the global subscriber. `level` is an `EnvFilter` directive (`info`,
+/// Installs the global subscriber, writing to stderr. `level` is an `EnvFilter` directive (`info`,
 /// `signal_operator=debug,kube=info`); `RUST_LOG` overrides it when set.
 pub fn init(format: LogFormat, level: &str) -> Result<(), TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
