@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the test suite's Kubernetes control plane: target/kube/signal-kube, one binary running upstream
 # kube-apiserver, kube-controller-manager (k8s.io/kubernetes v1.36.3) and an in-process etcd, from the Go
-# module in testkit/kube. The Go build cache makes a re-run with nothing changed take a few seconds; the
-# first build takes about ten minutes on 2 cores. The testkit finds the binary there, or at
-# $SIGNAL_KUBE_BINARY. Needs Go >= 1.26 and the Go module proxy (go.sum pins every module).
+# module in testkit/kube. The Go build cache makes a re-run with nothing changed take a few seconds;
+# the first build takes about 13 minutes of CPU (15-25 minutes on 2 shared cores). The testkit finds
+# the binary there, or at $SIGNAL_KUBE_BINARY. Needs Go >= 1.26 and the Go module proxy (go.sum pins every module).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
