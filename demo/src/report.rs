@@ -24,7 +24,7 @@ pub async fn report(
     let spec = &manifest.spec;
     report_clickhouse(spec, credentials, group_by).await?;
     report_redis(spec, credentials, show).await?;
-    report_dead_letters(spec, credentials, show).await
+    report_dead_letters(manifest, credentials, show).await
 }
 
 async fn report_clickhouse(
@@ -126,24 +126,21 @@ pub fn key_pattern(template: &str) -> String {
 }
 
 async fn report_dead_letters(
-    spec: &SignalPipelineSpec,
+    manifest: &PipelineManifest,
     credentials: &PipelineCredentials,
     show: usize,
 ) -> Result<(), DemoError> {
-    let Some(dead_letter) = &spec.dead_letter else {
-        println!("\n== Dead letters: the pipeline has no deadLetter subject ==");
-        return Ok(());
-    };
-    let subject = &dead_letter.subject;
-    if !spec
-        .stream
+    let spec = &manifest.spec;
+    let subject = &spec.dead_letter_subject(&manifest.metadata.name);
+    let dead_letter_stream = spec.dead_letter_stream();
+    if !dead_letter_stream
         .subjects
         .iter()
         .any(|pattern| subject_matches(pattern, subject))
     {
         println!(
             "\n== Dead letters go to {subject}, which stream {} does not store ==",
-            spec.stream.name
+            dead_letter_stream.name
         );
         return Ok(());
     }
@@ -152,7 +149,10 @@ async fn report_dead_letters(
             .await
             .map_err(nats_error)?;
     let js = jetstream::new(client);
-    let stream = js.get_stream(&spec.stream.name).await.map_err(nats_error)?;
+    let stream = js
+        .get_stream(&dead_letter_stream.name)
+        .await
+        .map_err(nats_error)?;
     // An ephemeral reader of the dead-letter subject alone, gone 30 s after the report.
     let reader = stream
         .create_consumer(pull::Config {

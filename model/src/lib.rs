@@ -2,15 +2,19 @@
 //!
 //! Everything here is pure: the `SignalPipeline` spec users write ([`spec`]), its validation
 //! ([`validate`]), parsing the manifest the worker reads ([`manifest`]), the credential types and
-//! the variables that carry them ([`credentials`]), ClickHouse column types ([`column_type`]), how a
-//! message becomes a RowBinary row ([`row_encoder`]), the DDL the operator runs ([`ddl`]) and the
-//! Redis cache key template ([`cache_key`]). No I/O happens in this crate: reading files and the
-//! environment, and talking to servers, is `signal-clients`' part.
+//! the variables that carry them ([`credentials`]), ClickHouse column types ([`column_type`]) and
+//! whether a live table matches them ([`live_schema`]), how a message becomes a RowBinary row
+//! ([`row_encoder`]), the DDL the operator runs ([`ddl`]), the Redis cache key template
+//! ([`cache_key`]), the dead-letter defaults ([`dead_letter`]) and the worker health report
+//! ([`worker_health`]). No I/O happens in this crate: reading files and the environment, and
+//! talking to servers, is `signal-clients`' part.
 
 pub mod cache_key;
 pub mod column_type;
 pub mod credentials;
 pub mod ddl;
+pub mod dead_letter;
+pub mod live_schema;
 pub mod manifest;
 pub mod quantity;
 pub mod row_encoder;

@@ -46,6 +46,11 @@ use crate::quantity::{ByteSize, HumanDuration};
             json_path = ".status.consumer.numPending"
         ),
         printcolumn(
+            name = "DeadLetters",
+            type_ = "string",
+            json_path = ".status.deadLetter.stream"
+        ),
+        printcolumn(
             name = "Ready",
             type_ = "string",
             json_path = ".status.conditions[?(@.type==\"Ready\")].status"
@@ -70,7 +75,9 @@ pub struct SignalPipelineSpec {
     /// The worker Deployment: replicas, image, batching and resources.
     #[serde(default)]
     pub workers: WorkersSpec,
-    /// Where messages that cannot become a row are published. Without it they are terminated and counted.
+    /// Where messages that cannot become a row are published and kept. When absent, every default
+    /// applies: subject `dlq.<stream.name>.<durable>`, kept by the stream `<stream.name>_DLQ`.
+    /// Poison is never dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetterSpec>,
     /// An optional Redis cache of the latest row per key.
@@ -435,13 +442,91 @@ fn default_stabilization() -> HumanDuration {
     HumanDuration::from_secs(300)
 }
 
-/// The dead-letter destination.
+/// Where messages that cannot become a row go: a subject and the JetStream stream that keeps them.
+///
+/// Every field has a default, and a pipeline without `deadLetter` gets them all: dead letters are
+/// published to `dlq.<stream.name>.<durable>` and kept by the stream `<stream.name>_DLQ`, which
+/// captures `dlq.<stream.name>.>` (so pipelines reading one stream share one dead-letter stream).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeadLetterSpec {
     /// Subject poison messages are published to, with headers `Signal-Poison-Reason`,
-    /// `Signal-Original-Subject` and `Signal-Stream-Sequence`.
-    pub subject: String,
+    /// `Signal-Original-Subject` and `Signal-Stream-Sequence` (default `dlq.<stream.name>.<durable>`).
+    /// It must lie outside the source stream's subjects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The stream that keeps the dead letters.
+    #[serde(default)]
+    pub stream: DeadLetterStreamSpec,
+}
+
+/// The dead-letter stream. Settings as for `spec.stream`, with defaults suited to dead letters.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetterStreamSpec {
+    /// `true`: the operator creates and updates the stream, and deletes it with the pipeline under
+    /// `deletionPolicy: Delete`. `false`: another tool manages a stream that captures the subject;
+    /// the operator only checks that one does.
+    #[serde(default = "default_managed")]
+    pub managed: bool,
+    /// Stream name (default `<stream.name>_DLQ`). Cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Subjects the stream captures (default `dlq.<stream.name>.>`, or `[subject]` when `subject` is
+    /// set outside it). They must not overlap the source stream's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subjects: Vec<String>,
+    /// `file` or `memory`. Cannot change.
+    #[serde(default)]
+    pub storage: StorageKind,
+    /// `limits`, `interest` or `workqueue`.
+    #[serde(default)]
+    pub retention: RetentionKind,
+    /// `old` or `new`: what to discard when a limit is reached.
+    #[serde(default)]
+    pub discard: DiscardKind,
+    /// Oldest dead letter kept (default `14d`; `0` keeps them until another limit is reached).
+    #[serde(default = "default_dead_letter_max_age")]
+    pub max_age: HumanDuration,
+    /// Largest stream size, e.g. `1Gi` (unlimited when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<ByteSize>,
+    /// Most dead letters kept (unlimited when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_msgs: Option<i64>,
+    /// Number of stream replicas in a NATS cluster (1 to 5).
+    #[serde(default = "default_stream_replicas")]
+    pub replicas: u8,
+    /// Window in which a dead letter republished after a worker crash (same `Nats-Msg-Id`) is
+    /// dropped as a duplicate. At least `consumer.ackWait`; default the larger of `2m` and twice
+    /// `consumer.ackWait`, within `maxAge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window: Option<HumanDuration>,
+}
+
+impl Default for DeadLetterStreamSpec {
+    fn default() -> Self {
+        Self {
+            managed: default_managed(),
+            name: None,
+            subjects: Vec::new(),
+            storage: StorageKind::File,
+            retention: RetentionKind::Limits,
+            discard: DiscardKind::Old,
+            max_age: default_dead_letter_max_age(),
+            max_bytes: None,
+            max_msgs: None,
+            replicas: default_stream_replicas(),
+            duplicate_window: None,
+        }
+    }
+}
+
+fn default_managed() -> bool {
+    true
+}
+fn default_dead_letter_max_age() -> HumanDuration {
+    HumanDuration::from_secs(14 * 86_400)
 }
 
 /// The Redis latest-value cache.

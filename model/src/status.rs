@@ -12,8 +12,9 @@ pub struct SignalPipelineStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `StreamReady`, `ConsumerReady`, `TableReady`, `WorkersReady`, and `SchemaDrift` when the
-    /// table differs from the spec in a way the operator will not change by itself.
+    /// `Ready`, `StreamReady`, `ConsumerReady`, `TableReady`, `DeadLetterReady`, `WorkersHealthy`,
+    /// `WorkersReady`, and `SchemaDrift` when the table differs from the spec in a way the operator
+    /// will not change by itself.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Worker replicas the Deployment has (scale subresource).
@@ -34,6 +35,9 @@ pub struct SignalPipelineStatus {
     /// The consumer as last seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer: Option<ConsumerStatus>,
+    /// Where dead letters go and how many are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterStatus>,
     /// The autoscaler's last decision, when `workers.autoscale` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleStatus>,
@@ -96,4 +100,18 @@ pub struct AutoscaleStatus {
     /// Since when the lag has been low enough to scale down (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub low_lag_since: Option<String>,
+}
+
+/// The dead-letter destination as last seen.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterStatus {
+    /// The subject the workers publish dead letters to.
+    pub subject: String,
+    /// The stream that captures the subject (empty when none does).
+    #[serde(default)]
+    pub stream: String,
+    /// Messages the dead-letter stream holds (all of its subjects).
+    #[serde(default)]
+    pub messages: u64,
 }

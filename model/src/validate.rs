@@ -7,8 +7,10 @@ use std::collections::HashSet;
 use std::fmt;
 
 use crate::cache_key::KeyTemplate;
+use crate::quantity::HumanDuration;
 use crate::row_encoder::RowEncoder;
 use crate::spec::SignalPipelineSpec;
+use crate::worker_health::HEALTH_SUBJECTS;
 
 /// One problem with a spec: the field's path and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +95,20 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     literal.next().is_none()
 }
 
+/// True when some literal subject matches both patterns (so two streams could not both capture
+/// them: JetStream refuses streams with overlapping subjects).
+pub fn subjects_overlap(a: &str, b: &str) -> bool {
+    let (mut left, mut right) = (a.split('.'), b.split('.'));
+    loop {
+        match (left.next(), right.next()) {
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some(x), Some(y)) if x == y || x == "*" || y == "*" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 struct Checker {
     errors: Vec<FieldError>,
 }
@@ -120,6 +136,41 @@ fn url_with_scheme(url: &str, schemes: &[&str]) -> bool {
     })
 }
 
+/// The shortest ack wait: below it a progress ack's round trip, a scheduling pause or a
+/// reconnect already outlasts the wait, and messages are redelivered to a healthy worker.
+pub const MIN_ACK_WAIT_SECS: u64 = 1;
+/// `batch.maxWait` may be at most this fraction of `consumer.ackWait` ("well below" it).
+pub const MAX_WAIT_SHARE_OF_ACK_WAIT: u32 = 3;
+
+/// Settings that make redelivery (and so duplicates) certain rather than exceptional: a batch
+/// that waits longer than a fraction of the ack wait, or an ack wait too short to keep a message
+/// alive across one round trip. The worker refuses them at start; the operator's CRD rule
+/// (`maxWait * 3 <= ackWait`, `ackWait >= 1s`) refuses them at apply. Pure, for both.
+pub fn redelivery_problems(spec: &SignalPipelineSpec) -> Vec<FieldError> {
+    let ack_wait = spec.consumer.ack_wait.0;
+    let max_wait = spec.workers.batch.max_wait.0;
+    let mut problems = Vec::new();
+    if !ack_wait.is_zero() && ack_wait < std::time::Duration::from_secs(MIN_ACK_WAIT_SECS) {
+        problems.push(FieldError {
+            field: "spec.consumer.ackWait".into(),
+            message: format!(
+                "{} is below {MIN_ACK_WAIT_SECS}s: messages would be redelivered while a worker still holds them",
+                spec.consumer.ack_wait
+            ),
+        });
+    }
+    if !ack_wait.is_zero() && max_wait * MAX_WAIT_SHARE_OF_ACK_WAIT > ack_wait {
+        problems.push(FieldError {
+            field: "spec.workers.batch.maxWait".into(),
+            message: format!(
+                "{} must be at most a third of spec.consumer.ackWait ({}): a batch waiting that long leaves no time to store it before redelivery",
+                spec.workers.batch.max_wait, spec.consumer.ack_wait
+            ),
+        });
+    }
+    problems
+}
+
 impl SignalPipelineSpec {
     /// Checks the whole spec of the pipeline called `pipeline_name`.
     pub fn validate(&self, pipeline_name: &str) -> Result<(), ValidationError> {
@@ -143,6 +194,11 @@ impl SignalPipelineSpec {
         for (index, subject) in stream.subjects.iter().enumerate() {
             if let Some(problem) = subject_problem(subject, true) {
                 c.push(&format!("spec.stream.subjects[{index}]"), problem);
+            } else if subjects_overlap(subject, HEALTH_SUBJECTS) {
+                c.push(
+                    &format!("spec.stream.subjects[{index}]"),
+                    format!("`{subject}` overlaps `{HEALTH_SUBJECTS}`, the subjects of the workers' health reports"),
+                );
             }
         }
         c.check(
@@ -312,26 +368,9 @@ impl SignalPipelineSpec {
             );
         }
 
-        if let Some(dead_letter) = &self.dead_letter {
-            if let Some(problem) = subject_problem(&dead_letter.subject, false) {
-                c.push("spec.deadLetter.subject", problem);
-            } else {
-                // A dead letter that this pipeline's own consumer reads again would loop for ever.
-                let consumed = match &consumer.filter_subject {
-                    Some(filter) => subject_matches(filter, &dead_letter.subject),
-                    None => stream
-                        .subjects
-                        .iter()
-                        .any(|s| subject_matches(s, &dead_letter.subject)),
-                };
-                c.check(!consumed, "spec.deadLetter.subject", || {
-                    format!(
-                        "`{}` would be consumed again by this pipeline; pick a subject outside its consumer's filter",
-                        dead_letter.subject
-                    )
-                });
-            }
-        }
+        self.check_dead_letter(pipeline_name, &mut c);
+
+        c.errors.extend(redelivery_problems(self));
 
         if let Some(cache) = &self.cache {
             c.check(
@@ -373,6 +412,160 @@ impl SignalPipelineSpec {
     }
 }
 
+impl SignalPipelineSpec {
+    /// The dead-letter subject and stream, defaults resolved: valid, outside the source stream
+    /// and the health reports, captured by the dead-letter stream, deduplicating long enough.
+    fn check_dead_letter(&self, pipeline_name: &str, c: &mut Checker) {
+        if !is_valid_nats_name(&self.stream.name)
+            || !is_valid_nats_name(self.durable_name(pipeline_name))
+        {
+            // The defaults derive from these names, whose own errors are already reported.
+            return;
+        }
+        let subject = self.dead_letter_subject(pipeline_name);
+        let explicit = self
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.subject.as_ref())
+            .is_some();
+        let what = if explicit {
+            format!("`{subject}`")
+        } else {
+            format!("the default dead-letter subject `{subject}`")
+        };
+        let subject_field = "spec.deadLetter.subject";
+        let subject_ok = match subject_problem(&subject, false) {
+            Some(problem) => {
+                c.push(subject_field, problem);
+                false
+            }
+            None => true,
+        };
+        if subject_ok {
+            for (index, source) in self.stream.subjects.iter().enumerate() {
+                c.check(!subject_matches(source, &subject), subject_field, || {
+                    format!(
+                        "{what} is captured by the source stream (spec.stream.subjects[{index}] \
+                         `{source}`), so dead letters would be stored with the signals; set \
+                         spec.deadLetter.subject to a subject outside it"
+                    )
+                });
+            }
+            c.check(
+                !subject_matches(HEALTH_SUBJECTS, &subject),
+                subject_field,
+                || format!("{what} is among the health report subjects `{HEALTH_SUBJECTS}`"),
+            );
+        }
+
+        let stream = self.dead_letter_stream();
+        c.check(
+            is_valid_nats_name(&stream.name),
+            "spec.deadLetter.stream.name",
+            || format!("`{}` must be letters, digits, `-` and `_`", stream.name),
+        );
+        c.check(
+            stream.name != self.stream.name,
+            "spec.deadLetter.stream.name",
+            || {
+                format!(
+                    "`{}` is the source stream; dead letters need a stream of their own",
+                    stream.name
+                )
+            },
+        );
+        if !self.dead_letter_stream_managed() {
+            // Someone else's stream: whether it captures the subject is checked live.
+            return;
+        }
+        let explicit_subjects = self
+            .dead_letter
+            .as_ref()
+            .is_some_and(|d| !d.stream.subjects.is_empty());
+        let subjects_field = |index: usize| {
+            if explicit_subjects {
+                format!("spec.deadLetter.stream.subjects[{index}]")
+            } else {
+                "spec.deadLetter.stream.subjects".to_string()
+            }
+        };
+        for (index, dead_letter_subject) in stream.subjects.iter().enumerate() {
+            if let Some(problem) = subject_problem(dead_letter_subject, true) {
+                c.push(&subjects_field(index), problem);
+                continue;
+            }
+            for (source_index, source) in self.stream.subjects.iter().enumerate() {
+                c.check(
+                    !subjects_overlap(dead_letter_subject, source),
+                    &subjects_field(index),
+                    || {
+                        format!(
+                            "`{dead_letter_subject}` overlaps spec.stream.subjects[{source_index}] \
+                             `{source}`; JetStream refuses streams with overlapping subjects"
+                        )
+                    },
+                );
+            }
+            c.check(
+                !subjects_overlap(dead_letter_subject, HEALTH_SUBJECTS),
+                &subjects_field(index),
+                || {
+                    format!(
+                        "`{dead_letter_subject}` overlaps `{HEALTH_SUBJECTS}`, the subjects of the \
+                         workers' health reports"
+                    )
+                },
+            );
+        }
+        if subject_ok {
+            c.check(
+                stream.subjects.iter().any(|s| subject_matches(s, &subject)),
+                "spec.deadLetter.stream.subjects",
+                || {
+                    format!(
+                        "[{}] does not capture the dead-letter subject `{subject}`",
+                        stream.subjects.join(", ")
+                    )
+                },
+            );
+        }
+        c.check(
+            (1..=5).contains(&stream.replicas),
+            "spec.deadLetter.stream.replicas",
+            || format!("{} is outside 1..=5", stream.replicas),
+        );
+        if let Some(max) = stream.max_msgs {
+            c.check(max >= -1, "spec.deadLetter.stream.maxMsgs", || {
+                format!("{max} must be -1 (unlimited) or more")
+            });
+        }
+        let max_age = stream.max_age.unwrap_or_default().0;
+        if let Some(window) = stream.duplicate_window {
+            let ack_wait = self.consumer.ack_wait;
+            c.check(
+                window.0 >= ack_wait.0,
+                "spec.deadLetter.stream.duplicateWindow",
+                || {
+                    format!(
+                        "{window} is shorter than spec.consumer.ackWait ({ack_wait}): a dead letter \
+                         republished after a worker crash would be stored twice"
+                    )
+                },
+            );
+            c.check(
+                max_age.is_zero() || window.0 <= max_age,
+                "spec.deadLetter.stream.duplicateWindow",
+                || {
+                    format!(
+                        "{window} is longer than spec.deadLetter.stream.maxAge ({}), which JetStream refuses",
+                        HumanDuration(max_age)
+                    )
+                },
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,7 +581,7 @@ clickhouse:
   columns:
     - {name: event_time, type: "DateTime64(3)", from: "$.event_time"}
     - {name: wallet_address, type: String, from: "$.wallet_address"}
-deadLetter: {subject: signals.dlq.transactions}
+deadLetter: {subject: dlq.signals.transactions}
 cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:latest", fields: [event_time], ttl: 5m}
 "#;
 
@@ -404,18 +597,19 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
     #[test]
     fn each_problem_names_its_field() {
         let mut bad = spec(EXAMPLE);
-        bad.stream.name = "bad name".into();
+        bad.stream.replicas = 9;
         bad.clickhouse.columns[1].type_name = "Strng".into();
-        bad.consumer.filter_subject = None;
+        bad.dead_letter.as_mut().unwrap().subject = Some("signals.dlq.x".into());
         bad.cache.as_mut().unwrap().key = "wallet:{nope}".into();
         let err = bad.validate("transactions").unwrap_err();
         let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
             [
-                "spec.stream.name",
+                "spec.stream.replicas",
                 "spec.clickhouse.columns[1].type",
                 "spec.deadLetter.subject",
+                "spec.deadLetter.stream.subjects",
                 "spec.cache.key"
             ]
         );
@@ -424,6 +618,32 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
                 .contains("spec.clickhouse.columns[1].type: invalid column type `Strng`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn settings_that_make_redelivery_certain_are_refused_naming_both_fields() {
+        let mut bad = spec(EXAMPLE);
+        bad.consumer.ack_wait = crate::HumanDuration::from_secs(2);
+        bad.workers.batch.max_wait = crate::HumanDuration::from_secs(1);
+        let problems = redelivery_problems(&bad);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.workers.batch.maxWait");
+        assert!(
+            problems[0].message.contains("spec.consumer.ackWait (2s)"),
+            "{}",
+            problems[0].message
+        );
+        assert!(bad.validate("p").is_err());
+
+        bad.consumer.ack_wait = crate::HumanDuration(std::time::Duration::from_millis(500));
+        bad.workers.batch.max_wait = crate::HumanDuration(std::time::Duration::from_millis(100));
+        let problems = redelivery_problems(&bad);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "spec.consumer.ackWait");
+
+        bad.consumer.ack_wait = crate::HumanDuration::from_secs(3);
+        bad.workers.batch.max_wait = crate::HumanDuration::from_secs(1);
+        assert!(redelivery_problems(&bad).is_empty());
     }
 
     #[test]
@@ -439,5 +659,115 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
         assert!(subject_problem("a..b", true).is_some());
         assert!(subject_problem("a.*", false).is_some());
         assert!(subject_problem("a.b", false).is_none());
+    }
+
+    fn fields(spec: &SignalPipelineSpec) -> Vec<String> {
+        match spec.validate("transactions") {
+            Ok(()) => Vec::new(),
+            Err(error) => error.errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    fn messages(spec: &SignalPipelineSpec) -> String {
+        spec.validate("transactions")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn subjects_overlap_when_one_literal_matches_both() {
+        assert!(subjects_overlap("a.>", "a.b.c"));
+        assert!(subjects_overlap("a.*.c", "a.b.*"));
+        assert!(subjects_overlap(">", "x"));
+        assert!(subjects_overlap("a.b", "a.b"));
+        assert!(!subjects_overlap("a.>", "a"));
+        assert!(!subjects_overlap("a.*", "a.b.c"));
+        assert!(!subjects_overlap("dlq.S.>", "signals.>"));
+        assert!(!subjects_overlap("signals.>", HEALTH_SUBJECTS));
+    }
+
+    #[test]
+    fn a_pipeline_without_dead_letter_gets_a_valid_default() {
+        let mut spec = spec(EXAMPLE);
+        spec.dead_letter = None;
+        assert_eq!(fields(&spec), Vec::<String>::new());
+        // A source stream that captures the default subject must name another one.
+        spec.stream.subjects = vec!["signals.>".into(), "dlq.>".into()];
+        assert_eq!(
+            fields(&spec),
+            ["spec.deadLetter.subject", "spec.deadLetter.stream.subjects"]
+        );
+        assert!(
+            messages(&spec).contains("the default dead-letter subject `dlq.SIGNALS.transactions` is captured by the source stream (spec.stream.subjects[1] `dlq.>`)"),
+            "{}",
+            messages(&spec)
+        );
+    }
+
+    #[test]
+    fn the_dead_letter_stream_must_capture_the_subject_outside_the_source() {
+        let mut spec = spec(EXAMPLE);
+        let dead_letter = spec.dead_letter.as_mut().unwrap();
+        dead_letter.stream.subjects = vec!["poison.>".into(), "signals.dlq.>".into()];
+        assert_eq!(
+            fields(&spec),
+            [
+                "spec.deadLetter.stream.subjects[1]",
+                "spec.deadLetter.stream.subjects"
+            ]
+        );
+        assert!(
+            messages(&spec)
+                .contains("does not capture the dead-letter subject `dlq.signals.transactions`")
+        );
+
+        let mut named = self::spec(EXAMPLE);
+        named.dead_letter.as_mut().unwrap().stream.name = Some("SIGNALS".into());
+        assert_eq!(fields(&named), ["spec.deadLetter.stream.name"]);
+
+        let mut health = self::spec(EXAMPLE);
+        health.dead_letter.as_mut().unwrap().subject = Some("signal.health.x".into());
+        assert_eq!(
+            fields(&health),
+            ["spec.deadLetter.subject", "spec.deadLetter.stream.subjects"]
+        );
+    }
+
+    #[test]
+    fn an_unmanaged_dead_letter_stream_is_checked_live_not_here() {
+        let mut spec = spec(EXAMPLE);
+        let dead_letter = spec.dead_letter.as_mut().unwrap();
+        dead_letter.stream.managed = false;
+        dead_letter.stream.subjects = vec!["elsewhere.>".into()];
+        assert_eq!(fields(&spec), Vec::<String>::new());
+        // Still never into the source stream.
+        spec.dead_letter.as_mut().unwrap().subject = Some("signals.dead".into());
+        assert_eq!(fields(&spec), ["spec.deadLetter.subject"]);
+    }
+
+    #[test]
+    fn the_duplicate_window_must_outlast_ack_wait_and_fit_max_age() {
+        let mut spec = spec(EXAMPLE);
+        spec.dead_letter.as_mut().unwrap().stream.duplicate_window =
+            Some(HumanDuration::from_secs(10));
+        assert_eq!(fields(&spec), ["spec.deadLetter.stream.duplicateWindow"]);
+        assert!(messages(&spec).contains("shorter than spec.consumer.ackWait (30s)"));
+        let stream = &mut spec.dead_letter.as_mut().unwrap().stream;
+        stream.duplicate_window = Some(HumanDuration::from_secs(3600));
+        stream.max_age = HumanDuration::from_secs(600);
+        assert_eq!(fields(&spec), ["spec.deadLetter.stream.duplicateWindow"]);
+        spec.dead_letter.as_mut().unwrap().stream.max_age = HumanDuration::from_secs(0);
+        assert_eq!(fields(&spec), Vec::<String>::new());
+    }
+
+    #[test]
+    fn batch_max_wait_must_be_at_most_a_third_of_ack_wait() {
+        let mut spec = spec(EXAMPLE);
+        spec.workers.batch.max_wait = HumanDuration::from_secs(10);
+        assert_eq!(fields(&spec), Vec::<String>::new());
+        spec.workers.batch.max_wait = HumanDuration(std::time::Duration::from_millis(10_001));
+        assert_eq!(fields(&spec), ["spec.workers.batch.maxWait"]);
+        assert!(messages(&spec).contains("must be at most a third of spec.consumer.ackWait (30s)"));
     }
 }

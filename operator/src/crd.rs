@@ -157,6 +157,32 @@ fn immutable(field: &str) -> Value {
     }])
 }
 
+/// `workers.batch.maxWait` at most a third of `consumer.ackWait`, and `ackWait` at least 1 s, as
+/// [`signal_model::validate::redelivery_problems`] says. CEL's `duration()` reads Go
+/// durations, which have no `d` unit: a value in days is left to the operator's own validation.
+fn max_wait_rule() -> Value {
+    let max_wait = "self.workers.batch.maxWait";
+    let ack_wait = "self.consumer.ackWait";
+    json!({
+        "rule": format!(
+            "!has(self.workers) || !has(self.workers.batch) || !has({max_wait}) || \
+             !has(self.consumer) || !has({ack_wait}) || \
+             {max_wait}.contains('d') || {ack_wait}.contains('d') || \
+             duration({max_wait}) + duration({max_wait}) + duration({max_wait}) <= duration({ack_wait})"
+        ),
+        "message": "workers.batch.maxWait must be at most a third of consumer.ackWait: a batch waiting \
+                    that long leaves no time to store it before redelivery",
+    })
+}
+
+/// `consumer.ackWait` of at least one second (0 means the server's default).
+fn ack_wait_rule() -> Value {
+    json!({
+        "rule": "self == '0' || self.contains('d') || duration(self) >= duration('1s')",
+        "message": "consumer.ackWait must be at least 1s: messages would be redelivered while a worker still holds them",
+    })
+}
+
 /// Validation added at named paths: what the schema says but the Rust types cannot.
 fn field_rules() -> Vec<(&'static str, Value)> {
     vec![
@@ -225,6 +251,16 @@ fn field_rules() -> Vec<(&'static str, Value)> {
         ("spec.workers.replicas", json!({"minimum": 0})),
         ("spec.workers.image", json!({"minLength": 1})),
         ("spec.workers.batch.maxRows", json!({"minimum": 1})),
+        // Bounded, so the API server's cost estimate of the rule on `spec` stays small.
+        ("spec.workers.batch.maxWait", json!({"maxLength": 64})),
+        (
+            "spec.consumer.ackWait",
+            json!({"maxLength": 64, "x-kubernetes-validations": [ack_wait_rule()]}),
+        ),
+        (
+            "spec",
+            json!({"x-kubernetes-validations": [max_wait_rule()]}),
+        ),
         (
             "spec.workers.resources.requests",
             json!({"additionalProperties": {"type": "string", "pattern": QUANTITY_PATTERN}}),
@@ -247,6 +283,26 @@ fn field_rules() -> Vec<(&'static str, Value)> {
             json!({"minimum": 1}),
         ),
         ("spec.deadLetter.subject", json!({"minLength": 1})),
+        (
+            "spec.deadLetter.stream.name",
+            json!({
+                "pattern": NATS_NAME_PATTERN, "maxLength": 255,
+                "x-kubernetes-validations": immutable("deadLetter.stream.name"),
+            }),
+        ),
+        (
+            "spec.deadLetter.stream.subjects",
+            json!({"items": {"type": "string", "minLength": 1}}),
+        ),
+        (
+            "spec.deadLetter.stream.storage",
+            json!({"x-kubernetes-validations": immutable("deadLetter.stream.storage")}),
+        ),
+        (
+            "spec.deadLetter.stream.replicas",
+            json!({"minimum": 1, "maximum": 5}),
+        ),
+        ("spec.deadLetter.stream.maxMsgs", json!({"minimum": -1})),
         (
             "spec.cache.redis.url",
             json!({"pattern": "^rediss?://[^\\s]+$"}),

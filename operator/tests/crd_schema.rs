@@ -21,11 +21,13 @@ const REGENERATE: &str = "cargo run -p signal-operator -- crd > crds/signalpipel
 /// The formats the API server understands on integer, number and string nodes.
 const KNOWN_FORMATS: [&str; 6] = ["int32", "int64", "float", "double", "byte", "date-time"];
 /// Fields whose change would need a new stream or table: the schema freezes them.
-const IMMUTABLE_FIELDS: [&str; 4] = [
+const IMMUTABLE_FIELDS: [&str; 6] = [
     "spec.stream.name",
     "spec.stream.storage",
     "spec.clickhouse.database",
     "spec.clickhouse.table",
+    "spec.deadLetter.stream.name",
+    "spec.deadLetter.stream.storage",
 ];
 
 fn workspace_root() -> PathBuf {
@@ -130,7 +132,7 @@ fn crd_parses_strictly_as_a_custom_resource_definition() {
 }
 
 #[test]
-fn printer_columns_show_stream_table_replicas_lag_ready_and_age() {
+fn printer_columns_show_stream_table_replicas_lag_dead_letters_ready_and_age() {
     let crd: CustomResourceDefinition = parse_strict(&committed_crd());
     let columns: Vec<(&str, &str, &str)> = crd.spec.versions[0]
         .additional_printer_columns
@@ -145,6 +147,7 @@ fn printer_columns_show_stream_table_replicas_lag_ready_and_age() {
             ("Table", "string", ".status.table"),
             ("Replicas", "integer", ".status.replicas"),
             ("Lag", "integer", ".status.consumer.numPending"),
+            ("DeadLetters", "string", ".status.deadLetter.stream"),
             (
                 "Ready",
                 "string",
@@ -550,7 +553,14 @@ fn full_spec() -> Value {
         "minReplicas": 1, "maxReplicas": 8, "targetLagPerReplica": 5000,
         "scaleDownStabilization": "10m",
     });
-    spec["deadLetter"] = json!({"subject": "signals.dead"});
+    spec["deadLetter"] = json!({
+        "subject": "dlq.SIGNALS.transactions",
+        "stream": {
+            "managed": true, "name": "SIGNALS_DEAD", "subjects": ["dlq.SIGNALS.>"],
+            "storage": "file", "retention": "limits", "discard": "old", "maxAge": "30d",
+            "maxBytes": "1Gi", "maxMsgs": 1_000_000, "replicas": 3, "duplicateWindow": "5m",
+        },
+    });
     spec["deletionPolicy"] = json!("Delete");
     spec
 }
@@ -607,6 +617,11 @@ fn what_the_operator_writes_passes_the_schema() {
             reason: "lag fits".to_string(),
             low_lag_since: Some("2024-01-01T00:00:00Z".to_string()),
         }),
+        dead_letter: Some(signal_model::DeadLetterStatus {
+            subject: "dlq.SIGNALS.transactions".to_string(),
+            stream: "SIGNALS_DLQ".to_string(),
+            messages: 7,
+        }),
     };
     let written = json!({"spec": full_spec(), "status": status});
     let problems = pipeline_violations(&written);
@@ -614,4 +629,62 @@ fn what_the_operator_writes_passes_the_schema() {
         problems.is_empty(),
         "the status the operator writes: {problems:#?}"
     );
+}
+
+#[test]
+fn the_schema_refuses_dead_letter_mistakes() {
+    let mut valid = example("transactions.yaml");
+    valid["spec"]["deadLetter"] = json!({"subject": "dlq.SIGNALS.tx", "stream": {"maxAge": "30d"}});
+    assert_eq!(pipeline_violations(&valid), Vec::<String>::new());
+    let mistakes: [(&str, Value, &str); 5] = [
+        ("name", json!("signals.dead"), "does not match"),
+        ("replicas", json!(0), "below minimum"),
+        ("maxMsgs", json!(-2), "below minimum"),
+        ("storage", json!("disk"), "is not one of"),
+        ("maxAge", json!("2 weeks"), "does not match"),
+    ];
+    for (field, bad, expected) in mistakes {
+        let mut document = valid.clone();
+        document["spec"]["deadLetter"]["stream"][field] = bad.clone();
+        let problems = pipeline_violations(&document);
+        assert!(
+            problems.iter().any(|problem| problem.contains(expected)),
+            "deadLetter.stream.{field} = {bad} should be refused with `{expected}`, got {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn batch_max_wait_is_kept_well_below_ack_wait_by_a_cel_rule_on_the_spec() {
+    let schema = schema();
+    let rules = node(&schema, "spec")["x-kubernetes-validations"]
+        .as_array()
+        .expect("spec has x-kubernetes-validations");
+    let rule = rules
+        .iter()
+        .find(|rule| {
+            rule["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("maxWait"))
+        })
+        .expect("a rule about maxWait");
+    let text = rule["rule"].as_str().expect("rule text");
+    assert!(
+        text.contains(
+            "duration(self.workers.batch.maxWait) + duration(self.workers.batch.maxWait) <= duration(self.consumer.ackWait)"
+        ),
+        "{text}"
+    );
+    // Optional fields are guarded, so a spec leaving them to their defaults is not refused.
+    for guard in [
+        "!has(self.workers)",
+        "!has(self.workers.batch)",
+        "!has(self.consumer)",
+    ] {
+        assert!(text.contains(guard), "{text} lacks {guard}");
+    }
+    // The rule's cost is bounded by the length of the two strings.
+    for path in ["spec.workers.batch.maxWait", "spec.consumer.ackWait"] {
+        assert_eq!(node(&schema, path)["maxLength"], 64, "{path}");
+    }
 }

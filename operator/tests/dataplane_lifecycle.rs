@@ -54,7 +54,9 @@ async fn a_new_pipeline_gets_its_stream_consumer_and_table_and_is_ready() {
         ),
         ("Created", "Created", "Created")
     );
-    assert_eq!(report.changes().count(), 4, "{report:#?}");
+    // Stream, consumer, database and table, and the default dead-letter stream.
+    assert_eq!(report.changes().count(), 5, "{report:#?}");
+    assert_eq!(report.dead_letter.reason, "Created", "{report:#?}");
     assert!(report.stream_status.is_some() && report.consumer_status.is_some());
     assert_eq!(report.schema_drift, None);
 
@@ -65,9 +67,10 @@ async fn a_new_pipeline_gets_its_stream_consumer_and_table_and_is_ready() {
         (
             again.stream.reason.as_str(),
             again.consumer.reason.as_str(),
-            again.table.reason.as_str()
+            again.table.reason.as_str(),
+            again.dead_letter.reason.as_str()
         ),
-        ("UpToDate", "UpToDate", "UpToDate")
+        ("UpToDate", "UpToDate", "UpToDate", "UpToDate")
     );
 }
 

@@ -122,6 +122,34 @@ fn pipelines_sharing_a_stream_declare_it_identically() {
 }
 
 #[test]
+fn pipelines_sharing_a_stream_ask_for_the_same_dead_letter_stream() {
+    // Their default dead-letter stream is shared too; differing settings would make the operator
+    // fight itself over it.
+    let streams: Vec<_> = yaml_files(&examples_dir())
+        .iter()
+        .map(|path| {
+            let manifest = load(path);
+            let dead_letter = manifest.spec.dead_letter_stream();
+            (path.clone(), manifest.spec.stream.name.clone(), dead_letter)
+        })
+        .filter(|(_, stream, _)| stream == "SIGNALS")
+        .collect();
+    assert!(
+        streams.len() >= 3,
+        "raw signals, transactions and risk events share SIGNALS"
+    );
+    for (path, _, dead_letter) in &streams {
+        assert_eq!(dead_letter.name, "SIGNALS_DLQ", "{}", path.display());
+        assert_eq!(
+            dead_letter,
+            &streams[0].2,
+            "{} asks for SIGNALS_DLQ differently",
+            path.display()
+        );
+    }
+}
+
+#[test]
 fn transactions_example_matches_what_the_kind_script_checks() {
     let path = examples_dir().join("transactions.yaml");
     let manifest = load(&path);

@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Answers whether the process is ready for work.
-pub type ReadinessCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+/// Answers whether the process is ready for work, or why not (the reason is `/readyz`'s body).
+pub type ReadinessCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// A readiness flag one part of a program sets and `/readyz` reads.
 #[derive(Clone, Default)]
@@ -37,7 +37,13 @@ impl Readiness {
     /// The flag as a check for [`serve`].
     pub fn check(&self) -> ReadinessCheck {
         let flag = self.clone();
-        Arc::new(move || flag.is_ready())
+        Arc::new(move || {
+            if flag.is_ready() {
+                Ok(())
+            } else {
+                Err("not ready yet".to_string())
+            }
+        })
     }
 }
 
@@ -71,10 +77,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(endpoints): State<Endpoints>) -> impl IntoResponse {
-    if (endpoints.ready)() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match (endpoints.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

@@ -1,12 +1,15 @@
-//! The batcher: rows accumulate in one RowBinary buffer with the acks that settle them, until a
-//! row, byte or age limit says the batch is due.
+//! The batcher: rows accumulate in one RowBinary buffer with the ack subjects that settle them,
+//! until a row, byte or age limit says the batch is due.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::message::Acker;
+use async_nats::Subject;
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use signal_model::BatchSpec;
+
+use crate::dead_letter::DeadLetter;
 
 /// When a batch is due.
 #[derive(Clone, Copy, Debug)]
@@ -36,17 +39,30 @@ pub struct CacheEntry {
 /// A batch being filled.
 pub struct Batch {
     rows: Vec<u8>,
-    acks: Vec<Acker>,
-    first_sequence: u64,
-    last_sequence: u64,
+    settle: Settle,
+    message_bytes: usize,
     started: Option<Instant>,
     cache: HashMap<String, CacheEntry>,
+}
+
+/// What settles a batch's messages, one entry per row, in row order.
+#[derive(Default)]
+pub struct Settle {
+    /// Each row's ack subject.
+    pub replies: Vec<Subject>,
+    /// Each row's stream sequence.
+    pub sequences: Vec<u64>,
+    /// Where each row ends in the rows buffer.
+    pub row_ends: Vec<usize>,
+    /// Rows whose message is on its last allowed delivery, with its dead letter ready: if the
+    /// insert fails they are dead-lettered rather than let fall out of the consumer.
+    pub last_deliveries: Vec<(usize, DeadLetter)>,
 }
 
 /// A batch ready to be written: its rows are frozen so a retry resends the same bytes.
 pub struct SealedBatch {
     pub rows: Bytes,
-    pub acks: Vec<Acker>,
+    pub settle: Settle,
     pub first_sequence: u64,
     pub last_sequence: u64,
     pub cache: HashMap<String, CacheEntry>,
@@ -56,20 +72,24 @@ impl Batch {
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
             rows: Vec::with_capacity(bytes),
-            acks: Vec::new(),
-            first_sequence: 0,
-            last_sequence: 0,
+            settle: Settle::default(),
+            message_bytes: 0,
             started: None,
             cache: HashMap::new(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.acks.is_empty()
+        self.settle.replies.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.acks.len()
+        self.settle.replies.len()
+    }
+
+    /// Bytes the batch holds: its rows or its messages' payloads, whichever is more.
+    pub fn bytes(&self) -> usize {
+        self.rows.len().max(self.message_bytes)
     }
 
     /// The buffer the next row is encoded into; call [`Batch::push`] once it is there.
@@ -77,15 +97,27 @@ impl Batch {
         &mut self.rows
     }
 
-    /// Records the row just encoded, with the ack that settles its message.
-    pub fn push(&mut self, ack: Acker, stream_sequence: u64) {
-        if self.acks.is_empty() {
-            self.first_sequence = stream_sequence;
+    /// Records the row just encoded, with the ack subject that settles its message and the size
+    /// of its payload. `last_delivery` holds its dead letter when it is on its last delivery.
+    pub fn push(
+        &mut self,
+        reply: Subject,
+        stream_sequence: u64,
+        payload_bytes: usize,
+        last_delivery: Option<DeadLetter>,
+    ) {
+        if self.settle.replies.is_empty() {
             self.started = Some(Instant::now());
         }
-        self.first_sequence = self.first_sequence.min(stream_sequence);
-        self.last_sequence = self.last_sequence.max(stream_sequence);
-        self.acks.push(ack);
+        if let Some(letter) = last_delivery {
+            self.settle
+                .last_deliveries
+                .push((self.settle.replies.len(), letter));
+        }
+        self.settle.replies.push(reply);
+        self.settle.sequences.push(stream_sequence);
+        self.settle.row_ends.push(self.rows.len());
+        self.message_bytes += payload_bytes;
     }
 
     /// Keeps the newest fields per key (by stream sequence).
@@ -100,7 +132,7 @@ impl Batch {
 
     /// True when a row or byte limit is reached.
     pub fn is_full(&self, limits: &BatchLimits) -> bool {
-        self.acks.len() >= limits.max_rows || self.rows.len() >= limits.max_bytes
+        self.len() >= limits.max_rows || self.bytes() >= limits.max_bytes
     }
 
     /// When the oldest row's wait runs out (`None` for an empty batch).
@@ -108,31 +140,74 @@ impl Batch {
         self.started.map(|started| started + limits.max_wait)
     }
 
-    /// Every ack held, for progress acks while the batch waits.
-    pub fn acks(&self) -> &[Acker] {
-        &self.acks
-    }
-
     pub fn seal(self) -> SealedBatch {
+        let first_sequence = self.settle.sequences.iter().copied().min().unwrap_or(0);
+        let last_sequence = self.settle.sequences.iter().copied().max().unwrap_or(0);
         SealedBatch {
             rows: Bytes::from(self.rows),
-            acks: self.acks,
-            first_sequence: self.first_sequence,
-            last_sequence: self.last_sequence,
+            settle: self.settle,
+            first_sequence,
+            last_sequence,
             cache: self.cache,
         }
     }
 }
 
 impl SealedBatch {
-    /// A deterministic token for this batch, for servers that deduplicate inserts by token.
-    pub fn deduplication_token(&self, stream: &str) -> String {
-        format!(
-            "{stream}:{}-{}:{}",
-            self.first_sequence,
-            self.last_sequence,
-            self.acks.len()
-        )
+    pub fn len(&self) -> usize {
+        self.settle.replies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.settle.replies.is_empty()
+    }
+
+    /// The insert deduplication token: a digest of the stream's identity (name and creation time)
+    /// and the batch's exact set of stream sequences, so only the very same rows share a token,
+    /// whatever order they were delivered in, and a re-created stream starts new tokens.
+    pub fn deduplication_token(&self, stream: &str, stream_created_unix_nanos: i128) -> String {
+        let mut sequences = self.settle.sequences.clone();
+        sequences.sort_unstable();
+        let mut digest = Sha256::new();
+        digest.update(stream.as_bytes());
+        digest.update([0]);
+        digest.update(stream_created_unix_nanos.to_le_bytes());
+        for sequence in sequences {
+            digest.update(sequence.to_le_bytes());
+        }
+        let hex: String = digest
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{stream}:{hex}")
+    }
+
+    /// Takes the dead letters of the rows on their last delivery out of the batch, leaving the
+    /// other rows (and their cache entries) to be inserted.
+    pub fn take_last_deliveries(&mut self) -> Vec<DeadLetter> {
+        if self.settle.last_deliveries.is_empty() {
+            return Vec::new();
+        }
+        let taken = std::mem::take(&mut self.settle.last_deliveries);
+        let removed: Vec<usize> = taken.iter().map(|(index, _)| *index).collect();
+        let old = std::mem::take(&mut self.settle);
+        let mut rows = Vec::with_capacity(self.rows.len());
+        let mut start = 0;
+        for (index, end) in old.row_ends.iter().enumerate() {
+            if !removed.contains(&index) {
+                rows.extend_from_slice(&self.rows[start..*end]);
+                self.settle.replies.push(old.replies[index].clone());
+                self.settle.sequences.push(old.sequences[index]);
+                self.settle.row_ends.push(rows.len());
+            }
+            start = *end;
+        }
+        let gone: Vec<u64> = removed.iter().map(|i| old.sequences[*i]).collect();
+        self.cache
+            .retain(|_, entry| !gone.contains(&entry.stream_sequence));
+        self.rows = Bytes::from(rows);
+        taken.into_iter().map(|(_, letter)| letter).collect()
     }
 }
 
@@ -154,6 +229,87 @@ mod tests {
         let sealed = batch.seal();
         assert_eq!(sealed.cache["k"], entry(9, "nine"));
         assert_eq!(sealed.cache["j"], entry(4, "four"));
+    }
+
+    fn letter(sequence: u64) -> DeadLetter {
+        DeadLetter {
+            payload: Bytes::from_static(b"{}"),
+            headers: None,
+            subject: Subject::from("in"),
+            reply: Subject::from(format!("ack.{sequence}")),
+            stream_sequence: sequence,
+            label: crate::dead_letter::MAX_DELIVERIES,
+            reason: String::new(),
+        }
+    }
+
+    /// A batch of one-byte rows `[sequence]` for each sequence.
+    fn batch_of(sequences: &[u64], last: &[u64]) -> SealedBatch {
+        let mut batch = Batch::with_capacity(16);
+        for &sequence in sequences {
+            batch.buffer().push(sequence as u8);
+            let reply = Subject::from(format!("ack.{sequence}"));
+            let last_delivery = last.contains(&sequence).then(|| letter(sequence));
+            batch.push(reply, sequence, 1, last_delivery);
+        }
+        batch.seal()
+    }
+
+    #[test]
+    fn deduplication_token_is_the_exact_set_of_sequences_and_the_streams_identity() {
+        let token = batch_of(&[1, 2, 3, 7], &[]).deduplication_token("S", 10);
+        // Same set, another order: same rows, same token.
+        assert_eq!(
+            token,
+            batch_of(&[7, 3, 1, 2], &[]).deduplication_token("S", 10)
+        );
+        // Same first, last and count, other rows.
+        assert_ne!(
+            token,
+            batch_of(&[1, 4, 5, 7], &[]).deduplication_token("S", 10)
+        );
+        // A re-created stream restarts its sequences.
+        assert_ne!(
+            token,
+            batch_of(&[1, 2, 3, 7], &[]).deduplication_token("S", 11)
+        );
+        assert_ne!(
+            token,
+            batch_of(&[1, 2, 3, 7], &[]).deduplication_token("T", 10)
+        );
+    }
+
+    #[test]
+    fn last_deliveries_leave_the_batch_with_their_rows_and_cache_entries() {
+        let mut batch = Batch::with_capacity(16);
+        for sequence in [4u64, 5, 6] {
+            batch.buffer().push(sequence as u8);
+            batch.cache(
+                format!("k{sequence}"),
+                CacheEntry {
+                    stream_sequence: sequence,
+                    fields: vec![],
+                },
+            );
+            let last_delivery = (sequence == 5).then(|| letter(sequence));
+            batch.push(
+                Subject::from(format!("ack.{sequence}")),
+                sequence,
+                1,
+                last_delivery,
+            );
+        }
+        let mut sealed = batch.seal();
+        let letters = sealed.take_last_deliveries();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].stream_sequence, 5);
+        assert_eq!(sealed.rows.as_ref(), &[4, 6]);
+        assert_eq!(sealed.settle.sequences, vec![4, 6]);
+        assert_eq!(sealed.settle.row_ends, vec![1, 2]);
+        assert_eq!(sealed.settle.replies[1].as_str(), "ack.6");
+        assert!(!sealed.cache.contains_key("k5") && sealed.cache.contains_key("k6"));
+        assert!(sealed.take_last_deliveries().is_empty());
+        assert_eq!(batch_of(&[1, 2], &[1, 2]).take_last_deliveries().len(), 2);
     }
 
     #[test]

@@ -1,20 +1,27 @@
 //! Writing a sealed batch into ClickHouse: one RowBinary INSERT per batch, retried with backoff
-//! until the server confirms it.
+//! until the server confirms it; nothing is acknowledged before ClickHouse has confirmed.
 //!
-//! While an insert is being retried, the batch's messages get progress acks (`+WPI`) so JetStream
-//! does not redeliver them meanwhile; nothing is acknowledged before ClickHouse has confirmed.
+//! Insert errors are classified ([`crate::insert_error`]): transient ones are retried, permanent
+//! ones are reported (`InsertRejected`) and retried slowly until a person fixes the cause. The
+//! live table's column types are compared with the manifest's at start and after any insert
+//! error; a mismatch (`SchemaMismatch`) blocks writing until it is resolved.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::AckKind;
-use async_nats::jetstream::message::Acker;
 use signal_clients::clickhouse::server_version;
 use signal_clients::retry::Backoff;
+use signal_model::ColumnSpec;
+use signal_model::live_schema::wire_mismatches;
+use signal_model::worker_health::HealthReason;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::SealedBatch;
+use crate::dead_letter::{DeadLetter, MAX_DELIVERIES};
+use crate::health::Health;
+use crate::insert_error::{InsertFailure, classify};
 use crate::metrics::Metrics;
 
 /// How long a shutting-down worker keeps retrying a batch before leaving it to redelivery.
@@ -34,39 +41,69 @@ pub enum SinkError {
 /// The table and the client that writes to it.
 pub struct ClickHouseSink {
     client: clickhouse::Client,
+    database: String,
+    table: String,
     insert_sql: String,
+    /// The manifest's columns, compared with the live table's before writing.
+    columns: Vec<ColumnSpec>,
     stream: String,
+    stream_created_unix_nanos: i128,
     deduplication_tokens: AtomicBool,
-    progress_interval: Duration,
     metrics: Arc<Metrics>,
-    /// Last insert or probe succeeded; read by `/readyz`.
+    health: Arc<Health>,
+    dead_letters: mpsc::Sender<DeadLetter>,
+    /// Last insert or probe reached the server; read by `/readyz`.
     pub healthy: Arc<AtomicBool>,
+}
+
+/// Where a sink writes and what it tells about its rows.
+pub struct SinkTarget<'a> {
+    pub database: &'a str,
+    pub table: &'a str,
+    pub columns: &'a [ColumnSpec],
+    pub column_list: &'a str,
+    pub stream: &'a str,
+    /// The stream's creation time, its identity in deduplication tokens.
+    pub stream_created_unix_nanos: i128,
 }
 
 impl ClickHouseSink {
     pub fn new(
         client: clickhouse::Client,
-        database: &str,
-        table: &str,
-        column_list: &str,
-        stream: &str,
-        ack_wait: Duration,
+        target: SinkTarget<'_>,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        dead_letters: mpsc::Sender<DeadLetter>,
+        healthy: Arc<AtomicBool>,
     ) -> Self {
+        let SinkTarget {
+            database,
+            table,
+            columns,
+            column_list,
+            stream,
+            stream_created_unix_nanos,
+        } = target;
         Self {
             client,
+            database: database.to_string(),
+            table: table.to_string(),
             insert_sql: format!(
                 "INSERT INTO `{database}`.`{table}` ({column_list}) FORMAT RowBinary"
             ),
+            columns: columns.to_vec(),
             stream: stream.to_string(),
+            stream_created_unix_nanos,
             deduplication_tokens: AtomicBool::new(false),
-            progress_interval: (ack_wait / 3).max(Duration::from_millis(200)),
             metrics,
-            healthy: Arc::new(AtomicBool::new(false)),
+            health,
+            dead_letters,
+            healthy,
         }
     }
 
-    /// Checks the server once: reachable, and whether it honours deduplication tokens.
+    /// Checks the server once: reachable, whether it honours deduplication tokens, and whether
+    /// the live table's columns match the manifest's.
     pub async fn probe(&self) -> bool {
         match server_version(&self.client).await {
             Ok(version) => {
@@ -74,6 +111,7 @@ impl ClickHouseSink {
                 self.deduplication_tokens.store(tokens, Ordering::Relaxed);
                 self.healthy.store(true, Ordering::Relaxed);
                 tracing::info!(%version, deduplication_tokens = tokens, "ClickHouse reachable");
+                self.check_schema().await;
                 true
             }
             Err(_) => {
@@ -81,6 +119,47 @@ impl ClickHouseSink {
                 false
             }
         }
+    }
+
+    /// Compares the live table's column types with the manifest's and records the outcome
+    /// (`SchemaMismatch`); returns true when the worker may write. An unanswered query changes
+    /// nothing.
+    async fn check_schema(&self) -> bool {
+        const SQL: &str = "SELECT name, type FROM system.columns WHERE database = ? AND table = ?";
+        let live = match self
+            .client
+            .query(SQL)
+            .bind(self.database.as_str())
+            .bind(self.table.as_str())
+            .fetch_all::<(String, String)>()
+            .await
+        {
+            Ok(live) => live,
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the table's columns");
+                return !self.health.has(HealthReason::SchemaMismatch);
+            }
+        };
+        let mismatches = wire_mismatches(&self.columns, &live);
+        if mismatches.is_empty() || live.is_empty() {
+            // No columns at all: the table is missing, which the insert reports as InsertRejected.
+            self.health
+                .clear(HealthReason::SchemaMismatch, &self.metrics);
+            return true;
+        }
+        let message = format!(
+            "table {}.{} does not match the manifest, refusing to write: {}",
+            self.database,
+            self.table,
+            mismatches
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        self.health
+            .set(HealthReason::SchemaMismatch, &message, &self.metrics);
+        false
     }
 
     async fn insert_once(&self, batch: &SealedBatch) -> Result<(), clickhouse::error::Error> {
@@ -91,94 +170,107 @@ impl ClickHouseSink {
         if self.deduplication_tokens.load(Ordering::Relaxed) {
             insert = insert.with_setting(
                 "insert_deduplication_token",
-                batch.deduplication_token(&self.stream),
+                batch.deduplication_token(&self.stream, self.stream_created_unix_nanos),
             );
         }
         insert.send(batch.rows.clone()).await?;
         insert.end().await
     }
 
-    /// Inserts the batch, retrying until it is stored. After `shutdown` is cancelled it keeps trying
-    /// for a short budget, then gives up (the messages stay unacknowledged and are redelivered).
+    /// Inserts the batch, retrying until it is stored. Its messages are kept alive meanwhile
+    /// ([`crate::held_messages`]). A permanent refusal or a schema mismatch blocks here (the
+    /// puller then stops at one batch) and is reported until it clears. After an insert error,
+    /// rows on their last allowed delivery are dead-lettered (`max_deliveries`) and the rest
+    /// retried. After `shutdown` it keeps trying for a short budget, then gives up (the messages
+    /// stay unacknowledged and are redelivered).
     pub async fn store(
         &self,
-        batch: &SealedBatch,
+        batch: &mut SealedBatch,
         shutdown: &CancellationToken,
     ) -> Result<(), SinkError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let mut last_progress = Instant::now();
         let mut shutdown_since: Option<Instant> = None;
         loop {
-            let started = Instant::now();
-            let error = match self.insert_once(batch).await {
-                Ok(()) => {
-                    self.metrics
-                        .insert_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    self.healthy.store(true, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(error) => error,
-            };
-            self.healthy.store(false, Ordering::Relaxed);
-            self.metrics.insert_retries.inc();
+            let last_error =
+                if self.health.has(HealthReason::SchemaMismatch) && !self.check_schema().await {
+                    let refused = "the table's columns do not match the manifest".to_string();
+                    // Not written is as good as failed for a message on its last delivery.
+                    self.dead_letter_last_deliveries(batch, &refused).await;
+                    refused
+                } else {
+                    let started = Instant::now();
+                    match self.insert_once(batch).await {
+                        Ok(()) => {
+                            self.metrics
+                                .insert_seconds
+                                .observe(started.elapsed().as_secs_f64());
+                            self.healthy.store(true, Ordering::Relaxed);
+                            self.health
+                                .clear(HealthReason::InsertRejected, &self.metrics);
+                            return Ok(());
+                        }
+                        Err(error) => self.after_insert_error(batch, &error.to_string()).await,
+                    }
+                };
+            if batch.is_empty() {
+                return Ok(());
+            }
             if shutdown.is_cancelled() {
                 let since = *shutdown_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > SHUTDOWN_RETRY_BUDGET {
                     return Err(SinkError::ShutdownWhileFailing {
                         first: batch.first_sequence,
                         last: batch.last_sequence,
-                        last_error: error.to_string(),
+                        last_error,
                     });
                 }
             }
             let delay = backoff.next_delay();
             tracing::warn!(
-                %error,
+                error = %last_error,
                 attempt = backoff.attempts(),
                 retry_in_ms = delay.as_millis() as u64,
-                rows = batch.acks.len(),
-                "insert failed; retrying"
+                rows = batch.len(),
+                "batch not stored; retrying"
             );
-            let wake = Instant::now() + delay;
-            while Instant::now() < wake {
-                if last_progress.elapsed() >= self.progress_interval {
-                    send_progress(&batch.acks).await;
-                    last_progress = Instant::now();
-                }
-                tokio::time::sleep(
-                    wake.saturating_duration_since(Instant::now())
-                        .min(self.progress_interval),
-                )
-                .await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                // Leave the budget to run from the moment shutdown was asked.
+                _ = shutdown.cancelled(), if shutdown_since.is_none() => {}
             }
         }
     }
-}
 
-/// Tells JetStream the messages are still being worked on, restarting their ack wait.
-pub async fn send_progress(acks: &[Acker]) {
-    let mut failed = 0;
-    for ack in acks {
-        if ack.ack_with(AckKind::Progress).await.is_err() {
-            failed += 1;
+    /// Classifies an insert error, records it, checks the schema, and dead-letters the rows on
+    /// their last delivery. Returns the error's text.
+    async fn after_insert_error(&self, batch: &mut SealedBatch, error: &str) -> String {
+        self.metrics.insert_retries.inc();
+        match classify(error) {
+            InsertFailure::Permanent { message, .. } => {
+                // The server answered: it is reachable, just refusing.
+                self.healthy.store(true, Ordering::Relaxed);
+                self.metrics.inserts_rejected.inc();
+                self.health
+                    .set(HealthReason::InsertRejected, &message, &self.metrics);
+            }
+            InsertFailure::Transient(_) => self.healthy.store(false, Ordering::Relaxed),
+        }
+        self.check_schema().await;
+        self.dead_letter_last_deliveries(batch, error).await;
+        error.to_string()
+    }
+
+    /// Sends the rows on their last allowed delivery to the dead letters (`max_deliveries` and
+    /// why this attempt failed), leaving the rest of the batch to be retried.
+    async fn dead_letter_last_deliveries(&self, batch: &mut SealedBatch, error: &str) {
+        let reason =
+            format!("{MAX_DELIVERIES}: insert failed on the last allowed delivery: {error}");
+        for mut letter in batch.take_last_deliveries() {
+            letter.reason = reason.clone();
+            self.metrics.count_poison(MAX_DELIVERIES);
+            if self.dead_letters.send(letter).await.is_err() {
+                tracing::warn!("dead-letter router stopped; the message will be redelivered");
+            }
         }
     }
-    if failed > 0 {
-        tracing::warn!(failed, "progress acks could not be sent");
-    }
-}
-
-/// Acknowledges a stored batch; returns how many acks could not be sent.
-///
-/// An ack is a plain publish queued to the client, so awaiting them one by one is cheaper than
-/// polling thousands of futures at once, and keeps them in order.
-pub async fn acknowledge(acks: Vec<Acker>) -> usize {
-    let mut failed = 0;
-    for ack in &acks {
-        if ack.ack().await.is_err() {
-            failed += 1;
-        }
-    }
-    failed
 }

@@ -1,92 +1,258 @@
-//! Poison messages: published to the dead-letter subject with headers that say why, then
-//! terminated so JetStream stops redelivering them.
+//! Dead letters: poison messages (and messages on their last allowed delivery whose insert
+//! failed) published to the dead-letter subject with headers that say why, then terminated so
+//! JetStream stops redelivering them.
 //!
-//! The original is terminated only after the dead letter is confirmed (by the stream that captures
-//! the subject, or by a flush when no stream does), so a poison message is never lost.
+//! Durable by construction: a dead letter is published through JetStream only, and the original is
+//! terminated only once the stream that captures the subject has acknowledged it. When no stream
+//! captures the subject the original stays held (kept alive, unacknowledged), the worker reports
+//! `DeadLetterUnroutable`, and the publish is retried until a stream appears. Each dead letter
+//! carries a `Nats-Msg-Id` made of the source stream's identity and the message's sequence, so a
+//! re-publish after a crash (published, not yet terminated) is dropped by the dead-letter stream's
+//! duplicate window: one dead letter per poison message.
+//!
+//! Routing is concurrent: publishes are sent without waiting for each ack, up to
+//! [`MAX_IN_FLIGHT`] messages (and about one batch's bytes) in flight or waiting for a retry at
+//! once, and each original is terminated as its own dead letter is confirmed. Good messages keep
+//! flowing while dead letters wait, until that bound is reached.
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use signal_clients::dead_letter::{HEADER_REASON, HEADER_SEQUENCE, HEADER_STREAM, HEADER_SUBJECT};
-use signal_model::row_encoder::Poison;
+use signal_model::worker_health::HealthReason;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-/// Why a dead letter could not be published.
-#[derive(Debug, thiserror::Error)]
-pub enum DeadLetterError {
-    #[error("publishing to dead-letter subject {subject} failed: {message}")]
-    Publish { subject: String, message: String },
+use crate::health::Health;
+use crate::held_messages::HeldMessages;
+use crate::metrics::Metrics;
+
+/// Poison label (and reason prefix) of a message dead-lettered on its last allowed delivery.
+pub const MAX_DELIVERIES: &str = "max_deliveries";
+
+/// Dead letters awaiting their JetStream ack at once.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Pause before publishing again the dead letters no stream captured.
+const RETRY_UNROUTABLE: Duration = Duration::from_secs(2);
+
+/// A message on its way to the dead-letter subject; its delivery is held meanwhile.
+pub struct DeadLetter {
+    pub payload: Bytes,
+    pub headers: Option<HeaderMap>,
+    /// The subject the message was published on.
+    pub subject: Subject,
+    /// The delivery's ack subject.
+    pub reply: Subject,
+    pub stream_sequence: u64,
+    /// Poison label for the metrics (`wrong_type`, `max_deliveries`, …).
+    pub label: &'static str,
+    /// The full reason, for the header.
+    pub reason: String,
 }
 
-/// Where poison goes.
-#[derive(Clone)]
-pub struct DeadLetters {
+impl DeadLetter {
+    /// Takes what a dead letter needs from a delivered message.
+    pub fn from_message(
+        message: &async_nats::Message,
+        stream_sequence: u64,
+        label: &'static str,
+        reason: String,
+    ) -> Option<Self> {
+        Some(Self {
+            payload: message.payload.clone(),
+            headers: message.headers.clone(),
+            subject: message.subject.clone(),
+            reply: message.reply.clone()?,
+            stream_sequence,
+            label,
+            reason,
+        })
+    }
+}
+
+/// The dead-letter message id: the source stream, its creation time (a re-created stream restarts
+/// its sequences) and the sequence.
+pub fn message_id(stream: &str, stream_created_unix_nanos: i128, sequence: u64) -> String {
+    format!("{stream}:{stream_created_unix_nanos}:{sequence}")
+}
+
+/// Where poison goes, and what routing it needs.
+pub struct DeadLetterRouter {
+    /// `None`: the pipeline has no dead-letter subject; poison is terminated and counted.
     pub subject: Option<String>,
     pub stream: String,
-    pub client: async_nats::Client,
+    pub stream_created_unix_nanos: i128,
     pub jetstream: jetstream::Context,
+    pub held: Arc<HeldMessages>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    /// Payload bytes in flight at once (at least one message is always let through).
+    pub max_bytes_in_flight: usize,
 }
 
-/// A poison message, kept until it is routed.
-pub struct PoisonMessage {
-    pub message: jetstream::Message,
-    pub stream_sequence: u64,
-    pub reason: Poison,
+type Published = (DeadLetter, Result<(), PublishFailure>);
+
+#[derive(Debug)]
+enum PublishFailure {
+    /// No stream captures the subject (or the letter can never fit): wait for a person.
+    Unroutable(String),
+    /// A timeout or a broken connection: retry.
+    Transient(String),
 }
 
-impl DeadLetters {
-    /// Routes one poison message. On error the message is left unacknowledged for redelivery.
-    pub async fn route(&self, poison: PoisonMessage) -> Result<(), DeadLetterError> {
-        let PoisonMessage {
-            message,
-            stream_sequence,
-            reason,
-        } = poison;
-        if let Some(subject) = &self.subject {
-            let mut headers = message.headers.clone().unwrap_or_default();
-            insert_header(&mut headers, HEADER_REASON, &reason.to_string());
-            insert_header(&mut headers, HEADER_SUBJECT, message.subject.as_str());
-            insert_header(&mut headers, HEADER_SEQUENCE, &stream_sequence.to_string());
-            insert_header(&mut headers, HEADER_STREAM, &self.stream);
-            self.publish(subject, headers, message.payload.clone())
-                .await?;
+impl DeadLetterRouter {
+    /// Routes letters from `letters` until it closes, waiting for the ones in flight. After
+    /// `stop`, letters that cannot be stored are let go, unacknowledged, for redelivery.
+    pub async fn run(self, mut letters: mpsc::Receiver<DeadLetter>, stop: CancellationToken) {
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, Published>> =
+            FuturesUnordered::new();
+        // Payload bytes of the letters in flight or waiting for a retry.
+        let mut bytes_held = 0usize;
+        let mut waiting: VecDeque<DeadLetter> = VecDeque::new();
+        let mut retry = tokio::time::interval(RETRY_UNROUTABLE);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut open, mut stopping) = (true, false);
+        loop {
+            let count = in_flight.len() + waiting.len();
+            let room =
+                count < MAX_IN_FLIGHT && (count == 0 || bytes_held < self.max_bytes_in_flight);
+            tokio::select! {
+                letter = letters.recv(), if open && room => match letter {
+                    Some(letter) => {
+                        bytes_held += letter.payload.len();
+                        in_flight.push(self.publish(letter));
+                    }
+                    None => open = false,
+                },
+                Some((letter, result)) = in_flight.next() => {
+                    let bytes = letter.payload.len();
+                    match self.settle(letter, result).await {
+                        Some(letter) => waiting.push_back(letter),
+                        None => bytes_held -= bytes,
+                    }
+                }
+                _ = retry.tick(), if !stopping && !waiting.is_empty() => {
+                    while let Some(letter) = waiting.pop_front() {
+                        in_flight.push(self.publish(letter));
+                    }
+                }
+                _ = stop.cancelled(), if !stopping => stopping = true,
+                else => break,
+            }
+            if stopping && !waiting.is_empty() {
+                tracing::warn!(
+                    letters = waiting.len(),
+                    "dead letters not stored at shutdown; their messages will be redelivered"
+                );
+                self.held
+                    .release(waiting.iter().map(|l| &l.reply), &self.metrics);
+                bytes_held -= waiting.iter().map(|l| l.payload.len()).sum::<usize>();
+                waiting.clear();
+            }
+            if !open && in_flight.is_empty() {
+                break;
+            }
         }
-        message
-            .ack_with(AckKind::Term)
-            .await
-            .map_err(|e| DeadLetterError::Publish {
-                subject: self.subject.clone().unwrap_or_default(),
-                message: format!("terminating the original failed: {e}"),
-            })
     }
 
-    async fn publish(
-        &self,
-        subject: &str,
-        headers: HeaderMap,
-        payload: bytes::Bytes,
-    ) -> Result<(), DeadLetterError> {
-        let failed = |message: String| DeadLetterError::Publish {
-            subject: subject.to_string(),
-            message,
+    /// Publishes one letter; resolves once JetStream has answered.
+    fn publish(&self, letter: DeadLetter) -> BoxFuture<'static, Published> {
+        let Some(subject) = self.subject.clone() else {
+            return Box::pin(async move { (letter, Ok(())) });
         };
-        match self
-            .jetstream
-            .publish_with_headers(subject.to_string(), headers.clone(), payload.clone())
-            .await
-        {
-            Ok(ack) => match ack.await {
-                Ok(_) => return Ok(()),
-                Err(error)
-                    if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {}
-                Err(error) => return Err(failed(error.to_string())),
-            },
-            Err(error) => return Err(failed(error.to_string())),
+        let mut headers = letter.headers.clone().unwrap_or_default();
+        insert_header(&mut headers, HEADER_REASON, &letter.reason);
+        insert_header(&mut headers, HEADER_SUBJECT, letter.subject.as_str());
+        insert_header(
+            &mut headers,
+            HEADER_SEQUENCE,
+            &letter.stream_sequence.to_string(),
+        );
+        insert_header(&mut headers, HEADER_STREAM, &self.stream);
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            message_id(
+                &self.stream,
+                self.stream_created_unix_nanos,
+                letter.stream_sequence,
+            )
+            .as_str(),
+        );
+        let jetstream = self.jetstream.clone();
+        Box::pin(async move {
+            let result = match jetstream
+                .publish_with_headers(subject, headers, letter.payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(error) => Err(error),
+            }
+            .map_err(|error| match error.kind() {
+                PublishErrorKind::StreamNotFound => PublishFailure::Unroutable(format!(
+                    "no JetStream stream captures the dead-letter subject: {error}"
+                )),
+                PublishErrorKind::MaxPayloadExceeded => PublishFailure::Unroutable(format!(
+                    "the dead letter of sequence {} exceeds the server's max_payload: {error}",
+                    letter.stream_sequence
+                )),
+                _ => PublishFailure::Transient(error.to_string()),
+            });
+            (letter, result)
+        })
+    }
+
+    /// Terminates a confirmed letter's original, or returns the letter for another try.
+    async fn settle(
+        &self,
+        letter: DeadLetter,
+        result: Result<(), PublishFailure>,
+    ) -> Option<DeadLetter> {
+        match result {
+            Ok(()) => {
+                if !self.held.terminate(&letter.reply, &self.metrics).await {
+                    // The dead letter is stored; a redelivery publishes it again under the same
+                    // message id, which the stream drops.
+                    tracing::warn!(
+                        sequence = letter.stream_sequence,
+                        "terminating a dead-lettered message failed"
+                    );
+                }
+                match &self.subject {
+                    Some(_) => {
+                        self.metrics.dead_letters_published.inc();
+                        if self.health.has(HealthReason::DeadLetterUnroutable) {
+                            self.health
+                                .clear(HealthReason::DeadLetterUnroutable, &self.metrics);
+                        }
+                        // The dead letter carries the reason and the metrics count it.
+                        tracing::debug!(sequence = letter.stream_sequence, reason = %letter.reason, "message dead-lettered");
+                    }
+                    None => tracing::warn!(
+                        sequence = letter.stream_sequence,
+                        reason = %letter.reason,
+                        "poison message terminated (no dead-letter subject)"
+                    ),
+                }
+                None
+            }
+            Err(PublishFailure::Unroutable(message)) => {
+                self.metrics.dead_letters_unroutable.inc();
+                self.health
+                    .set(HealthReason::DeadLetterUnroutable, &message, &self.metrics);
+                Some(letter)
+            }
+            Err(PublishFailure::Transient(message)) => {
+                tracing::warn!(sequence = letter.stream_sequence, error = %message, "dead-letter publish failed; retrying");
+                Some(letter)
+            }
         }
-        // No stream captures the subject: a core publish, flushed, is as durable as NATS gets.
-        self.client
-            .publish_with_headers(subject.to_string(), headers, payload)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        self.client.flush().await.map_err(|e| failed(e.to_string()))
     }
 }
 
@@ -97,4 +263,17 @@ fn insert_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
         .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
         .collect();
     headers.insert(name, value.as_str());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_tell_streams_incarnations_and_sequences_apart() {
+        let id = message_id("SIGNALS", 1_700_000_000_000_000_000, 42);
+        assert_eq!(id, "SIGNALS:1700000000000000000:42");
+        assert_ne!(id, message_id("SIGNALS", 1_700_000_000_000_000_001, 42));
+        assert_ne!(id, message_id("SIGNALS", 1_700_000_000_000_000_000, 43));
+    }
 }

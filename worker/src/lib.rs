@@ -2,14 +2,19 @@
 //!
 //! The flow, one module a step: [`source`] pulls messages and fills a [`batch`] through the row
 //! encoder, routing poison to [`dead_letter`]; [`clickhouse_sink`] inserts each sealed batch with
-//! retries and acknowledges it once stored; [`cache`] then updates Redis. [`pipeline`] wires them
-//! together with shutdown, and serves [`metrics`] and health through `signal-telemetry`. Connecting,
+//! retries (telling errors apart with [`insert_error`]) and acknowledges it once stored; [`cache`]
+//! then updates Redis. Every message pulled is kept alive until settled by [`held_messages`];
+//! [`health`] says why the worker is stuck when it is. [`pipeline`] wires them together with
+//! shutdown, and serves [`metrics`] and health through `signal-telemetry`. Connecting,
 //! credentials, the consumer config and retries come from `signal-clients`, shared with the operator.
 
 pub mod batch;
 pub mod cache;
 pub mod clickhouse_sink;
 pub mod dead_letter;
+pub mod health;
+pub mod held_messages;
+pub mod insert_error;
 pub mod metrics;
 pub mod pipeline;
 pub mod source;

@@ -25,6 +25,9 @@ struct Args {
     /// Create the durable consumer if it does not exist (standalone use without the operator).
     #[arg(long)]
     ensure_consumer: bool,
+    /// This worker's name in its health reports (default: the pod name, else the host name).
+    #[arg(long, env = "SIGNAL_WORKER_NAME")]
+    worker_name: Option<String>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -78,10 +81,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             credentials,
             listen: args.listen,
             ensure_consumer: args.ensure_consumer,
+            worker_name: args.worker_name.unwrap_or_else(default_worker_name),
         };
         pipeline::run(options, shutdown, None)
             .await
             .context("worker failed")
+    })
+}
+
+/// The pod name (downward API `POD_NAME`), else the host name and process id.
+fn default_worker_name() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+        format!("{host}-{}", std::process::id())
     })
 }
 

@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use signal_model::worker_health::HealthReason;
 
 /// Label of the poison counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,6 +29,11 @@ pub struct Metrics {
     pub redis_failures: Counter,
     pub redis_skipped: Counter,
     pub consumer_lag: Gauge<u64, AtomicU64>,
+    pub held_bytes: Gauge<u64, AtomicU64>,
+    pub held_bytes_max: Gauge<u64, AtomicU64>,
+    pub blocked: Family<ReasonLabel, Gauge>,
+    pub inserts_rejected: Counter,
+    pub dead_letters_unroutable: Counter,
     registry: Registry,
 }
 
@@ -46,6 +52,11 @@ impl Metrics {
             redis_failures: Counter::default(),
             redis_skipped: Counter::default(),
             consumer_lag: Gauge::default(),
+            held_bytes: Gauge::default(),
+            held_bytes_max: Gauge::default(),
+            blocked: Family::default(),
+            inserts_rejected: Counter::default(),
+            dead_letters_unroutable: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,7 +114,33 @@ impl Metrics {
             "Messages pending for the consumer, as last seen",
             metrics.consumer_lag.clone(),
         );
-        for reason in signal_model::row_encoder::Poison::LABELS {
+        registry.register(
+            "held_message_bytes",
+            "Payload bytes of the messages the worker holds (pulled, not yet settled)",
+            metrics.held_bytes.clone(),
+        );
+        registry.register(
+            "held_message_bytes_max",
+            "The most payload bytes held at once since the worker started",
+            metrics.held_bytes_max.clone(),
+        );
+        registry.register(
+            "blocked",
+            "1 while the worker cannot make progress for this reason (see /readyz)",
+            metrics.blocked.clone(),
+        );
+        registry.register(
+            "inserts_rejected",
+            "Insert attempts ClickHouse refused for a reason retrying will not fix",
+            metrics.inserts_rejected.clone(),
+        );
+        registry.register(
+            "dead_letters_unroutable",
+            "Dead-letter publishes no stream captured (the poison stays unacknowledged)",
+            metrics.dead_letters_unroutable.clone(),
+        );
+        let labels = signal_model::row_encoder::Poison::LABELS;
+        for reason in labels.iter().chain([&crate::dead_letter::MAX_DELIVERIES]) {
             let _ = metrics.poison.get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
             });
@@ -112,6 +149,15 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// Sets the `blocked` gauge of one reason.
+    pub fn set_blocked(&self, reason: HealthReason, blocked: bool) {
+        self.blocked
+            .get_or_create(&ReasonLabel {
+                reason: format!("{reason:?}"),
+            })
+            .set(i64::from(blocked));
     }
 
     pub fn count_poison(&self, reason: &str) {

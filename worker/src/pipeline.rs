@@ -3,24 +3,28 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use signal_clients::connect;
 use signal_clients::consumer_config::desired_consumer_config;
 use signal_clients::retry::Backoff;
+use signal_model::SignalPipelineSpec;
 use signal_model::credentials::PipelineCredentials;
 use signal_model::manifest::PipelineManifest;
 use signal_model::row_encoder::RowEncoder;
+use signal_model::worker_health::health_subject;
 use signal_telemetry::http;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchLimits;
 use crate::cache::{self, CacheLayout, CacheQueue};
-use crate::clickhouse_sink::{ClickHouseSink, acknowledge};
-use crate::dead_letter::DeadLetters;
+use crate::clickhouse_sink::{ClickHouseSink, SinkTarget};
+use crate::dead_letter::DeadLetterRouter;
+use crate::health::Health;
+use crate::held_messages::HeldMessages;
 use crate::metrics::Metrics;
 use crate::source::{BatchRequest, Puller};
 
@@ -32,6 +36,20 @@ pub struct WorkerOptions {
     pub listen: SocketAddr,
     /// Create the durable consumer when it does not exist (standalone use without the operator).
     pub ensure_consumer: bool,
+    /// This worker's name in its health reports (the pod name, or `local-N`).
+    pub worker_name: String,
+}
+
+/// Bound on dead letters queued between the puller and the router; the router itself keeps at
+/// most [`crate::dead_letter::MAX_IN_FLIGHT`] (and about a batch's bytes) in flight.
+const DEAD_LETTER_QUEUE: usize = 1;
+/// Room for a pull's subject, reply subject and protocol framing besides the message.
+const PULL_FRAMING_BYTES: usize = 4096;
+
+/// The dead-letter subject of a pipeline: `spec.deadLetter.subject`, or the model's default (the
+/// operator writes it resolved into the manifest; a hand-written manifest gets the same default).
+pub fn dead_letter_subject(spec: &SignalPipelineSpec, pipeline: &str) -> String {
+    spec.dead_letter_subject(pipeline)
 }
 
 /// Why a worker stopped with an error.
@@ -84,6 +102,7 @@ pub async fn run(
         credentials,
         listen,
         ensure_consumer,
+        worker_name,
     } = options;
     let spec = &manifest.spec;
     let pipeline = manifest.metadata.name.as_str();
@@ -111,28 +130,29 @@ pub async fn run(
         .transpose()
         .map_err(WorkerError::Cache)?;
 
-    let clickhouse = connect::clickhouse(&spec.clickhouse.url, &credentials.clickhouse);
-    let sink = ClickHouseSink::new(
-        clickhouse,
-        &spec.clickhouse.database,
-        &spec.clickhouse.table,
-        &encoder.column_list(),
-        &spec.stream.name,
-        spec.consumer.ack_wait.0,
-        metrics.clone(),
-    );
-
+    let health = Arc::new(Health::new());
+    let clickhouse_healthy = Arc::new(AtomicBool::new(false));
     // The endpoint comes up first so that liveness holds while servers are still unreachable.
     let nats_slot: Arc<std::sync::OnceLock<async_nats::Client>> =
         Arc::new(std::sync::OnceLock::new());
     let ready: http::ReadinessCheck = {
         let nats_slot = nats_slot.clone();
-        let clickhouse_healthy = sink.healthy.clone();
+        let clickhouse_healthy = clickhouse_healthy.clone();
+        let health = health.clone();
         Arc::new(move || {
             let nats_up = nats_slot
                 .get()
                 .is_some_and(|c| c.connection_state() == async_nats::connection::State::Connected);
-            nats_up && clickhouse_healthy.load(Ordering::Relaxed)
+            if !nats_up {
+                return Err("not connected to NATS".into());
+            }
+            if !clickhouse_healthy.load(Ordering::Relaxed) {
+                return Err("ClickHouse does not answer".into());
+            }
+            match health.problem() {
+                Some((reason, message)) => Err(format!("{reason:?}: {message}")),
+                None => Ok(()),
+            }
         })
     };
     let http_stop = CancellationToken::new();
@@ -160,7 +180,7 @@ pub async fn run(
     let js = jetstream::new(nats.clone());
 
     let consumer_config = desired_consumer_config(pipeline, spec);
-    let Some(consumer) = until_ok(
+    let Some((consumer, stream_created_unix_nanos)) = until_ok(
         "consumer not available yet; retrying",
         &shutdown,
         || async {
@@ -168,6 +188,7 @@ pub async fn run(
                 .get_stream(&spec.stream.name)
                 .await
                 .map_err(|e| e.to_string())?;
+            let created = stream.cached_info().created.unix_timestamp_nanos();
             let consumer: Result<PullConsumer, String> = if ensure_consumer {
                 stream
                     .get_or_create_consumer(&durable, consumer_config.clone())
@@ -179,7 +200,7 @@ pub async fn run(
                     .await
                     .map_err(|e| format!("consumer {durable}: {e}"))
             };
-            consumer
+            consumer.map(|consumer| (consumer, created))
         },
     )
     .await
@@ -188,6 +209,53 @@ pub async fn run(
         return Ok(());
     };
     let ack_wait = consumer.cached_info().config.ack_wait;
+    let max_deliver = consumer.cached_info().config.max_deliver;
+    let background_stop = CancellationToken::new();
+    let held = Arc::new(HeldMessages::new(nats.clone()));
+    let keep_alive = {
+        let held = held.clone();
+        let stop = background_stop.clone();
+        tokio::spawn(async move {
+            held.keep_alive((ack_wait / 3).max(Duration::from_millis(200)), stop)
+                .await
+        })
+    };
+    let reporter = {
+        let health = health.clone();
+        let stop = background_stop.clone();
+        let subject = health_subject(&spec.stream.name, &durable, &worker_name);
+        let js = js.clone();
+        tokio::spawn(async move { health.publish_reports(js, subject, worker_name, stop).await })
+    };
+    let (letter_sender, letter_receiver) = mpsc::channel(DEAD_LETTER_QUEUE);
+    let router = DeadLetterRouter {
+        subject: Some(dead_letter_subject(spec, pipeline)),
+        stream: spec.stream.name.clone(),
+        stream_created_unix_nanos,
+        jetstream: js.clone(),
+        held: held.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+        max_bytes_in_flight: spec.workers.batch.max_bytes.0 as usize,
+    };
+    let router_task = tokio::spawn(router.run(letter_receiver, shutdown.clone()));
+
+    let clickhouse = connect::clickhouse(&spec.clickhouse.url, &credentials.clickhouse);
+    let sink = ClickHouseSink::new(
+        clickhouse,
+        SinkTarget {
+            database: &spec.clickhouse.database,
+            table: &spec.clickhouse.table,
+            columns: &spec.clickhouse.columns,
+            column_list: &encoder.column_list(),
+            stream: &spec.stream.name,
+            stream_created_unix_nanos,
+        },
+        metrics.clone(),
+        health.clone(),
+        letter_sender.clone(),
+        clickhouse_healthy,
+    );
 
     if until_ok("ClickHouse unreachable; retrying", &shutdown, || async {
         if sink.probe().await {
@@ -199,6 +267,7 @@ pub async fn run(
     .await
     .is_none()
     {
+        background_stop.cancel();
         http_stop.cancel();
         return Ok(());
     }
@@ -216,13 +285,10 @@ pub async fn run(
         encoder,
         cache: cache_layout,
         limits: BatchLimits::from(&spec.workers.batch),
-        dead_letters: DeadLetters {
-            subject: spec.dead_letter.as_ref().map(|d| d.subject.clone()),
-            stream: spec.stream.name.clone(),
-            client: nats.clone(),
-            jetstream: js.clone(),
-        },
-        progress_interval: (ack_wait / 3).max(Duration::from_millis(200)),
+        min_pull_bytes: nats.server_info().max_payload + PULL_FRAMING_BYTES,
+        max_deliver,
+        dead_letters: letter_sender,
+        held: held.clone(),
         metrics: metrics.clone(),
     };
     let (request_sender, request_receiver) = mpsc::channel::<BatchRequest>(1);
@@ -231,6 +297,7 @@ pub async fn run(
 
     write_loop(
         &sink,
+        &held,
         request_sender,
         cache_queue.as_ref().map(|(q, _)| q),
         &metrics,
@@ -239,6 +306,12 @@ pub async fn run(
     .await;
 
     let _ = puller_task.await;
+    // The sink's sender is the last one: dropping it lets the router finish what is in flight.
+    drop(sink);
+    let _ = router_task.await;
+    background_stop.cancel();
+    let _ = keep_alive.await;
+    let _ = reporter.await;
     if let Err(error) = nats.flush().await {
         tracing::warn!(%error, "flushing acknowledgements to NATS failed");
     }
@@ -258,6 +331,7 @@ pub async fn run(
 /// most one stored batch whose messages were not acknowledged (the documented duplicate bound).
 async fn write_loop(
     sink: &ClickHouseSink,
+    held: &HeldMessages,
     requests: mpsc::Sender<BatchRequest>,
     cache: Option<&CacheQueue>,
     metrics: &Metrics,
@@ -270,14 +344,14 @@ async fn write_loop(
             return;
         }
         // The puller drops the reply when it stops without a batch.
-        let Ok(batch) = batch.await else { return };
-        let rows = batch.acks.len() as u64;
+        let Ok(mut batch) = batch.await else { return };
         let received = Instant::now();
-        match sink.store(&batch, shutdown).await {
+        match sink.store(&mut batch, shutdown).await {
             Ok(()) => {
+                let rows = batch.len() as u64;
                 let stored = Instant::now();
                 // Only now, with the rows confirmed, may their messages be acknowledged.
-                let failed = acknowledge(batch.acks).await;
+                let failed = held.acknowledge(&batch.settle.replies, metrics).await;
                 if failed > 0 {
                     tracing::warn!(
                         failed,
@@ -301,6 +375,7 @@ async fn write_loop(
             }
             Err(error) => {
                 tracing::error!(%error, "batch not stored; its messages will be redelivered");
+                held.release(&batch.settle.replies, metrics);
                 return;
             }
         }

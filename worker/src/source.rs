@@ -1,11 +1,16 @@
 //! Pulling from the JetStream consumer and filling batches.
 //!
-//! The puller fetches up to a batch's remaining rows at a time, encodes each message into the
-//! batch (or routes it as poison), and hands a due batch to the writer. Hand-over is a rendezvous:
-//! the writer asks for its next batch only when the previous one is stored, so while ClickHouse is
-//! down the puller holds one batch, stops fetching, and keeps its messages alive with progress acks.
-//! Memory is bounded by two batches.
+//! The puller fetches up to a batch's remaining rows and bytes at a time, encodes each message
+//! into the batch (or sends it to the dead letters), and hands a due batch to the writer.
+//! Hand-over is a rendezvous: the writer asks for its next batch only when the previous one is
+//! stored, so while ClickHouse is down the puller holds one batch and stops fetching. Every message
+//! pulled is held (kept alive with progress acks) until it is settled ([`crate::held_messages`]).
+//!
+//! Memory: a pull asks for at most the bytes the batch being filled still has room for (but at
+//! least one message of the server's `max_payload`), so the puller holds about one batch's
+//! `maxBytes` and the writer one more (README, "Memory").
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, BatchLimits, SealedBatch};
 use crate::cache::CacheLayout;
-use crate::clickhouse_sink::send_progress;
-use crate::dead_letter::{DeadLetters, PoisonMessage};
+use crate::dead_letter::{DeadLetter, MAX_DELIVERIES};
+use crate::held_messages::HeldMessages;
 use crate::metrics::Metrics;
 
 /// The writer's request for its next batch.
@@ -47,14 +52,25 @@ pub struct Puller {
     pub encoder: RowEncoder,
     pub cache: Option<CacheLayout>,
     pub limits: BatchLimits,
-    pub dead_letters: DeadLetters,
-    pub progress_interval: Duration,
+    /// Bytes a pull may deliver at least: one message of the server's largest size, so that
+    /// no message is too big to be delivered (then dead-lettered as too large).
+    pub min_pull_bytes: usize,
+    /// The consumer's `max_deliver` (-1: unlimited).
+    pub max_deliver: i64,
+    pub dead_letters: mpsc::Sender<DeadLetter>,
+    pub held: Arc<HeldMessages>,
     pub metrics: Arc<Metrics>,
 }
 
 enum Step {
     Continue,
     Stop,
+}
+
+/// A pull request's message stream, and whether it may still deliver.
+struct OpenPull {
+    messages: jetstream::consumer::pull::Batch,
+    open: bool,
 }
 
 impl Puller {
@@ -77,7 +93,9 @@ impl Puller {
             })
             .unwrap_or_default();
         let mut texts = Vec::new();
-        let mut batch = Batch::with_capacity(self.limits.max_bytes.min(16 << 20));
+        let new_batch = || Batch::with_capacity(self.limits.max_bytes.min(16 << 20));
+        let mut batch = new_batch();
+        let mut pending: VecDeque<jetstream::Message> = VecDeque::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !shutdown.is_cancelled() {
             let expires = match batch.deadline(&self.limits) {
@@ -86,13 +104,20 @@ impl Puller {
             }
             .max(MIN_EXPIRES);
             let wanted = self.limits.max_rows.saturating_sub(batch.len()).max(1);
+            // The memory bound: a pull delivers at most what the batch still has room for.
+            let max_bytes = self
+                .limits
+                .max_bytes
+                .saturating_sub(batch.bytes())
+                .max(self.min_pull_bytes);
             let fetch = self
                 .consumer
                 .batch()
                 .max_messages(wanted)
+                .max_bytes(max_bytes)
                 .expires(expires)
                 .messages();
-            let mut messages = match fetch.await {
+            let messages = match fetch.await {
                 Ok(messages) => {
                     backoff.reset();
                     messages
@@ -107,84 +132,171 @@ impl Puller {
                     continue;
                 }
             };
+            let mut pull = OpenPull {
+                messages,
+                open: true,
+            };
             let pull_ends = tokio::time::Instant::now() + expires + PULL_END_SLACK;
             loop {
-                let next = tokio::select! {
-                    // Buffered messages first: a pull ends only once it has nothing left to give.
-                    biased;
-                    next = messages.next() => next,
-                    _ = tokio::time::sleep_until(pull_ends) => None,
-                    _ = shutdown.cancelled() => None,
-                };
-                let Some(next) = next else { break };
-                let message = match next {
-                    Ok(message) => message,
-                    Err(error) => {
-                        tracing::debug!(%error, "pull request ended");
-                        break;
+                // Messages delivered while a batch was handed over come first, in order.
+                let message = match pending.pop_front() {
+                    Some(message) => message,
+                    None if !pull.open => break,
+                    None => {
+                        let next = tokio::select! {
+                            // Buffered messages first: a pull ends only once it has nothing left.
+                            biased;
+                            next = pull.messages.next() => next,
+                            _ = tokio::time::sleep_until(pull_ends) => None,
+                            _ = shutdown.cancelled() => None,
+                        };
+                        match self.receive(next) {
+                            Some(message) => message,
+                            None => {
+                                pull.open = false;
+                                break;
+                            }
+                        }
                     }
                 };
-                self.metrics.messages_received.inc();
-                if let Some(poison) = self.add(&mut batch, message, &wanted_texts, &mut texts) {
-                    self.route_poison(poison).await;
+                if let Some(letter) = self.process(&mut batch, message, &wanted_texts, &mut texts)
+                    && !self.dead_letter(letter, &mut pull, &mut pending).await
+                {
+                    tracing::warn!("dead-letter router stopped; poison left for redelivery");
                 }
                 if batch.is_full(&self.limits) {
-                    batch = match self.hand_over(batch, &mut requests).await {
-                        Step::Continue => Batch::with_capacity(self.limits.max_bytes.min(16 << 20)),
-                        Step::Stop => return,
+                    batch = match self
+                        .hand_over(batch, &mut requests, Some(&mut pull), &mut pending)
+                        .await
+                    {
+                        Step::Continue => new_batch(),
+                        Step::Stop => return self.let_go(&pending),
                     };
                 }
+            }
+            if shutdown.is_cancelled() && batch.is_empty() {
+                break;
             }
             let due = batch
                 .deadline(&self.limits)
                 .is_some_and(|d| Instant::now() >= d);
             if !batch.is_empty() && (due || shutdown.is_cancelled()) {
-                batch = match self.hand_over(batch, &mut requests).await {
-                    Step::Continue => Batch::with_capacity(self.limits.max_bytes.min(16 << 20)),
-                    Step::Stop => return,
+                batch = match self
+                    .hand_over(batch, &mut requests, None, &mut pending)
+                    .await
+                {
+                    Step::Continue => new_batch(),
+                    Step::Stop => return self.let_go(&pending),
                 };
+            }
+        }
+        self.let_go(&pending);
+    }
+
+    /// At shutdown, what was pulled but not batched goes back to JetStream by redelivery.
+    fn let_go(&self, pending: &VecDeque<jetstream::Message>) {
+        self.held.release(
+            pending.iter().filter_map(|m| m.reply.as_ref()),
+            &self.metrics,
+        );
+    }
+
+    /// Takes one item of a pull: a message is held (kept alive) from here on.
+    fn receive(
+        &self,
+        next: Option<Result<jetstream::Message, impl std::fmt::Display>>,
+    ) -> Option<jetstream::Message> {
+        match next? {
+            Ok(message) => {
+                self.metrics.messages_received.inc();
+                if let Some(reply) = &message.reply {
+                    self.held.hold(reply, message.payload.len(), &self.metrics);
+                }
+                Some(message)
+            }
+            Err(error) => {
+                tracing::debug!(%error, "pull request ended");
+                None
             }
         }
     }
 
-    /// Encodes one message into the batch, or returns it as poison.
-    fn add(
+    /// Hands a dead letter to the router. While the router is full, what the pull still
+    /// delivers is held (kept alive) in `pending`. False when the router has stopped.
+    async fn dead_letter(
+        &self,
+        letter: DeadLetter,
+        pull: &mut OpenPull,
+        pending: &mut VecDeque<jetstream::Message>,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                // `reserve` is cancel-safe: the letter is not lost when the pull wins.
+                permit = self.dead_letters.reserve() => {
+                    return match permit {
+                        Ok(permit) => {
+                            permit.send(letter);
+                            true
+                        }
+                        Err(_) => {
+                            self.held.release([&letter.reply], &self.metrics);
+                            false
+                        }
+                    };
+                }
+                next = pull.messages.next(), if pull.open => match self.receive(next) {
+                    Some(message) => pending.push_back(message),
+                    None => pull.open = false,
+                },
+            }
+        }
+    }
+
+    /// Encodes one message into the batch, or returns it as a dead letter.
+    fn process(
         &self,
         batch: &mut Batch,
         message: jetstream::Message,
         wanted_texts: &[usize],
         texts: &mut Vec<String>,
-    ) -> Option<PoisonMessage> {
-        let (sequence, timestamp_nanos) = match message.info() {
+    ) -> Option<DeadLetter> {
+        let (sequence, timestamp_nanos, delivered) = match message.info() {
             Ok(info) => {
                 self.metrics.consumer_lag.set(info.pending);
                 (
                     info.stream_sequence,
                     i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
+                    info.delivered,
                 )
             }
             Err(error) => {
                 // Without JetStream metadata the message cannot be acknowledged or placed; skip it.
                 tracing::warn!(%error, subject = %message.subject, "message without JetStream metadata skipped");
+                if let Some(reply) = &message.reply {
+                    self.held.release([reply], &self.metrics);
+                }
                 return None;
             }
         };
-        let headers = message.headers.as_ref().map(Headers);
-        let meta = MessageMeta {
-            subject: message.subject.as_str(),
-            stream_sequence: sequence,
-            timestamp_nanos,
-            headers: headers.as_ref().map(|h| h as &dyn HeaderLookup),
-        };
-        let encoded = match &self.cache {
-            Some(_) => self.encoder.encode_with_texts(
-                &message.payload,
-                &meta,
-                batch.buffer(),
-                wanted_texts,
-                texts,
-            ),
-            None => self.encoder.encode(&message.payload, &meta, batch.buffer()),
+        let reply = message.reply.clone()?;
+        let encoded = {
+            let headers = message.headers.as_ref().map(Headers);
+            let meta = MessageMeta {
+                subject: message.subject.as_str(),
+                stream_sequence: sequence,
+                timestamp_nanos,
+                headers: headers.as_ref().map(|h| h as &dyn HeaderLookup),
+            };
+            match &self.cache {
+                Some(_) => self.encoder.encode_with_texts(
+                    &message.payload,
+                    &meta,
+                    batch.buffer(),
+                    wanted_texts,
+                    texts,
+                ),
+                None => self.encoder.encode(&message.payload, &meta, batch.buffer()),
+            }
         };
         match encoded {
             Ok(()) => {
@@ -192,49 +304,58 @@ impl Puller {
                     let (key, entry) = layout.entry(texts, sequence);
                     batch.cache(key, entry);
                 }
-                let (_, acker) = message.split();
-                batch.push(acker, sequence);
+                // On its last allowed delivery a message keeps what its dead letter needs, in
+                // case the insert fails (README, "maxDeliver").
+                let last_delivery = (self.max_deliver > 0 && delivered >= self.max_deliver)
+                    .then(|| {
+                        DeadLetter::from_message(&message, sequence, MAX_DELIVERIES, String::new())
+                    })
+                    .flatten();
+                batch.push(reply, sequence, message.payload.len(), last_delivery);
                 None
             }
-            Err(reason) => Some(PoisonMessage {
-                message,
-                stream_sequence: sequence,
-                reason,
-            }),
+            Err(reason) => {
+                self.metrics.count_poison(reason.label());
+                DeadLetter::from_message(&message, sequence, reason.label(), reason.to_string())
+            }
         }
     }
 
-    async fn route_poison(&self, poison: PoisonMessage) {
-        let label = poison.reason.label();
-        let sequence = poison.stream_sequence;
-        let reason = poison.reason.to_string();
-        self.metrics.count_poison(label);
-        match self.dead_letters.route(poison).await {
-            Ok(()) if self.dead_letters.subject.is_some() => {
-                self.metrics.dead_letters_published.inc();
-                // The dead letter carries the reason and the metrics count it: no log line each.
-                tracing::debug!(sequence, %reason, "poison message sent to the dead-letter subject");
-            }
-            Ok(()) => {
-                tracing::warn!(sequence, %reason, "poison message terminated (no dead-letter subject)")
-            }
-            Err(error) => tracing::warn!(sequence, %error, "poison message left for redelivery"),
-        }
-    }
-
-    /// Waits for the writer to ask for a batch, keeping the batch's messages alive meanwhile.
-    async fn hand_over(&self, batch: Batch, requests: &mut mpsc::Receiver<BatchRequest>) -> Step {
-        let mut progress = tokio::time::interval(self.progress_interval);
-        progress.tick().await;
+    /// Waits for the writer to ask for a batch. Messages the pull still delivers meanwhile are
+    /// held (kept alive) in `pending` for the next batch.
+    async fn hand_over(
+        &self,
+        batch: Batch,
+        requests: &mut mpsc::Receiver<BatchRequest>,
+        mut pull: Option<&mut OpenPull>,
+        pending: &mut VecDeque<jetstream::Message>,
+    ) -> Step {
         loop {
+            let pulling = pull.as_ref().is_some_and(|p| p.open);
             tokio::select! {
                 request = requests.recv() => {
-                    return match request.map(|request| request.send(batch.seal())) {
-                        Some(Ok(())) => Step::Continue,
-                        _ => Step::Stop,
+                    let Some(request) = request else { return Step::Stop };
+                    // A writer gone before taking its batch leaves the messages to redelivery.
+                    return match request.send(batch.seal()) {
+                        Ok(()) => Step::Continue,
+                        Err(_) => Step::Stop,
                     };
                 }
-                _ = progress.tick() => send_progress(batch.acks()).await,
+                next = async {
+                    match pull.as_mut() {
+                        Some(pull) => pull.messages.next().await,
+                        None => None,
+                    }
+                }, if pulling => {
+                    match self.receive(next) {
+                        Some(message) => pending.push_back(message),
+                        None => {
+                            if let Some(pull) = pull.as_mut() {
+                                pull.open = false;
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -3,7 +3,7 @@
 //! The server is old: `Bool`, `DateTime64`, `Map` and `LowCardinality` (without an experimental
 //! setting) do not exist there. The last test confirms the server refuses exactly those and that
 //! the DDL reports them as unsupported rather than sending them; their RowBinary encoding is
-//! covered by the unit tests in `model/src/row_encoder.rs`.
+//! covered by the unit tests in `model/src/row_encoder/`.
 
 mod common;
 
@@ -57,6 +57,14 @@ const CASES: &[(&str, &str, &str, &str, &str)] = &[
         "$.d38",
         r#""-1234567890123456789012345678.0123456789""#,
         "-1234567890123456789012345678.0123456789",
+    ),
+    // A JSON number, not text: every digit kept (through f64 it would be 12345678901234567168).
+    (
+        "d38_number",
+        "Decimal(38, 18)",
+        "$.d38n",
+        "12345678901234567890.123456789012345678",
+        "12345678901234567890.123456789012345678",
     ),
     ("date", "Date", "$.date", r#""2026-03-04""#, "2026-03-04"),
     (

@@ -122,7 +122,8 @@ fn stop_signal_flushes_acknowledges_and_exits_zero(name: &str, signal: Option<i3
     // Nothing would flush by itself for a minute: only the shutdown can store these rows.
     manifest.spec.workers.batch.max_rows = 1_000_000;
     manifest.spec.workers.batch.max_wait = HumanDuration::from_secs(60);
-    manifest.spec.consumer.ack_wait = HumanDuration::from_secs(120);
+    // At least three times maxWait, or the worker refuses the spec (redelivery_problems).
+    manifest.spec.consumer.ack_wait = HumanDuration::from_secs(180);
     env.provision(&manifest);
     const MESSAGES: u64 = 777;
     env.publish_samples(&format!("{name}.x"), 0..MESSAGES);

@@ -43,7 +43,8 @@ fn poison_manifest(env: &TestEnv, name: &str, dead_letter: Option<&str>) -> Pipe
     // Short, so that a redelivery would show within the test.
     manifest.spec.consumer.ack_wait = HumanDuration::from_secs(2);
     manifest.spec.dead_letter = dead_letter.map(|subject| DeadLetterSpec {
-        subject: subject.into(),
+        subject: Some(subject.into()),
+        ..DeadLetterSpec::default()
     });
     manifest
 }
@@ -117,11 +118,23 @@ fn poison_goes_to_the_dead_letter_subject_with_its_reason_subject_and_sequence()
             == poison.len() as u64
     });
     let payloads = poison_payloads();
+    // Dead letters are routed concurrently: find each by its sequence header, not its position.
+    let letters: Vec<_> = (1..=poison.len() as u64)
+        .map(|n| {
+            env.runtime
+                .block_on(dead_letters.get_raw_message(n))
+                .expect("dead letter")
+        })
+        .collect();
     for (index, (label, sequence)) in poison.iter().enumerate() {
-        let letter = env
-            .runtime
-            .block_on(dead_letters.get_raw_message(index as u64 + 1))
-            .expect("dead letter");
+        let letter = letters
+            .iter()
+            .find(|l| {
+                l.headers
+                    .get(HEADER_SEQUENCE)
+                    .is_some_and(|v| v.as_str() == sequence.to_string())
+            })
+            .unwrap_or_else(|| panic!("no dead letter for sequence {sequence}"));
         let header = |name: &str| {
             letter
                 .headers

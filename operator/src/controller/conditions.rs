@@ -18,6 +18,10 @@ pub const TABLE_READY: &str = "TableReady";
 pub const WORKERS_READY: &str = "WorkersReady";
 /// The live table differs from the spec in a way the operator will not change by itself.
 pub const SCHEMA_DRIFT: &str = "SchemaDrift";
+/// A stream captures the dead-letter subject (the managed dead-letter stream is in place).
+pub const DEAD_LETTER_READY: &str = "DeadLetterReady";
+/// No worker reports being stuck (its health report's reason and message when one does).
+pub const WORKERS_HEALTHY: &str = "WorkersHealthy";
 
 /// The condition types every status carries, in the order they are written.
 pub const COMPONENT_TYPES: [&str; 4] = [STREAM_READY, CONSUMER_READY, TABLE_READY, WORKERS_READY];

@@ -12,6 +12,7 @@ pub mod autoscale;
 mod cleanup;
 pub mod conditions;
 pub mod conflicts;
+pub mod dead_letter_health;
 pub mod events;
 pub mod reconcile;
 pub mod secrets;

@@ -25,6 +25,9 @@ use super::conditions::{
     all_blocked,
 };
 use super::conflicts::find_conflict;
+use super::dead_letter_health::{
+    add_dead_letter_and_health_conditions, publish_dead_letter_and_health_events,
+};
 use super::events::publish;
 use super::secrets::{SecretError, load_credentials};
 use super::status::{StatusFigures, apply_status, build_status, is_ready};
@@ -204,6 +207,7 @@ async fn apply(
 
     let report = reconcile_data_plane(&name, &pipeline.spec, &credentials).await;
     publish_data_plane_events(pipeline, ctx, &report).await;
+    publish_dead_letter_and_health_events(pipeline, ctx, &report).await;
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let deployment_name = crate::workload::deployment_name(&name);
@@ -244,6 +248,7 @@ async fn apply(
         part_condition(TABLE_READY, &report.table),
         workers_condition(deployment.as_ref(), report.all_ready()),
     ];
+    add_dead_letter_and_health_conditions(&mut conditions, &report);
     if let Some(drift) = &report.schema_drift {
         conditions.push(ConditionState::new(
             SCHEMA_DRIFT,
@@ -256,6 +261,7 @@ async fn apply(
         stream: report.stream_status.clone(),
         consumer: report.consumer_status.clone(),
         autoscale: autoscale.as_ref().map(|d| d.status.clone()),
+        dead_letter: report.dead_letter_status.clone(),
         ..StatusFigures::default()
     }
     .with_deployment(deployment.as_ref());

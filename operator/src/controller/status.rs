@@ -10,7 +10,8 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use signal_model::{
-    AutoscaleStatus, ConsumerStatus, SignalPipeline, SignalPipelineStatus, StreamStatus,
+    AutoscaleStatus, ConsumerStatus, DeadLetterStatus, SignalPipeline, SignalPipelineStatus,
+    StreamStatus,
 };
 
 use super::conditions::{ConditionState, READY, summarise_ready, with_transition_times};
@@ -24,6 +25,7 @@ pub struct StatusFigures {
     pub stream: Option<StreamStatus>,
     pub consumer: Option<ConsumerStatus>,
     pub autoscale: Option<AutoscaleStatus>,
+    pub dead_letter: Option<DeadLetterStatus>,
 }
 
 impl StatusFigures {
@@ -37,6 +39,7 @@ impl StatusFigures {
                 stream: s.stream.clone(),
                 consumer: s.consumer.clone(),
                 autoscale: s.autoscale.clone(),
+                dead_letter: s.dead_letter.clone(),
             })
             .unwrap_or_default()
     }
@@ -82,6 +85,7 @@ pub fn build_status(
         stream: figures.stream,
         consumer: figures.consumer,
         autoscale: figures.autoscale,
+        dead_letter: figures.dead_letter,
     }
 }
 

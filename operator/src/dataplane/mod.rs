@@ -1,24 +1,28 @@
-//! The data plane of a pipeline: its JetStream stream, its durable consumer and its ClickHouse table.
+//! The data plane of a pipeline: its JetStream stream, its durable consumer, its ClickHouse table
+//! and its dead-letter stream, plus the workers' health reports.
 //!
-//! [`reconcile_data_plane`] brings all three in line with the spec and reports each part the way the
-//! controller turns into conditions and events; [`delete_data_plane`] removes them when the
-//! pipeline's deletion policy says so. The Kubernetes controller and local mode
-//! ([`crate::local`]) both call these, so a pipeline behaves the same with or without a cluster.
+//! [`reconcile_data_plane`] brings the parts in line with the spec, reads the workers' health
+//! reports and reports each part the way the controller turns into conditions and events;
+//! [`delete_data_plane`] removes them when the pipeline's deletion policy says so. The Kubernetes
+//! controller and local mode ([`crate::local`]) both call these, so a pipeline behaves the same
+//! with or without a cluster.
 //!
 //! Each part lives in its own module: pure "spec → desired config" and "desired vs live" functions
-//! next to the I/O that applies them ([`stream`], [`consumer`], [`table`], with the column
-//! comparison in [`table_schema_diff`] and the engine and key comparison in
-//! [`table_clause_diff`], which compares the live table with the spec's table as the server
-//! itself prints it, made in [`table_scratch`]). Nothing here panics, and every network step is
-//! bounded by a timeout so an unreachable server is reported within seconds instead of hanging a
-//! reconcile.
+//! next to the I/O that applies them ([`stream`], [`consumer`], [`table`], [`dead_letter_stream`],
+//! [`worker_health`]), with the column comparison in [`table_schema_diff`] and the engine and key
+//! comparison in [`table_clause_diff`], which compares the live table with the spec's table as the
+//! server itself prints it, made in [`table_scratch`]. Nothing here panics, and every network step
+//! is bounded by a timeout so an unreachable server is reported within seconds instead of hanging
+//! a reconcile.
 
 pub mod consumer;
+pub mod dead_letter_stream;
 pub mod stream;
 pub mod table;
 pub mod table_clause_diff;
 pub mod table_schema_diff;
 pub mod table_scratch;
+pub mod worker_health;
 
 use std::fmt;
 use std::future::Future;
@@ -26,7 +30,12 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use signal_model::credentials::PipelineCredentials;
-use signal_model::{ConsumerStatus, DeletionPolicy, SignalPipelineSpec, StreamStatus};
+use signal_model::{
+    ConsumerStatus, DeadLetterStatus, DeletionPolicy, SignalPipelineSpec, StreamStatus,
+};
+
+use dead_letter_stream::DeadLetterOutcome;
+use worker_health::WorkerHealth;
 
 /// How long opening a connection may take before the server counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,21 +120,32 @@ pub struct DataPlaneReport {
     pub consumer_status: Option<ConsumerStatus>,
     /// Differences between the live table and the spec that the operator will not change itself.
     pub schema_drift: Option<String>,
+    /// The dead-letter stream (or, when not managed, whether a stream captures the subject).
+    /// Not part of [`Self::all_ready`]: workers run without it, holding poison unacknowledged.
+    pub dead_letter: PartReport,
+    /// Where dead letters go, when it could be seen.
+    pub dead_letter_status: Option<DeadLetterStatus>,
+    /// What the workers' health reports say.
+    pub worker_health: WorkerHealth,
+    /// What ensuring the shared health stream changed.
+    pub health_stream_changes: Vec<String>,
 }
 
 impl DataPlaneReport {
-    /// All three parts are usable.
+    /// The stream, the consumer and the table are usable: the workers can run.
     pub fn all_ready(&self) -> bool {
         self.stream.ready && self.consumer.ready && self.table.ready
     }
 
-    /// Every change made, in order stream, consumer, table.
+    /// Every change made to the pipeline's own parts, in order stream, consumer, table,
+    /// dead-letter stream (the shared health stream's are in `health_stream_changes`).
     pub fn changes(&self) -> impl Iterator<Item = &str> {
         self.stream
             .changes
             .iter()
             .chain(&self.consumer.changes)
             .chain(&self.table.changes)
+            .chain(&self.dead_letter.changes)
             .map(String::as_str)
     }
 }
@@ -236,7 +256,8 @@ fn nats_connect_error(url: &str, error: signal_clients::connect::ConnectError) -
     }
 }
 
-/// Brings the stream, the consumer and the table in line with `spec`.
+/// Brings the stream, the consumer, the table and the dead-letter stream in line with `spec`, and
+/// reads the workers' health reports.
 ///
 /// NATS and ClickHouse are handled concurrently; the consumer waits for the stream it lives on.
 /// Never fails: every problem becomes a part that is not ready, with a reason and a message.
@@ -247,38 +268,64 @@ pub async fn reconcile_data_plane(
 ) -> DataPlaneReport {
     let nats_side = reconcile_nats_side(pipeline_name, spec, creds);
     let table_side = table::reconcile_table(&spec.clickhouse, &creds.clickhouse);
-    let ((stream, stream_status, consumer, consumer_status), table) =
-        tokio::join!(nats_side, table_side);
+    let (nats, table) = tokio::join!(nats_side, table_side);
     DataPlaneReport {
-        stream,
-        consumer,
+        stream: nats.stream,
+        consumer: nats.consumer,
         table: table.report,
-        stream_status,
-        consumer_status,
+        stream_status: nats.stream_status,
+        consumer_status: nats.consumer_status,
         schema_drift: table.schema_drift,
+        dead_letter: nats.dead_letter.report,
+        dead_letter_status: nats.dead_letter.status,
+        worker_health: nats.worker_health,
+        health_stream_changes: nats.health_stream_changes,
     }
+}
+
+/// What the NATS side of a reconcile found.
+struct NatsSide {
+    stream: PartReport,
+    stream_status: Option<StreamStatus>,
+    consumer: PartReport,
+    consumer_status: Option<ConsumerStatus>,
+    dead_letter: DeadLetterOutcome,
+    worker_health: WorkerHealth,
+    health_stream_changes: Vec<String>,
 }
 
 async fn reconcile_nats_side(
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
     creds: &PipelineCredentials,
-) -> (
-    PartReport,
-    Option<StreamStatus>,
-    PartReport,
-    Option<ConsumerStatus>,
-) {
+) -> NatsSide {
     let js = match connect_jetstream(spec, creds, &format!("signal-operator/{pipeline_name}")).await
     {
         Ok(js) => js,
         Err(error) => {
             let report = PartReport::from_error(&error);
-            return (report.clone(), None, report, None);
+            return NatsSide {
+                stream: report.clone(),
+                stream_status: None,
+                consumer: report.clone(),
+                consumer_status: None,
+                dead_letter: DeadLetterOutcome {
+                    report,
+                    status: None,
+                },
+                worker_health: WorkerHealth::Unknown(error.to_string()),
+                health_stream_changes: Vec::new(),
+            };
         }
     };
+    // The dead-letter stream exists before the workers start (they start once this reconcile
+    // is ready), so their first dead letter is stored.
+    let dead_letter = dead_letter_stream::reconcile_dead_letter(&js, pipeline_name, spec).await;
     let stream = stream::reconcile_stream(&js, &spec.stream).await;
-    if !stream.exists {
+    let (consumer, consumer_status) = if stream.exists {
+        let consumer = consumer::reconcile_consumer(&js, pipeline_name, spec).await;
+        (consumer.report, consumer.status)
+    } else {
         let consumer = PartReport::not_ready(
             "StreamNotReady",
             format!(
@@ -287,23 +334,52 @@ async fn reconcile_nats_side(
             ),
             Vec::new(),
         );
-        return (stream.report, stream.status, consumer, None);
+        (consumer, None)
+    };
+    let (worker_health, health_stream_changes) =
+        worker_health::check_worker_health(&js, pipeline_name, spec).await;
+    NatsSide {
+        stream: stream.report,
+        stream_status: stream.status,
+        consumer,
+        consumer_status,
+        dead_letter,
+        worker_health,
+        health_stream_changes,
     }
-    let consumer = consumer::reconcile_consumer(&js, pipeline_name, spec).await;
-    (
-        stream.report,
-        stream.status,
-        consumer.report,
-        consumer.status,
-    )
 }
 
-/// Removes the consumer, the stream and the table when `spec.deletionPolicy` is `Delete`; does
-/// nothing for `Retain`.
+/// What the workers' health reports say, read on its own connection (local mode polls it more
+/// often than it reconciles).
+pub async fn read_worker_health(
+    pipeline_name: &str,
+    spec: &SignalPipelineSpec,
+    creds: &PipelineCredentials,
+) -> WorkerHealth {
+    match connect_jetstream(
+        spec,
+        creds,
+        &format!("signal-operator/{pipeline_name}/health"),
+    )
+    .await
+    {
+        Ok(js) => {
+            worker_health::check_worker_health(&js, pipeline_name, spec)
+                .await
+                .0
+        }
+        Err(error) => WorkerHealth::Unknown(error.to_string()),
+    }
+}
+
+/// Removes the consumer, the stream, the dead-letter stream and the table when
+/// `spec.deletionPolicy` is `Delete`; does nothing for `Retain`.
 ///
 /// The stream is kept when consumers other than this pipeline's remain on it (another pipeline
-/// or tool still reads it); the consumer and the table, which belong to this pipeline alone, are
-/// always removed. Parts already gone count as removed, so a retried deletion succeeds.
+/// or tool still reads it), and the dead-letter stream goes only with the stream (see
+/// [`dead_letter_stream::delete_dead_letter_stream`]); the consumer and the table, which belong to
+/// this pipeline alone, are always removed. The shared health stream is never removed. Parts
+/// already gone count as removed, so a retried deletion succeeds.
 pub async fn delete_data_plane(
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
@@ -315,7 +391,8 @@ pub async fn delete_data_plane(
     let js = connect_jetstream(spec, creds, &format!("signal-operator/{pipeline_name}")).await?;
     let durable = spec.durable_name(pipeline_name);
     consumer::delete_consumer(&js, &spec.stream.name, durable).await?;
-    stream::delete_stream_unless_shared(&js, &spec.stream.name).await?;
+    let stream_deleted = stream::delete_stream_unless_shared(&js, &spec.stream.name).await?;
+    dead_letter_stream::delete_dead_letter_stream(&js, spec, stream_deleted).await?;
     table::drop_table(&spec.clickhouse, &creds.clickhouse).await?;
     Ok(())
 }

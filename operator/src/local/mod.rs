@@ -7,7 +7,10 @@
 //! workers) is decided by the pure functions in [`decide`].
 //!
 //! Workers read a snapshot of the last *valid* manifest rather than the file itself, so that an
-//! invalid edit, which local mode refuses, cannot break a worker that happens to restart after it.
+//! invalid edit, which local mode refuses, cannot break a worker that happens to restart after it;
+//! like the controller's ConfigMap, the snapshot has `deadLetter` resolved. The workers' health
+//! reports are read every [`HEALTH_POLL_EVERY`] and logged when what they say changes, the way the
+//! controller puts them into the `WorkersHealthy` condition.
 
 pub mod decide;
 pub mod supervisor;
@@ -27,6 +30,7 @@ use signal_model::manifest::PipelineManifest;
 use tokio::task::{JoinError, JoinHandle};
 use tracing::{debug, info, warn};
 
+use crate::dataplane::worker_health::WorkerHealth;
 use crate::dataplane::{self, DataPlaneError, DataPlaneReport};
 use decide::{desired_replicas, react_to_edit};
 use supervisor::{Supervisor, WorkerLaunch};
@@ -41,6 +45,8 @@ const RECONCILE_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const RECONCILE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// A ready data plane is checked again this often, to repair what was changed behind its back.
 const RESYNC_EVERY: Duration = Duration::from_secs(300);
+/// How often the workers' health reports are read (they are re-published every 30 s).
+pub const HEALTH_POLL_EVERY: Duration = Duration::from_secs(10);
 
 /// How to run a pipeline locally.
 #[derive(Clone, Debug)]
@@ -115,7 +121,7 @@ pub async fn run(
     }
     warn_about_cluster_only_settings(&manifest);
     let snapshot = Snapshot::create(&manifest.metadata.name)?;
-    snapshot.write(&text)?;
+    snapshot.write(&worker_manifest_text(&options.pipeline_file, &manifest)?)?;
     info!(
         pipeline = %manifest.metadata.name,
         file = %options.pipeline_file.display(),
@@ -135,6 +141,7 @@ pub async fn run(
     let mut watcher = FileWatcher::new(&options.pipeline_file, &text);
     let mut reconciler = Reconciler::new(credentials.clone());
     reconciler.start(&manifest);
+    let mut health = HealthWatch::new(credentials.clone());
     // Workers start once the first reconcile has answered, so that they find their consumer
     // instead of waiting for it with their own backoff. They retry on their own after that.
     let mut workers_started = false;
@@ -157,9 +164,11 @@ pub async fn run(
                     supervisor.scale_to(desired_replicas(&manifest)).await;
                 }
             }
+            read = health.finished() => health.record(read),
             _ = tick.tick() => {
                 if workers_started {
                     supervisor.check();
+                    health.start_if_due(&manifest);
                 }
                 reconciler.start_if_due(&manifest);
                 if Instant::now() >= next_file_poll {
@@ -198,6 +207,7 @@ pub async fn run(
     }
 
     reconciler.abort();
+    health.abort();
     supervisor.stop_all().await;
     if options.delete_on_exit {
         info!(policy = ?manifest.spec.deletion_policy, "removing the data plane as --delete-on-exit asks");
@@ -229,7 +239,7 @@ fn accept_edit(
         info!(file = %path.display(), "pipeline file saved; nothing to change");
         return None;
     }
-    if let Err(error) = snapshot.write(edited_text) {
+    if let Err(error) = worker_manifest_text(path, &edited).and_then(|text| snapshot.write(&text)) {
         warn!(%error, "edit not applied; the running pipeline is kept");
         return None;
     }
@@ -242,6 +252,20 @@ fn accept_edit(
     );
     warn_about_cluster_only_settings(&edited);
     Some(edited)
+}
+
+/// The manifest the workers read: the file's, with `deadLetter` resolved as the controller's
+/// ConfigMap has it.
+fn worker_manifest_text(path: &Path, manifest: &PipelineManifest) -> Result<String, LocalError> {
+    let name = &manifest.metadata.name;
+    let resolved = PipelineManifest {
+        spec: manifest.spec.with_dead_letter_resolved(name),
+        ..manifest.clone()
+    };
+    resolved.to_yaml().map_err(|problem| LocalError::Manifest {
+        path: path.display().to_string(),
+        problem: problem.into(),
+    })
 }
 
 fn warn_about_cluster_only_settings(manifest: &PipelineManifest) {
@@ -352,6 +376,7 @@ fn log_report(report: &DataPlaneReport) {
         ("stream", &report.stream),
         ("consumer", &report.consumer),
         ("table", &report.table),
+        ("dead letters", &report.dead_letter),
     ];
     for (part, outcome) in parts {
         for change in &outcome.changes {
@@ -365,6 +390,84 @@ fn log_report(report: &DataPlaneReport) {
     }
     if let Some(drift) = &report.schema_drift {
         warn!(part = "table", "schema drift left alone: {drift}");
+    }
+    for change in &report.health_stream_changes {
+        info!(part = "health stream", "{change}");
+    }
+}
+
+/// Reads the workers' health reports every [`HEALTH_POLL_EVERY`], in the background, and logs
+/// what they say when it changes.
+struct HealthWatch {
+    credentials: PipelineCredentials,
+    task: Option<JoinHandle<WorkerHealth>>,
+    next_read: Instant,
+    last: Option<WorkerHealth>,
+}
+
+impl HealthWatch {
+    fn new(credentials: PipelineCredentials) -> Self {
+        Self {
+            credentials,
+            task: None,
+            next_read: Instant::now() + HEALTH_POLL_EVERY,
+            last: None,
+        }
+    }
+
+    fn start_if_due(&mut self, manifest: &PipelineManifest) {
+        if self.task.is_some() || Instant::now() < self.next_read {
+            return;
+        }
+        let name = manifest.metadata.name.clone();
+        let spec = manifest.spec.clone();
+        let credentials = self.credentials.clone();
+        self.task = Some(tokio::spawn(async move {
+            dataplane::read_worker_health(&name, &spec, &credentials).await
+        }));
+    }
+
+    /// Resolves when the running read ends; never while none runs.
+    async fn finished(&mut self) -> Result<WorkerHealth, JoinError> {
+        match self.task.as_mut() {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn record(&mut self, read: Result<WorkerHealth, JoinError>) {
+        self.task = None;
+        self.next_read = Instant::now() + HEALTH_POLL_EVERY;
+        let health = match read {
+            Ok(health) => health,
+            Err(error) => WorkerHealth::Unknown(error.to_string()),
+        };
+        if self.last.as_ref() != Some(&health) {
+            log_health(&health);
+            self.last = Some(health);
+        }
+    }
+
+    fn abort(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// One line saying what the workers' health reports say, as the `WorkersHealthy` condition would.
+fn log_health(health: &WorkerHealth) {
+    match health {
+        WorkerHealth::Stuck { reason, message } => {
+            warn!(part = "workers", reason = %reason, "workers stuck: {message}");
+        }
+        WorkerHealth::Healthy { workers } => {
+            info!(part = "workers", workers, "workers report progress");
+        }
+        WorkerHealth::NoReports => info!(part = "workers", "no worker reports a problem"),
+        WorkerHealth::Unknown(message) => {
+            warn!(part = "workers", "health reports unreadable: {message}");
+        }
     }
 }
 

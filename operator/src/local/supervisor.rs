@@ -62,6 +62,9 @@ impl WorkerLaunch {
             .arg(&self.pipeline_file)
             .arg("--listen")
             .arg(listen.to_string())
+            // The name in its health reports, stable across restarts of the slot.
+            .arg("--worker-name")
+            .arg(format!("local-{slot}"))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         let parent = std::process::id();

@@ -1,7 +1,8 @@
 //! The ConfigMap that carries a pipeline's manifest to its workers.
 //!
 //! The manifest is the custom resource reduced to what the worker needs (`apiVersion`, `kind`,
-//! `metadata.name`, `metadata.namespace`, `spec`) under the key `pipeline.yaml`; the worker reads it
+//! `metadata.name`, `metadata.namespace`, `spec` with `deadLetter` resolved) under the key
+//! `pipeline.yaml`; the worker reads it
 //! with `--pipeline /etc/signal/pipeline.yaml`. Secrets never go here: they reach the pod as
 //! environment variables from `secretKeyRef`s (see [`super::deployment`]).
 
@@ -20,7 +21,9 @@ use super::{
 /// The manifest file the worker reads, as YAML.
 pub fn manifest_yaml(pipeline: &SignalPipeline) -> Result<String, WorkloadError> {
     let (name, namespace) = name_and_namespace(pipeline)?;
-    Ok(PipelineManifest::new(&name, Some(&namespace), pipeline.spec.clone()).to_yaml()?)
+    // Defaults resolved, so the workers publish dead letters where the operator keeps them.
+    let spec = pipeline.spec.with_dead_letter_resolved(&name);
+    Ok(PipelineManifest::new(&name, Some(&namespace), spec).to_yaml()?)
 }
 
 /// The ConfigMap `<pipeline>-pipeline`, owned by the pipeline.
@@ -82,7 +85,17 @@ mod tests {
             PipelineManifest::from_yaml(&data[MANIFEST_KEY]).expect("the worker parses it");
         assert_eq!(manifest.metadata.name, "orders");
         assert_eq!(manifest.metadata.namespace.as_deref(), Some(NAMESPACE));
-        assert_eq!(manifest.spec, pipeline.spec);
+        // The spec, with the dead-letter defaults written out for the worker.
+        assert_eq!(
+            manifest.spec,
+            pipeline.spec.with_dead_letter_resolved("orders")
+        );
+        let dead_letter = manifest.spec.dead_letter.expect("resolved");
+        assert_eq!(
+            dead_letter.subject,
+            Some(pipeline.spec.dead_letter_subject("orders"))
+        );
+        assert_eq!(pipeline.spec.dead_letter, None);
     }
 
     #[test]

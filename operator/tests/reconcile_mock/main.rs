@@ -7,7 +7,9 @@
 //! the finalizer release on deletion, with the data plane kept (`Retain`) or removed (`Delete`),
 //! and held while a `Delete` cleanup fails until the cleanup timeout gives up; a `Conflict` status
 //! for the newer of two pipelines claiming one table; `Ready=False` and an error, not a panic,
-//! when NATS is unreachable, a Secret is missing or the spec is invalid. NATS and ClickHouse are
+//! when NATS is unreachable, a Secret is missing or the spec is invalid; the dead-letter stream
+//! created, kept or deleted with the pipeline and named in its status; `Ready=False` with the
+//! reason of a stuck worker's health report published to the real NATS. NATS and ClickHouse are
 //! real servers from `signal-testkit`, started once and shared: each test uses its own stream,
 //! subjects and table.
 
@@ -27,6 +29,7 @@ use kube::runtime::reflector::store;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use signal_model::credentials::PipelineCredentials;
+use signal_model::worker_health::{HealthReason, WorkerHealthReport, health_subject};
 use signal_model::{SignalPipeline, SignalPipelineSpec};
 use signal_operator::controller::{
     Context, FINALIZER, PipelineIndex, ReconcileError, Settings, reconcile,
@@ -261,6 +264,11 @@ async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
         serde_json::from_value(configmap_apply.body.clone()).expect("a ConfigMap body");
     let manifest = &configmap.data.as_ref().expect("data")[MANIFEST_KEY];
     assert!(manifest.contains("MOCK_orders"), "{manifest}");
+    // The workers get the dead-letter subject resolved, not the rules that derive it.
+    assert!(
+        manifest.contains("subject: dlq.MOCK_orders.orders"),
+        "{manifest}"
+    );
     let owner = &configmap.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(
         (owner.kind.as_str(), owner.uid.as_str()),
@@ -307,6 +315,21 @@ async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
     assert_eq!(state(&body, "StreamReady").0, "True", "{body}");
     assert_eq!(state(&body, "ConsumerReady").0, "True", "{body}");
     assert_eq!(state(&body, "TableReady").0, "True", "{body}");
+    assert_eq!(
+        state(&body, "DeadLetterReady"),
+        ("True", "Created"),
+        "{body}"
+    );
+    assert_eq!(
+        state(&body, "WorkersHealthy"),
+        ("True", "NoReports"),
+        "{body}"
+    );
+    assert_eq!(body["status"]["deadLetter"]["stream"], "MOCK_orders_DLQ");
+    assert_eq!(
+        body["status"]["deadLetter"]["subject"],
+        "dlq.MOCK_orders.orders"
+    );
     assert_eq!(state(&body, "WorkersReady"), ("False", "Progressing"));
     assert_eq!(
         state(&body, "Ready").0,
@@ -333,6 +356,7 @@ async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
         api.events
     );
     assert!(stream_exists(&servers.nats.url(), "MOCK_orders").await);
+    assert!(stream_exists(&servers.nats.url(), "MOCK_orders_DLQ").await);
     assert!(table_exists("orders"));
 
     // Second pass: the Deployment is up to date and ready, so the pipeline is Ready and no
@@ -361,6 +385,81 @@ async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
     respond_with_status(status_apply, &orders);
     finish(task, &mut api).await.expect("reconciled again");
     assert!(!api.published("WorkersApplied"), "{:?}", api.events);
+}
+
+#[tokio::test]
+async fn a_stuck_workers_health_report_makes_the_pipeline_not_ready_with_its_reason() {
+    let servers = servers();
+    let stuck = with_finalizer(pipeline(
+        "stuck",
+        &servers.nats.url(),
+        &servers.clickhouse.http_url(),
+        1_700_000_000,
+    ));
+    create_data_plane(&stuck).await;
+    // What a worker whose inserts ClickHouse refuses publishes (model::worker_health).
+    let report = WorkerHealthReport {
+        worker: "stuck-worker-0".to_string(),
+        ready: false,
+        reason: Some(HealthReason::InsertRejected),
+        message: "Code: 16. DB::Exception: No such column amount_usd".to_string(),
+        reported_at_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64,
+    };
+    let client = async_nats::connect(servers.nats.url()).await.expect("NATS");
+    async_nats::jetstream::new(client)
+        .publish(
+            health_subject("MOCK_stuck", "stuck", &report.worker),
+            serde_json::to_vec(&report).expect("json").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("the health stream stores the report");
+
+    let (task, mut api) = start_reconcile(&stuck, index_of(&[&stuck]));
+    let read = api.next_call().await;
+    read.expect(Method::GET, &deployment_path("stuck"));
+    // The stuck worker's pod is not ready either.
+    let unready = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "stuck-worker", "namespace": NAMESPACE, "generation": 1},
+        "spec": {"replicas": 1, "selector": {}, "template": {}},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 0},
+    });
+    read.respond_ok(&unready);
+    for path in [configmap_path("stuck"), deployment_path("stuck")] {
+        let apply = api.next_call().await;
+        apply.expect_apply(&path);
+        let answer = if path.contains("deployments") {
+            unready.clone()
+        } else {
+            apply.body.clone()
+        };
+        apply.respond_ok(&answer);
+    }
+    let status_apply = api.next_call().await;
+    status_apply.expect_apply(&format!("{}/status", pipeline_path("stuck")));
+    let body = status_apply.body.clone();
+    assert_eq!(
+        state(&body, "WorkersHealthy"),
+        ("False", "InsertRejected"),
+        "{body}"
+    );
+    assert_eq!(state(&body, "Ready"), ("False", "InsertRejected"), "{body}");
+    let message = condition(&body, "Ready")["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message
+            .contains("worker stuck-worker-0: Code: 16. DB::Exception: No such column amount_usd"),
+        "{message}"
+    );
+    respond_with_status(status_apply, &stuck);
+    finish(task, &mut api).await.expect("reconciled");
+    assert!(api.published("InsertRejected"), "{:?}", api.events);
 }
 
 /// Creates the stream, consumer and table of `pipeline` directly, as an earlier reconcile would.
@@ -403,6 +502,7 @@ async fn deleting_with_retain_keeps_the_data_plane_and_releases_the_finalizer() 
     assert_eq!(action, Action::await_change());
     assert!(api.published("Retained"), "{:?}", api.events);
     assert!(stream_exists(&servers.nats.url(), "MOCK_kept").await);
+    assert!(stream_exists(&servers.nats.url(), "MOCK_kept_DLQ").await);
     assert!(table_exists("kept"));
 }
 
@@ -426,6 +526,7 @@ async fn deleting_with_delete_removes_the_data_plane_then_releases_the_finalizer
     assert_eq!(action, Action::await_change());
     assert!(api.published("Deleted"), "{:?}", api.events);
     assert!(!stream_exists(&servers.nats.url(), "MOCK_removed").await);
+    assert!(!stream_exists(&servers.nats.url(), "MOCK_removed_DLQ").await);
     assert!(!table_exists("removed"));
 }
 

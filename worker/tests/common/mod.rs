@@ -288,6 +288,7 @@ impl TestEnv {
             credentials: PipelineCredentials::default(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             ensure_consumer: false,
+            worker_name: format!("test-{}", manifest.metadata.name),
         };
         let task = self
             .runtime

@@ -5,17 +5,26 @@
 //! batch buffer. A message that cannot become a row returns a [`Poison`] reason and leaves the
 //! buffer exactly as it was, so one bad message never spoils its batch.
 
-use std::borrow::Cow;
+//!
+//! One file a seam: [`json`] scans the message, [`values`] encodes integers, floats, strings and
+//! composites, [`decimal`] decimals from the number's text, [`time`] dates and times.
+
+mod decimal;
+mod json;
+mod time;
+mod values;
+
 use std::fmt;
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime};
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use chrono::DateTime;
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::column_type::ColumnType;
 use crate::spec::ColumnSpec;
-use crate::value_source::{PathStep, ValueSource};
+use crate::value_source::ValueSource;
+
+use json::{Parsed, TopLevel};
+use values::encode_value;
 
 /// Headers of a message, looked up by name.
 pub trait HeaderLookup {
@@ -124,6 +133,8 @@ struct Column {
     ty: ColumnType,
     source: ValueSource,
     default: Option<Value>,
+    /// A (nullable) decimal: its value is read from the number's text.
+    decimal: bool,
 }
 
 /// A value as found in the message, before encoding.
@@ -176,110 +187,6 @@ pub struct RowEncoder {
     needs_whole_message: bool,
 }
 
-/// The top level of a JSON object message: each key with its raw value text, borrowed from the
-/// payload. Parsing a message this way allocates (almost) nothing; only the values columns read
-/// are parsed further, so the hot path does not build a whole `Value` tree per message.
-#[derive(Default)]
-struct TopLevel<'a> {
-    fields: Vec<(Cow<'a, str>, &'a RawValue)>,
-}
-
-/// A column's value parsed out of its top-level field.
-enum Parsed<'a> {
-    /// A JSON string, borrowed from the payload unless it had escapes.
-    Text(Cow<'a, str>),
-    Value(Value),
-}
-
-impl<'a> TopLevel<'a> {
-    fn parse(payload: &'a [u8]) -> Result<Self, Poison> {
-        serde_json::from_slice(payload).map_err(|error| {
-            // A type error means valid JSON that is not an object, unless the text is broken too.
-            if error.classify() == serde_json::error::Category::Data
-                && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
-            {
-                Poison::NotAnObject
-            } else {
-                Poison::NotJson(error.to_string())
-            }
-        })
-    }
-
-    /// The value of the path's first key, parsed (`None` when the key is absent). Later steps
-    /// are left to [`ValueSource::lookup`] on the parsed value.
-    fn parse_path(&self, steps: &[PathStep]) -> Result<Option<Parsed<'a>>, Poison> {
-        let Some(PathStep::Key(first)) = steps.first() else {
-            // An index into the top level, which is an object: nothing there.
-            return Ok(None);
-        };
-        // The last of duplicate keys wins, as it does for a parsed `Value`.
-        let Some((_, raw)) = self.fields.iter().rev().find(|(key, _)| key == first) else {
-            return Ok(None);
-        };
-        let text = raw.get();
-        let parsed = if steps.len() == 1 && text.starts_with('"') {
-            serde_json::from_str::<JsonText<'a>>(text).map(|t| Parsed::Text(t.0))
-        } else {
-            serde_json::from_str::<Value>(text).map(Parsed::Value)
-        };
-        parsed.map(Some).map_err(|e| Poison::NotJson(e.to_string()))
-    }
-}
-
-impl<'de> Deserialize<'de> for TopLevel<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor;
-        impl<'de> Visitor<'de> for ObjectVisitor {
-            type Value = TopLevel<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some(key) = map.next_key::<JsonText<'de>>()? {
-                    fields.push((key.0, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(TopLevel { fields })
-            }
-        }
-        deserializer.deserialize_map(ObjectVisitor)
-    }
-}
-
-/// A JSON string, borrowed when it has no escapes (serde's own `Cow<str>` always copies).
-struct JsonText<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for JsonText<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TextVisitor;
-        impl<'de> Visitor<'de> for TextVisitor {
-            type Value = JsonText<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-
-            fn visit_borrowed_str<E: serde::de::Error>(
-                self,
-                text: &'de str,
-            ) -> Result<Self::Value, E> {
-                Ok(JsonText(Cow::Borrowed(text)))
-            }
-
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
-                Ok(JsonText(Cow::Owned(text.to_string())))
-            }
-
-            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Self::Value, E> {
-                Ok(JsonText(Cow::Owned(text)))
-            }
-        }
-        deserializer.deserialize_str(TextVisitor)
-    }
-}
-
 impl RowEncoder {
     /// Compiles the columns; each error names the column's index and field.
     pub fn new(columns: &[ColumnSpec], max_message_bytes: usize) -> Result<Self, Vec<ColumnError>> {
@@ -297,11 +204,18 @@ impl RowEncoder {
             match (ty, source) {
                 (Ok(ty), Ok(source)) => {
                     let default = spec.default.as_deref().map(|text| default_value(&ty, text));
+                    let decimal = match &ty {
+                        ColumnType::Nullable(inner) => {
+                            matches!(**inner, ColumnType::Decimal { .. })
+                        }
+                        other => matches!(other, ColumnType::Decimal { .. }),
+                    };
                     let column = Column {
                         name: spec.name.clone(),
                         ty,
                         source,
                         default,
+                        decimal,
                     };
                     if let Some(default) = &column.default {
                         let mut scratch = Vec::new();
@@ -406,11 +320,17 @@ impl RowEncoder {
             .iter()
             .enumerate()
             .try_for_each(|(index, column)| {
+                let number = match &column.source {
+                    ValueSource::Json(steps) if column.decimal => top_level.number_text(steps),
+                    _ => None,
+                };
                 let parsed = match &column.source {
+                    _ if number.is_some() => None,
                     ValueSource::Json(steps) if !steps.is_empty() => top_level.parse_path(steps)?,
                     _ => None,
                 };
                 let found = match (&column.source, &parsed) {
+                    _ if number.is_some() => number.map(Found::Text),
                     (ValueSource::Json(steps), _) if steps.is_empty() => {
                         Some(Found::from_json(&whole))
                     }
@@ -476,368 +396,6 @@ fn text_of(found: Found<'_>) -> String {
         Found::Unsigned(n) => n.to_string(),
         Found::TimeNanos(nanos) => DateTime::from_timestamp_nanos(nanos).to_rfc3339(),
     }
-}
-
-fn write_varint(out: &mut Vec<u8>, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-fn write_string(out: &mut Vec<u8>, text: &[u8]) {
-    write_varint(out, text.len() as u64);
-    out.extend_from_slice(text);
-}
-
-fn wrong(column: &Column, expected: &dyn fmt::Display, found: Found<'_>) -> Poison {
-    Poison::WrongType {
-        column: column.name.clone(),
-        expected: expected.to_string(),
-        found: found.describe(),
-    }
-}
-
-fn out_of_range(column: &Column, detail: String) -> Poison {
-    Poison::OutOfRange {
-        column: column.name.clone(),
-        detail,
-    }
-}
-
-fn encode_value(column: &Column, found: Found<'_>, out: &mut Vec<u8>) -> Result<(), Poison> {
-    encode_typed(column, &column.ty, found, out)
-}
-
-fn is_null(found: Found<'_>) -> bool {
-    matches!(found, Found::Json(Value::Null))
-}
-
-fn encode_typed(
-    column: &Column,
-    ty: &ColumnType,
-    found: Found<'_>,
-    out: &mut Vec<u8>,
-) -> Result<(), Poison> {
-    if is_null(found) && !ty.is_nullable() {
-        return Err(Poison::Missing {
-            column: column.name.clone(),
-        });
-    }
-    match ty {
-        ColumnType::Nullable(inner) => {
-            if is_null(found) {
-                out.push(1);
-                Ok(())
-            } else {
-                out.push(0);
-                encode_typed(column, inner, found, out)
-            }
-        }
-        // LowCardinality is a storage detail: RowBinary carries the inner type.
-        ColumnType::LowCardinality(inner) => encode_typed(column, inner, found, out),
-        ColumnType::String => {
-            match found {
-                Found::Text(s) => write_string(out, s.as_bytes()),
-                Found::Json(other) => write_string(out, other.to_string().as_bytes()),
-                Found::Unsigned(_) | Found::TimeNanos(_) => {
-                    write_string(out, text_of(found).as_bytes())
-                }
-            }
-            Ok(())
-        }
-        ColumnType::Bool => {
-            let value = match found {
-                Found::Json(Value::Bool(b)) => *b,
-                Found::Json(Value::Number(n)) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => {
-                    n.as_u64() == Some(1)
-                }
-                Found::Text(s) if matches!(s, "true" | "false") => s == "true",
-                other => return Err(wrong(column, ty, other)),
-            };
-            out.push(u8::from(value));
-            Ok(())
-        }
-        ColumnType::Int8 => {
-            encode_signed(column, ty, found, out, i8::MIN as i64, i8::MAX as i64, 1)
-        }
-        ColumnType::Int16 => {
-            encode_signed(column, ty, found, out, i16::MIN as i64, i16::MAX as i64, 2)
-        }
-        ColumnType::Int32 => {
-            encode_signed(column, ty, found, out, i32::MIN as i64, i32::MAX as i64, 4)
-        }
-        ColumnType::Int64 => encode_signed(column, ty, found, out, i64::MIN, i64::MAX, 8),
-        ColumnType::UInt8 => encode_unsigned(column, ty, found, out, u8::MAX as u64, 1),
-        ColumnType::UInt16 => encode_unsigned(column, ty, found, out, u16::MAX as u64, 2),
-        ColumnType::UInt32 => encode_unsigned(column, ty, found, out, u32::MAX as u64, 4),
-        ColumnType::UInt64 => encode_unsigned(column, ty, found, out, u64::MAX, 8),
-        ColumnType::Float32 => {
-            let value = float_of(found).ok_or_else(|| wrong(column, ty, found))?;
-            if value.is_finite() && value.abs() > f32::MAX as f64 {
-                return Err(out_of_range(
-                    column,
-                    format!("{value} does not fit Float32"),
-                ));
-            }
-            out.extend_from_slice(&(value as f32).to_le_bytes());
-            Ok(())
-        }
-        ColumnType::Float64 => {
-            let value = float_of(found).ok_or_else(|| wrong(column, ty, found))?;
-            out.extend_from_slice(&value.to_le_bytes());
-            Ok(())
-        }
-        ColumnType::Decimal { precision, scale } => {
-            encode_decimal(column, ty, found, out, *precision, *scale)
-        }
-        ColumnType::Date => {
-            let nanos = time_of(column, ty, found)?;
-            let days = nanos.div_euclid(86_400 * 1_000_000_000);
-            let days = u16::try_from(days).map_err(|_| {
-                out_of_range(
-                    column,
-                    format!(
-                        "{} is outside Date's range 1970-01-01..2149-06-06",
-                        text_of(found)
-                    ),
-                )
-            })?;
-            out.extend_from_slice(&days.to_le_bytes());
-            Ok(())
-        }
-        ColumnType::DateTime { .. } => {
-            let nanos = time_of(column, ty, found)?;
-            let secs = u32::try_from(nanos.div_euclid(1_000_000_000)).map_err(|_| {
-                out_of_range(
-                    column,
-                    format!("{} is outside DateTime's range 1970..2106", text_of(found)),
-                )
-            })?;
-            out.extend_from_slice(&secs.to_le_bytes());
-            Ok(())
-        }
-        ColumnType::DateTime64 { precision, .. } => {
-            let nanos = time_of(column, ty, found)?;
-            let ticks = nanos.div_euclid(10_i64.pow(9 - u32::from(*precision)));
-            out.extend_from_slice(&ticks.to_le_bytes());
-            Ok(())
-        }
-        ColumnType::Uuid => {
-            let text = match found {
-                Found::Text(s) => s,
-                other => return Err(wrong(column, ty, other)),
-            };
-            let uuid = uuid::Uuid::parse_str(text).map_err(|_| wrong(column, ty, found))?;
-            // RowBinary stores a UUID as two little-endian UInt64 halves, high half first.
-            let (high, low) = uuid.as_u64_pair();
-            out.extend_from_slice(&high.to_le_bytes());
-            out.extend_from_slice(&low.to_le_bytes());
-            Ok(())
-        }
-        ColumnType::Array(inner) => {
-            let Found::Json(Value::Array(items)) = found else {
-                return Err(wrong(column, ty, found));
-            };
-            write_varint(out, items.len() as u64);
-            items
-                .iter()
-                .try_for_each(|item| encode_typed(column, inner, Found::from_json(item), out))
-        }
-        ColumnType::Map(inner) => {
-            let Found::Json(Value::Object(entries)) = found else {
-                return Err(wrong(column, ty, found));
-            };
-            write_varint(out, entries.len() as u64);
-            entries.iter().try_for_each(|(key, value)| {
-                write_string(out, key.as_bytes());
-                encode_typed(column, inner, Found::from_json(value), out)
-            })
-        }
-    }
-}
-
-/// Integers come as JSON integers, or as text holding one (producers often quote large numbers).
-fn integer_of(found: Found<'_>) -> Option<i128> {
-    match found {
-        Found::Json(Value::Number(n)) => n
-            .as_i64()
-            .map(i128::from)
-            .or_else(|| n.as_u64().map(i128::from))
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && f.abs() < 1e38)
-                    .map(|f| f as i128)
-            }),
-        Found::Json(Value::Bool(b)) => Some(i128::from(*b)),
-        Found::Text(s) => s.trim().parse().ok(),
-        Found::Unsigned(n) => Some(i128::from(n)),
-        Found::TimeNanos(n) => Some(i128::from(n)),
-        Found::Json(_) => None,
-    }
-}
-
-fn encode_signed(
-    column: &Column,
-    ty: &ColumnType,
-    found: Found<'_>,
-    out: &mut Vec<u8>,
-    min: i64,
-    max: i64,
-    width: usize,
-) -> Result<(), Poison> {
-    let value = integer_of(found).ok_or_else(|| wrong(column, ty, found))?;
-    if value < i128::from(min) || value > i128::from(max) {
-        return Err(out_of_range(column, format!("{value} does not fit {ty}")));
-    }
-    out.extend_from_slice(&(value as i64).to_le_bytes()[..width]);
-    Ok(())
-}
-
-fn encode_unsigned(
-    column: &Column,
-    ty: &ColumnType,
-    found: Found<'_>,
-    out: &mut Vec<u8>,
-    max: u64,
-    width: usize,
-) -> Result<(), Poison> {
-    let value = integer_of(found).ok_or_else(|| wrong(column, ty, found))?;
-    if value < 0 || value > i128::from(max) {
-        return Err(out_of_range(column, format!("{value} does not fit {ty}")));
-    }
-    out.extend_from_slice(&(value as u64).to_le_bytes()[..width]);
-    Ok(())
-}
-
-fn float_of(found: Found<'_>) -> Option<f64> {
-    match found {
-        Found::Json(Value::Number(n)) => n.as_f64(),
-        Found::Text(s) => s.trim().parse().ok(),
-        Found::Unsigned(n) => Some(n as f64),
-        _ => None,
-    }
-}
-
-/// Decimal text (`-12.3400`) to an integer scaled by 10^scale; digits beyond the scale are cut off,
-/// as ClickHouse does when it parses decimal text.
-fn encode_decimal(
-    column: &Column,
-    ty: &ColumnType,
-    found: Found<'_>,
-    out: &mut Vec<u8>,
-    precision: u8,
-    scale: u8,
-) -> Result<(), Poison> {
-    let text = match found {
-        Found::Json(Value::Number(n)) => n.to_string(),
-        Found::Text(s) => s.trim().to_string(),
-        Found::Unsigned(n) => n.to_string(),
-        other => return Err(wrong(column, ty, other)),
-    };
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text.strip_prefix('+').unwrap_or(&text)),
-    };
-    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
-    let valid = !whole.is_empty() || !fraction.is_empty();
-    if !valid
-        || !whole
-            .bytes()
-            .chain(fraction.bytes())
-            .all(|b| b.is_ascii_digit())
-    {
-        return Err(wrong(column, ty, found));
-    }
-    let whole = whole.trim_start_matches('0');
-    if whole.len() > usize::from(precision - scale) {
-        return Err(out_of_range(
-            column,
-            format!(
-                "{text} has more than {} integer digits for {ty}",
-                precision - scale
-            ),
-        ));
-    }
-    let mut scaled: i128 = 0;
-    let fraction_digits = fraction
-        .bytes()
-        .chain(std::iter::repeat(b'0'))
-        .take(usize::from(scale));
-    for digit in whole.bytes().chain(fraction_digits) {
-        scaled = scaled * 10 + i128::from(digit - b'0');
-    }
-    if negative {
-        scaled = -scaled;
-    }
-    match precision {
-        1..=9 => out.extend_from_slice(&(scaled as i32).to_le_bytes()),
-        10..=18 => out.extend_from_slice(&(scaled as i64).to_le_bytes()),
-        _ => out.extend_from_slice(&scaled.to_le_bytes()),
-    }
-    Ok(())
-}
-
-/// Times come as RFC 3339 text, `YYYY-MM-DD[ HH:MM:SS[.f]]` text (UTC), or epoch numbers whose unit
-/// is told by magnitude: seconds below 1e11, milliseconds below 1e14, microseconds below 1e17,
-/// nanoseconds above.
-fn time_of(column: &Column, ty: &ColumnType, found: Found<'_>) -> Result<i64, Poison> {
-    let nanos = match found {
-        Found::TimeNanos(n) => Some(n),
-        Found::Json(Value::Number(n)) => {
-            if let Some(i) = n.as_i64() {
-                epoch_to_nanos(i as f64, Some(i))
-            } else {
-                n.as_f64().and_then(|f| epoch_to_nanos(f, None))
-            }
-        }
-        Found::Unsigned(n) => i64::try_from(n)
-            .ok()
-            .and_then(|i| epoch_to_nanos(i as f64, Some(i))),
-        Found::Text(s) => parse_time_text(s.trim()),
-        Found::Json(_) => None,
-    };
-    nanos.ok_or_else(|| wrong(column, ty, found))
-}
-
-fn epoch_to_nanos(value: f64, exact: Option<i64>) -> Option<i64> {
-    let magnitude = value.abs();
-    let nanos_per_unit: i64 = if magnitude < 1e11 {
-        1_000_000_000
-    } else if magnitude < 1e14 {
-        1_000_000
-    } else if magnitude < 1e17 {
-        1_000
-    } else {
-        1
-    };
-    match exact {
-        Some(i) => i.checked_mul(nanos_per_unit),
-        None => {
-            let nanos = value * nanos_per_unit as f64;
-            (nanos.abs() < 9.2e18).then(|| nanos.round() as i64)
-        }
-    }
-}
-
-fn parse_time_text(text: &str) -> Option<i64> {
-    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return time.timestamp_nanos_opt();
-    }
-    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
-        if let Ok(time) = NaiveDateTime::parse_from_str(text, format) {
-            return time.and_utc().timestamp_nanos_opt();
-        }
-    }
-    NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .ok()
-        .and_then(|date| date.and_hms_opt(0, 0, 0))
-        .and_then(|time| time.and_utc().timestamp_nanos_opt())
 }
 
 #[cfg(test)]
@@ -1068,6 +626,36 @@ mod tests {
         }
         let poison = encoder.encode(br#""text""#, &meta(), &mut out).unwrap_err();
         assert_eq!(poison.label(), "not_object");
+    }
+
+    #[test]
+    fn decimals_keep_every_digit_of_the_numbers_text() {
+        let encoder = RowEncoder::new(
+            &[
+                ColumnSpec::new("top", "Decimal(38, 18)", "$.amount"),
+                ColumnSpec::new("nested", "Nullable(Decimal(38, 18))", "$.p.list[1]"),
+            ],
+            1 << 20,
+        )
+        .unwrap();
+        let payload = br#"{"amount": 12345678901234567890.123456789012345678, "p": {"list": [0, -0.000000000000000001]}}"#;
+        let mut out = Vec::new();
+        encoder.encode(payload, &meta(), &mut out).unwrap();
+        let top = i128::from_le_bytes(out[..16].try_into().unwrap());
+        assert_eq!(top, 12_345_678_901_234_567_890_123_456_789_012_345_678);
+        assert_eq!(out[16], 0, "not null");
+        let nested = i128::from_le_bytes(out[17..33].try_into().unwrap());
+        assert_eq!(nested, -1);
+        // Through f64 the first would have been 12345678901234567168.
+        let mut null = Vec::new();
+        encoder
+            .encode(
+                br#"{"amount": 1, "p": {"list": [0, null]}}"#,
+                &meta(),
+                &mut null,
+            )
+            .unwrap();
+        assert_eq!(null[16], 1, "null");
     }
 
     #[test]
