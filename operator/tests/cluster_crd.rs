@@ -62,7 +62,8 @@ async fn every_cel_rule_is_evaluated_with_its_message() {
     let namespace = namespace("crd-cel");
     let api = dynamic_api(&client, &namespace);
     let name = "immutable";
-    let base = manifest(&namespace, name);
+    let mut base = manifest(&namespace, name);
+    base["spec"]["deadLetter"] = json!({"stream": {"name": "IMMUTABLE_DL", "storage": "file"}});
     api.patch(
         name,
         &PatchParams::apply(FIELD_MANAGER),
@@ -71,21 +72,26 @@ async fn every_cel_rule_is_evaluated_with_its_message() {
     .await
     .unwrap();
 
-    let immutable: [(&str, &str, Value); 5] = [
-        ("stream", "name", json!("RENAMED")),
-        ("stream", "storage", json!("memory")),
-        ("clickhouse", "database", json!("elsewhere")),
-        ("clickhouse", "table", json!("other_table")),
-        ("consumer", "deliverPolicy", json!("new")),
+    let immutable: [(&str, Value); 7] = [
+        ("stream.name", json!("RENAMED")),
+        ("stream.storage", json!("memory")),
+        ("clickhouse.database", json!("elsewhere")),
+        ("clickhouse.table", json!("other_table")),
+        ("consumer.deliverPolicy", json!("new")),
+        ("deadLetter.stream.name", json!("RENAMED_DL")),
+        ("deadLetter.stream.storage", json!("memory")),
     ];
-    for (section, field, value) in immutable {
+    for (field, value) in immutable {
         let mut changed = base.clone();
-        changed["spec"][section][field] = value;
+        let pointer = format!("/spec/{}", field.replace('.', "/"));
+        *changed
+            .pointer_mut(&pointer)
+            .expect("the base sets every field") = value;
         let message = refused(&api, name, &changed).await.unwrap();
-        let rule = format!("{section}.{field} cannot be changed after creation");
+        let rule = format!("{field} cannot be changed after creation");
         assert!(
             message.contains(&rule) && message.contains("422"),
-            "changing {section}.{field}: {message}"
+            "changing {field}: {message}"
         );
     }
 
@@ -111,6 +117,22 @@ async fn every_cel_rule_is_evaluated_with_its_message() {
     let message = refused(&api, name, &autoscale).await.unwrap();
     assert!(
         message.contains("minReplicas must not exceed maxReplicas"),
+        "{message}"
+    );
+    // The redelivery rules: ackWait at least 1s, a batch's maxWait at most a third of ackWait.
+    let mut short_ack = scaled.clone();
+    short_ack["spec"]["consumer"]["ackWait"] = json!("500ms");
+    let message = refused(&api, name, &short_ack).await.unwrap();
+    assert!(
+        message.contains("consumer.ackWait must be at least 1s"),
+        "{message}"
+    );
+    let mut long_batch = scaled.clone();
+    long_batch["spec"]["consumer"]["ackWait"] = json!("30s");
+    long_batch["spec"]["workers"]["batch"] = json!({"maxWait": "11s"});
+    let message = refused(&api, name, &long_batch).await.unwrap();
+    assert!(
+        message.contains("workers.batch.maxWait must be at most a third of consumer.ackWait"),
         "{message}"
     );
 }
