@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs missing test dependencies, then runs every test of the workspace.
+# The test command: installs missing test dependencies, builds the Kubernetes control plane
+# (scripts/build-kube.sh), then runs every test of the workspace.
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p signal-testkit -- --nocapture`.
 set -euo pipefail
 
@@ -13,6 +14,9 @@ export PATH
 export RUST_BACKTRACE=1
 
 scripts/install-test-deps.sh
+# The Kubernetes control plane the cluster tests start (target/kube/signal-kube); a few seconds
+# when nothing changed, about ten minutes the first time on 2 cores.
+scripts/build-kube.sh
 
 # The whole workspace, unless the arguments pick packages (`-p NAME` / `--package NAME`).
 scope=(--workspace)

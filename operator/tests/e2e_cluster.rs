@@ -1,13 +1,19 @@
-//! End to end against a real cluster: the one `KUBECONFIG` points to, with the CRD installed and
-//! the operator running (`scripts/kind-e2e.sh --keep` leaves such a cluster behind).
+//! End to end against a real Kubernetes control plane (testkit's `KubeCluster`: etcd,
+//! kube-apiserver, kube-controller-manager), real nats-server and clickhouse-server, and the
+//! operator binary running out of cluster.
 //!
-//! One pipeline goes through its life: applied → `Ready`, with its worker Deployment and
-//! ConfigMap; scaled through the scale subresource (what `kubectl scale` and an HPA use) and by
-//! editing `spec.workers.replicas`, the Deployment following each time; a column added, which the
-//! `TableReady` condition reports for the new generation; a change of `stream.name` refused by
-//! the CRD's CEL rule; deleted, the finalizer completing and the workers going with it.
+//! One pipeline goes through its life: applied → its finalizer, stream, consumer and table, its
+//! worker Deployment and ConfigMap (owned by the pipeline), events, `kubectl get sigp`'s printer
+//! columns, `Ready` once its pods are (a stand-in kubelet marks them, as no node runs); scaled
+//! through the scale subresource (`kubectl scale` and an HPA use it) and by editing
+//! `spec.workers.replicas`, the Deployment following each time; a column added, which the
+//! `TableReady` condition reports for the new generation; a change of `stream.name` refused by the
+//! CRD's CEL rule; deleted with `deletionPolicy: Delete`: the finalizer removes the stream and the
+//! table, and kube-controller-manager's garbage collector the Deployment and ConfigMap.
 //!
-//! Ignored by default. On the cluster `scripts/kind-e2e.sh --keep` leaves (servers from
+//! What needs worker pods that really run (signals reaching ClickHouse through them) needs a
+//! cluster with nodes and the worker image: `signals_flow_through_worker_pods_on_a_real_cluster`
+//! stays ignored; run it on the cluster `scripts/kind-e2e.sh --keep` leaves (servers from
 //! `deploy/dev` in namespace `signals`):
 //!
 //! ```text
@@ -16,179 +22,36 @@
 //! SIGNAL_E2E_NAMESPACE=signals SIGNAL_E2E_CLICKHOUSE_SECRET=clickhouse-auth \
 //! cargo test -p signal-operator --test e2e_cluster -- --ignored
 //! ```
-//!
-//! The URLs are the servers as the cluster sees them; `SIGNAL_E2E_NAMESPACE` (default
-//! `signal-e2e`, created if missing) is where the pipeline lives; `SIGNAL_E2E_CLICKHOUSE_SECRET`
-//! names a Secret there with the ClickHouse `user` and `password`. Without a reachable cluster the
-//! test fails within seconds, saying what is missing; every wait is bounded.
 
-use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/dataplane.rs"]
+mod dataplane;
+
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
-use serde_json::{Value, json};
-use signal_model::SignalPipeline;
+use serde_json::json;
+use signal_model::{DeletionPolicy, SignalPipeline, SignalPipelineSpec};
 
-const IGNORE_REASON: &str =
-    "needs a Kubernetes cluster: KUBECONFIG, SIGNAL_E2E_NATS_URL, SIGNAL_E2E_CLICKHOUSE_URL";
-const FIELD_MANAGER: &str = "signal-e2e";
-const CRD_NAME: &str = "signalpipelines.signals.dev";
-/// One API request; a kubeconfig pointing at nothing fails here instead of hanging.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// Creating the stream and table and pulling the worker image on a fresh cluster.
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
-/// The operator reacting to an edit of a pipeline it already runs.
-const FOLLOW_TIMEOUT: Duration = Duration::from_secs(120);
-const POLL: Duration = Duration::from_secs(2);
+use cluster::{
+    FOLLOW_TIMEOUT, Operator, OperatorOptions, REQUEST_TIMEOUT, StandInKubelet, apply_pipeline,
+    call, condition, describe_conditions, eventually, pipeline_object, wait_condition, wait_gone,
+};
 
-/// What the test needs from its environment.
-struct Environment {
-    nats_url: String,
-    clickhouse_url: String,
+/// What the lifecycle runs against.
+struct Target {
     namespace: String,
-    clickhouse_secret: Option<String>,
-}
-
-impl Environment {
-    fn from_env() -> Result<Self> {
-        let required = |name: &str| {
-            std::env::var(name).ok().filter(|value| !value.is_empty()).ok_or_else(|| {
-                anyhow!("{name} is not set; this suite {IGNORE_REASON} (see the top of operator/tests/e2e_cluster.rs)")
-            })
-        };
-        Ok(Self {
-            nats_url: required("SIGNAL_E2E_NATS_URL")?,
-            clickhouse_url: required("SIGNAL_E2E_CLICKHOUSE_URL")?,
-            namespace: std::env::var("SIGNAL_E2E_NAMESPACE")
-                .unwrap_or_else(|_| "signal-e2e".to_string()),
-            clickhouse_secret: std::env::var("SIGNAL_E2E_CLICKHOUSE_SECRET").ok(),
-        })
-    }
-}
-
-/// Runs one API call with [`REQUEST_TIMEOUT`].
-async fn call<T>(what: &str, request: impl Future<Output = kube::Result<T>>) -> Result<T> {
-    tokio::time::timeout(REQUEST_TIMEOUT, request)
-        .await
-        .map_err(|_| anyhow!("{what}: no answer from the cluster within {REQUEST_TIMEOUT:?}"))?
-        .with_context(|| what.to_string())
-}
-
-/// Polls `check` until it returns `Some`, or fails with `what` and the last observation.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<std::result::Result<T, String>>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let last = match check().await? {
-            Ok(value) => return Ok(value),
-            Err(observed) => observed,
-        };
-        if tokio::time::Instant::now() >= deadline {
-            bail!("{what}: not within {timeout:?}; last seen: {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Connects and checks the CRD is installed; every failure says what to set up.
-async fn connect() -> Result<Client> {
-    let client = tokio::time::timeout(REQUEST_TIMEOUT, Client::try_default())
-        .await
-        .map_err(|_| anyhow!("loading the kubeconfig took longer than {REQUEST_TIMEOUT:?}"))?
-        .context("no Kubernetes client: set KUBECONFIG to a cluster with the operator running")?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    call(
-        "reading the SignalPipeline CRD (is KUBECONFIG's cluster reachable, and the CRD installed: \
-         kubectl apply --server-side -f crds/signalpipeline.yaml?)",
-        crds.get(CRD_NAME),
-    )
-    .await?;
-    Ok(client)
-}
-
-fn unique_suffix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or_default()
-}
-
-/// The pipeline the test runs: its own stream, subjects and table, deleted with it.
-fn pipeline_manifest(env: &Environment, name: &str, suffix: u64) -> Value {
-    let mut clickhouse = json!({
-        "url": env.clickhouse_url,
-        "database": "signal_e2e",
-        "table": format!("e2e_{suffix}"),
-        "orderBy": ["seq"],
-        "columns": [
-            {"name": "seq", "type": "UInt64", "from": "@sequence"},
-            {"name": "subject", "type": "String", "from": "@subject"},
-            {"name": "payload", "type": "String", "from": "$"},
-        ],
-    });
-    if let Some(secret) = &env.clickhouse_secret {
-        clickhouse["auth"] = json!({"secretRef": {"name": secret}});
-    }
-    json!({
-        "apiVersion": "signals.dev/v1alpha1",
-        "kind": "SignalPipeline",
-        "metadata": {"name": name, "namespace": env.namespace},
-        "spec": {
-            "nats": {"url": env.nats_url},
-            "stream": {"name": format!("E2E_{suffix}"), "subjects": [format!("e2e.{suffix}.>")]},
-            "clickhouse": clickhouse,
-            "workers": {"replicas": 1},
-            "deletionPolicy": "Delete",
-        },
-    })
-}
-
-fn condition<'a>(pipeline: &'a SignalPipeline, type_: &str) -> Option<&'a signal_model::Condition> {
-    pipeline
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-}
-
-fn describe_conditions(pipeline: &SignalPipeline) -> String {
-    pipeline
-        .status
-        .as_ref()
-        .map(|status| {
-            status
-                .conditions
-                .iter()
-                .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_else(|| "no status yet".to_string())
-}
-
-/// Waits for `Ready=True` computed for the pipeline's current generation.
-async fn wait_ready(api: &Api<SignalPipeline>, name: &str) -> Result<SignalPipeline> {
-    eventually("the pipeline becoming Ready", READY_TIMEOUT, || async {
-        let pipeline = call("reading the pipeline", api.get(name)).await?;
-        let ready = condition(&pipeline, "Ready").is_some_and(|c| {
-            c.status == "True" && c.observed_generation == pipeline.metadata.generation
-        });
-        Ok(if ready {
-            Ok(pipeline)
-        } else {
-            Err(describe_conditions(&pipeline))
-        })
-    })
-    .await
+    spec: SignalPipelineSpec,
+    /// Check the stream and table on the servers themselves (reachable from the test), and use
+    /// `kubectl` with the test control plane's kubeconfig.
+    check_servers: bool,
+    ready_timeout: Duration,
 }
 
 async fn wait_deployment_replicas(
@@ -212,36 +75,19 @@ async fn wait_deployment_replicas(
     .await
 }
 
-async fn ensure_namespace(client: &Client, namespace: &str) -> Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
-    call(
-        &format!("creating namespace {namespace}"),
-        namespaces.patch(
-            namespace,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&body),
-        ),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn lifecycle(client: &Client, env: &Environment, name: &str, suffix: u64) -> Result<()> {
-    let pipelines: Api<SignalPipeline> = Api::namespaced(client.clone(), &env.namespace);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &env.namespace);
-    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &env.namespace);
+async fn lifecycle(client: &Client, target: &Target, name: &str) -> Result<()> {
+    let namespace = target.namespace.as_str();
+    let pipelines: Api<SignalPipeline> = Api::namespaced(client.clone(), namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let worker = format!("{name}-worker");
+    let stream = target.spec.stream.name.clone();
+    let (database, table) = (
+        target.spec.clickhouse.database.clone(),
+        target.spec.clickhouse.table.clone(),
+    );
 
-    call(
-        "applying the SignalPipeline",
-        pipelines.patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Apply(&pipeline_manifest(env, name, suffix)),
-        ),
-    )
-    .await?;
+    apply_pipeline(&pipelines, &pipeline_object(namespace, name, &target.spec)).await?;
     eventually(
         "the operator adding its finalizer (is the operator running?)",
         FOLLOW_TIMEOUT,
@@ -256,17 +102,28 @@ async fn lifecycle(client: &Client, env: &Environment, name: &str, suffix: u64) 
         },
     )
     .await?;
-    let ready = wait_ready(&pipelines, name).await?;
+    let ready = wait_condition(&pipelines, name, "Ready", target.ready_timeout).await?;
     let status = ready
         .status
         .as_ref()
         .context("a Ready pipeline has a status")?;
-    let table = format!("signal_e2e.e2e_{suffix}");
+    let qualified = format!("{database}.{table}");
     ensure!(
-        status.table.as_deref() == Some(table.as_str()),
-        "status.table is {:?}, expected {table}",
+        status.table.as_deref() == Some(qualified.as_str()),
+        "status.table is {:?}, expected {qualified}",
         status.table
     );
+    if target.check_servers {
+        let js = dataplane::jetstream_at(&dataplane::nats().url()).await;
+        ensure!(
+            dataplane::live_stream(&js, &stream).await.is_some(),
+            "stream {stream} exists on nats-server"
+        );
+        ensure!(
+            dataplane::table_exists(&database, &table),
+            "table {qualified} exists on clickhouse-server"
+        );
+    }
 
     let deployment = call("reading the worker Deployment", deployments.get(&worker)).await?;
     let replicas = deployment.spec.as_ref().and_then(|s| s.replicas);
@@ -281,10 +138,12 @@ async fn lifecycle(client: &Client, env: &Environment, name: &str, suffix: u64) 
         .and_then(|owners| owners.first())
         .context("the Deployment has an owner")?;
     ensure!(
-        (owner.kind.as_str(), owner.name.as_str()) == ("SignalPipeline", name),
-        "the Deployment is owned by {} {}",
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller)
+            == ("SignalPipeline", name, Some(true)),
+        "the Deployment is owned by {} {} (controller {:?})",
         owner.kind,
-        owner.name
+        owner.name,
+        owner.controller
     );
     let configmap = call(
         "reading the pipeline ConfigMap",
@@ -297,9 +156,72 @@ async fn lifecycle(client: &Client, env: &Environment, name: &str, suffix: u64) 
         .and_then(|data| data.get("pipeline.yaml"))
         .context("the ConfigMap holds pipeline.yaml")?;
     ensure!(
-        manifest.contains(&format!("E2E_{suffix}")),
+        manifest.contains(&stream),
         "the manifest does not name the stream: {manifest}"
     );
+
+    // Events the operator recorded on the pipeline (events.k8s.io, `kubectl events`).
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let recorded = call("listing events", events.list(&ListParams::default())).await?;
+    let reasons: Vec<String> = recorded
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    ensure!(
+        reasons.iter().any(|r| r == "WorkersApplied"),
+        "no WorkersApplied event on the pipeline; reasons: {reasons:?}"
+    );
+
+    if target.check_servers {
+        // The printer columns, as `kubectl get sigp` shows them.
+        let listed = cluster::kubectl(&["get", "sigp", name, "--namespace", namespace])?;
+        let mut lines = listed.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        // Every column the CRD declares, in its order, after the name.
+        let declared = cluster::crd_manifest()?["spec"]["versions"][0]["additionalPrinterColumns"]
+            .as_array()
+            .context("the CRD declares printer columns")?
+            .iter()
+            .filter_map(|column| column["name"].as_str().map(str::to_uppercase))
+            .collect::<Vec<_>>();
+        ensure!(
+            header.get(1..).unwrap_or_default()
+                == declared.iter().map(String::as_str).collect::<Vec<_>>(),
+            "kubectl get sigp columns {header:?}, the CRD declares {declared:?}: {listed}"
+        );
+        let row: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let column = |title: &str| {
+            header
+                .iter()
+                .position(|h| *h == title)
+                .and_then(|index| row.get(index).copied())
+        };
+        let expected = [
+            ("NAME", name),
+            ("STREAM", stream.as_str()),
+            ("TABLE", qualified.as_str()),
+            ("REPLICAS", "1"),
+            ("LAG", "0"),
+            ("READY", "True"),
+        ];
+        for (title, value) in expected {
+            ensure!(
+                column(title) == Some(value),
+                "kubectl get sigp: {title} is {:?}, expected {value}: {listed}",
+                column(title)
+            );
+        }
+    }
 
     // `kubectl scale sigp NAME --replicas 2` goes through the scale subresource.
     call(
@@ -323,6 +245,18 @@ async fn lifecycle(client: &Client, env: &Environment, name: &str, suffix: u64) 
         selector.contains(&format!("app.kubernetes.io/instance={name}")),
         "the scale subresource's selector `{selector}` does not select the workers"
     );
+
+    if target.check_servers {
+        cluster::kubectl(&[
+            "scale",
+            "sigp",
+            name,
+            "--replicas=4",
+            "--namespace",
+            namespace,
+        ])?;
+        wait_deployment_replicas(&deployments, &worker, 4).await?;
+    }
 
     call(
         "editing spec.workers.replicas",
@@ -374,6 +308,13 @@ async fn lifecycle(client: &Client, env: &Environment, name: &str, suffix: u64) 
         },
     )
     .await?;
+    if target.check_servers {
+        let columns = dataplane::live_columns(&database, &table);
+        ensure!(
+            columns.iter().any(|(column, _)| column == "note"),
+            "the table has the new column: {columns:?}"
+        );
+    }
 
     // The CRD's CEL rule refuses a new stream name; the API server answers 422.
     let refused = tokio::time::timeout(
@@ -396,66 +337,114 @@ async fn lifecycle(client: &Client, env: &Environment, name: &str, suffix: u64) 
         pipelines.delete(name, &DeleteParams::default()),
     )
     .await?;
+    wait_gone(&pipelines, name, FOLLOW_TIMEOUT).await?;
+    // kube-controller-manager's garbage collector follows the owner references.
     eventually(
-        "the finalizer completing and the pipeline disappearing",
+        "the worker Deployment and ConfigMap being garbage collected",
         FOLLOW_TIMEOUT,
         || async {
-            Ok(
-                match call("reading the pipeline", pipelines.get_opt(name)).await? {
-                    None => Ok(()),
-                    Some(pipeline) => Err(format!(
-                        "still there with finalizers {:?}; {}",
-                        pipeline.metadata.finalizers,
-                        describe_conditions(&pipeline)
-                    )),
-                },
+            let deployment = call(
+                "reading the worker Deployment",
+                deployments.get_opt(&worker),
             )
+            .await?;
+            let configmap = call(
+                "reading the pipeline ConfigMap",
+                configmaps.get_opt(&format!("{name}-pipeline")),
+            )
+            .await?;
+            Ok(match (deployment, configmap) {
+                (None, None) => Ok(()),
+                (deployment, configmap) => Err(format!(
+                    "Deployment there: {}, ConfigMap there: {}",
+                    deployment.is_some(),
+                    configmap.is_some()
+                )),
+            })
         },
     )
     .await?;
-    eventually(
-        "the worker Deployment being garbage collected",
-        FOLLOW_TIMEOUT,
-        || async {
-            Ok(
-                match call(
-                    "reading the worker Deployment",
-                    deployments.get_opt(&worker),
-                )
-                .await?
-                {
-                    None => Ok(()),
-                    Some(_) => Err("the Deployment still exists".to_string()),
-                },
-            )
-        },
-    )
-    .await
+    if target.check_servers {
+        let js = dataplane::jetstream_at(&dataplane::nats().url()).await;
+        ensure!(
+            dataplane::live_stream(&js, &stream).await.is_none(),
+            "deletionPolicy Delete removes stream {stream}"
+        );
+        ensure!(
+            !dataplane::table_exists(&database, &table),
+            "deletionPolicy Delete removes table {qualified}"
+        );
+    }
+    Ok(())
 }
 
 #[tokio::test]
-#[ignore = "needs a Kubernetes cluster: KUBECONFIG, SIGNAL_E2E_NATS_URL, SIGNAL_E2E_CLICKHOUSE_URL"]
 async fn a_pipeline_lives_through_apply_scale_edit_and_delete() {
-    let env = Environment::from_env().unwrap_or_else(|error| panic!("{error:#}"));
-    let client = connect().await.unwrap_or_else(|error| panic!("{error:#}"));
-    ensure_namespace(&client, &env.namespace)
-        .await
-        .unwrap_or_else(|error| panic!("{error:#}"));
-    let suffix = unique_suffix();
-    let name = format!("e2e-{suffix}");
-
-    let outcome = lifecycle(&client, &env, &name, suffix).await;
-    if outcome.is_err() {
-        // Leave no pipeline behind; the operator removes its stream and table (deletionPolicy
-        // Delete). Best effort: the failure being reported matters more.
-        let pipelines: Api<SignalPipeline> = Api::namespaced(client.clone(), &env.namespace);
-        let _ = call(
-            "cleaning up",
-            pipelines.delete(&name, &DeleteParams::default()),
-        )
-        .await;
+    let client = cluster::admin_client().await.unwrap();
+    let namespace = cluster::namespace("e2e");
+    let operator = Operator::start(OperatorOptions {
+        namespaces: vec![namespace.clone()],
+        ..OperatorOptions::default()
+    })
+    .unwrap();
+    let _kubelet = StandInKubelet::start(client.clone(), &namespace);
+    let mut spec = dataplane::shared_pipeline_spec(&dataplane::unique("e2e"));
+    spec.deletion_policy = DeletionPolicy::Delete;
+    let target = Target {
+        namespace,
+        spec,
+        check_servers: true,
+        ready_timeout: FOLLOW_TIMEOUT,
+    };
+    if let Err(error) = lifecycle(&client, &target, "lifecycle").await {
+        panic!("{error:#}\noperator log:\n{}", operator.log_text());
     }
-    if let Err(error) = outcome {
+}
+
+/// The same life on a real cluster whose nodes run the worker image (see the top of this file).
+#[tokio::test]
+#[ignore = "needs worker pods that run: a cluster with nodes (KUBECONFIG, SIGNAL_E2E_NATS_URL, SIGNAL_E2E_CLICKHOUSE_URL)"]
+async fn signals_flow_through_worker_pods_on_a_real_cluster() {
+    let required = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .filter(|value| !value.is_empty())
+            .unwrap_or_else(|| {
+                panic!("{name} is not set (see the top of operator/tests/e2e_cluster.rs)")
+            })
+    };
+    let (nats_url, clickhouse_url) = (
+        required("SIGNAL_E2E_NATS_URL"),
+        required("SIGNAL_E2E_CLICKHOUSE_URL"),
+    );
+    let namespace =
+        std::env::var("SIGNAL_E2E_NAMESPACE").unwrap_or_else(|_| "signal-e2e".to_string());
+    let client = Client::try_default()
+        .await
+        .expect("a Kubernetes client from KUBECONFIG");
+    let label = format!(
+        "e2e_{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_secs())
+            .unwrap_or_default()
+    );
+    let mut spec = dataplane::pipeline_spec(&label, &nats_url, &clickhouse_url);
+    spec.deletion_policy = DeletionPolicy::Delete;
+    if let Ok(secret) = std::env::var("SIGNAL_E2E_CLICKHOUSE_SECRET") {
+        spec.clickhouse.auth = Some(signal_model::AuthSpec {
+            secret_ref: signal_model::SecretRef { name: secret },
+        });
+    }
+    let target = Target {
+        namespace,
+        spec,
+        check_servers: false,
+        // Pulling the worker image on a fresh cluster.
+        ready_timeout: Duration::from_secs(300),
+    };
+    let name = label.replace('_', "-");
+    if let Err(error) = lifecycle(&client, &target, &name).await {
         panic!("{name}: {error:#}");
     }
 }

@@ -43,6 +43,18 @@ pub(crate) const REDIS: Program = Program {
     install: "apt-get install -y redis-server",
 };
 
+pub(crate) const KUBECTL: Program = Program {
+    name: "kubectl",
+    env_var: "SIGNAL_TEST_KUBECTL",
+    install: "scripts/install-test-deps.sh",
+};
+
+pub(crate) const HELM: Program = Program {
+    name: "helm",
+    env_var: "SIGNAL_TEST_HELM",
+    install: "scripts/install-test-deps.sh",
+};
+
 impl Program {
     /// Finds the binary: the override variable if set, else `PATH`, else the system directories.
     pub(crate) fn locate(&self) -> Result<PathBuf> {

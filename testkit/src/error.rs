@@ -101,6 +101,35 @@ pub enum Error {
     #[error("protocol error: {0}")]
     Protocol(String),
 
+    /// The Kubernetes control-plane binary has not been built (or the override names nothing).
+    #[error(
+        "the Kubernetes control plane binary {path} does not exist: build it with \
+         `scripts/build-kube.sh` (Go >= 1.26 and the Go module proxy), or point {env_var} at it"
+    )]
+    ControlPlaneNotBuilt {
+        /// Where it was looked for.
+        path: std::path::PathBuf,
+        /// The environment variable that overrides the lookup.
+        env_var: &'static str,
+    },
+
+    /// The control plane shared by a test binary failed to start (for the first caller).
+    #[error("the shared Kubernetes control plane did not start: {0}")]
+    SharedStartFailed(String),
+
+    /// The Kubernetes API server refused a request.
+    #[error("Kubernetes API returned HTTP {status}: {message}")]
+    Kubernetes {
+        /// HTTP status code.
+        status: u16,
+        /// The server's answer (a `Status` object as JSON).
+        message: String,
+    },
+
+    /// A certificate or key could not be made, or TLS could not be set up with it.
+    #[error("certificate: {0}")]
+    Certificate(String),
+
     /// A child process did not exit within the allowed time.
     #[error("{what} did not exit within {after:?}")]
     Timeout {

@@ -53,7 +53,7 @@ pub(crate) fn request(
     parse(&raw)
 }
 
-fn parse(raw: &[u8]) -> Result<Response> {
+pub(crate) fn parse(raw: &[u8]) -> Result<Response> {
     let end = find(raw, b"\r\n\r\n")
         .ok_or_else(|| Error::Protocol("HTTP response without a complete header".into()))?;
     let head = std::str::from_utf8(&raw[..end])

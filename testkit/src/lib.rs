@@ -1,4 +1,6 @@
-//! Real servers for tests: `nats-server` (JetStream), `clickhouse-server` and `redis-server`.
+//! Real servers for tests: `nats-server` (JetStream), `clickhouse-server` and `redis-server`,
+//! and a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager; see
+//! [`KubeCluster`]) built from upstream Go modules by `scripts/build-kube.sh`.
 //!
 //! Each server runs as a child process on free loopback ports, with its own temporary directory,
 //! so tests can run in parallel (test threads and several test binaries at once). Servers are
@@ -20,9 +22,12 @@
 //! ```
 
 mod binary;
+pub mod certs;
 mod clickhouse;
 mod error;
 mod http;
+mod https;
+mod kube_cluster;
 mod nats;
 mod ports;
 mod process;
@@ -30,6 +35,7 @@ mod redis;
 
 pub use clickhouse::ClickHouseServer;
 pub use error::{Error, Result};
+pub use kube_cluster::{BINARY_ENV_VAR as KUBE_BINARY_ENV_VAR, KUBERNETES_VERSION, KubeCluster};
 pub use nats::NatsServer;
 pub use ports::{free_port, is_port_free};
 pub use process::{ChildProcess, workspace_bin};

@@ -344,7 +344,7 @@ fn sweep_stale_dirs() {
             continue;
         };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let stale = matches!(kind, "nats" | "clickhouse" | "redis")
+        let stale = matches!(kind, "nats" | "clickhouse" | "redis" | "kube")
             && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if stale {
             let _ = std::fs::remove_dir_all(entry.path());
