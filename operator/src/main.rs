@@ -82,6 +82,14 @@ struct RunArgs {
     /// Namespace of the leader Lease (default: POD_NAMESPACE, else the client's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     leader_election_namespace: Option<String>,
+    /// How long a `deletionPolicy: Delete` cleanup may keep failing (servers unreachable) before
+    /// the finalizer is released anyway, with a `CleanupAbandoned` event, e.g. `5m`.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    cleanup_timeout: std::time::Duration,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    signal_model::HumanDuration::parse(text).map(|duration| duration.0)
 }
 
 fn main() -> Result<()> {
@@ -154,7 +162,10 @@ async fn run(args: RunArgs) -> Result<()> {
     .with_context(|| format!("serving on {}", args.metrics_addr))?;
     info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
 
-    let settings = Settings::new(args.worker_image.clone());
+    let settings = Settings {
+        cleanup_timeout: args.cleanup_timeout,
+        ..Settings::new(args.worker_image.clone())
+    };
     let controllers = async {
         if !args.leader_election {
             let ready = readiness.clone();

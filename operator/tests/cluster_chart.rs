@@ -140,6 +140,7 @@ async fn the_charts_rbac_is_enough_and_only_watched_namespaces_are_touched() {
         leader_election_namespace: Some(release_namespace.clone()),
         identity: Some(format!("{release}-0")),
         kubeconfig: Some(kubeconfig.clone()),
+        ..OperatorOptions::default()
     })
     .unwrap();
 

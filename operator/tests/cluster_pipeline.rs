@@ -9,8 +9,7 @@
 //! - deleting while NATS and ClickHouse are gone: a `Retain` pipeline goes at once; a `Delete`
 //!   one keeps its finalizer, saying why in `CleanupFailed` events, and completes once the
 //!   servers are back; when they never come back, it gives up once the operator's cleanup
-//!   timeout (5 minutes) has passed, with a `CleanupAbandoned` event. That test alone takes five
-//!   minutes; the others of this binary run beside it.
+//!   timeout (`--cleanup-timeout`, 30 s here) has passed, with a `CleanupAbandoned` event.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -354,9 +353,9 @@ async fn deleting_while_nats_and_clickhouse_are_gone() {
     collected(&client, &namespace, "retained").await;
 }
 
-/// The operator's cleanup timeout (`Settings::cleanup_timeout`): how long a `Delete` finalizer
-/// retries before giving up.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(300);
+/// The operator's cleanup timeout in this test (`--cleanup-timeout`; 5 minutes by default): how
+/// long a `Delete` finalizer retries before giving up.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_delete_finalizer_gives_up_once_the_cleanup_timeout_has_passed() {
@@ -364,6 +363,7 @@ async fn a_delete_finalizer_gives_up_once_the_cleanup_timeout_has_passed() {
     let namespace = cluster::namespace("abandon");
     let operator = Operator::start(OperatorOptions {
         namespaces: vec![namespace.clone()],
+        cleanup_timeout: Some(CLEANUP_TIMEOUT),
         ..OperatorOptions::default()
     })
     .unwrap();

@@ -312,6 +312,8 @@ pub struct OperatorOptions {
     pub identity: Option<String>,
     /// Another kubeconfig than the admin's (e.g. a ServiceAccount token's).
     pub kubeconfig: Option<PathBuf>,
+    /// `--cleanup-timeout` (the operator's default when absent).
+    pub cleanup_timeout: Option<Duration>,
 }
 
 impl Operator {
@@ -348,6 +350,9 @@ impl Operator {
         }
         if let Some(identity) = &options.identity {
             command.env("POD_NAME", identity);
+        }
+        if let Some(timeout) = options.cleanup_timeout {
+            command.arg(format!("--cleanup-timeout={}ms", timeout.as_millis()));
         }
         let out = std::fs::File::create(&log).context("creating the operator log")?;
         command.stdout(out.try_clone()?).stderr(out);
