@@ -107,7 +107,7 @@ pub fn diff_schema(spec_columns: &[ColumnSpec], live: &[LiveColumn]) -> SchemaDi
                 column: column.name.clone(),
                 live: found.type_text.clone(),
                 wanted: wanted.to_string(),
-                blocks_writes: wire_form(&live_type) != wire_form(&wanted),
+                blocks_writes: live_type.wire_form() != wanted.wire_form(),
             }),
             // A type the worker cannot encode at all (Enum8, FixedString, …).
             Err(_) => diff.type_mismatches.push(TypeMismatch {
@@ -124,22 +124,6 @@ pub fn diff_schema(spec_columns: &[ColumnSpec], live: &[LiveColumn]) -> SchemaDi
         .cloned()
         .collect();
     diff
-}
-
-/// The type as RowBinary sees it: time zones and `LowCardinality` do not change the bytes.
-fn wire_form(column_type: &ColumnType) -> ColumnType {
-    match column_type {
-        ColumnType::DateTime { .. } => ColumnType::DateTime { timezone: None },
-        ColumnType::DateTime64 { precision, .. } => ColumnType::DateTime64 {
-            precision: *precision,
-            timezone: None,
-        },
-        ColumnType::LowCardinality(inner) => wire_form(inner),
-        ColumnType::Nullable(inner) => ColumnType::Nullable(Box::new(wire_form(inner))),
-        ColumnType::Array(inner) => ColumnType::Array(Box::new(wire_form(inner))),
-        ColumnType::Map(inner) => ColumnType::Map(Box::new(wire_form(inner))),
-        other => other.clone(),
-    }
 }
 
 #[cfg(test)]
