@@ -28,4 +28,4 @@ for arg in "$@"; do
 done
 
 echo "[test] cargo test ${scope[*]} --locked $*"
-exec cargo test "${scope[@]}" --locked "$@"
+exec cargo test "${scope[@]}" --locked --no-fail-fast "$@"

@@ -277,7 +277,18 @@ async fn unknown_fields_are_refused_when_strict_and_pruned_otherwise() {
 #[tokio::test]
 async fn kubectl_explain_shows_the_descriptions() {
     admin_client().await.unwrap();
-    let top = kubectl(&["explain", "sigp"]).unwrap();
+    // The API server publishes a new CRD's OpenAPI schema a moment after the CRD is established.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let top = loop {
+        match kubectl(&["explain", "sigp"]) {
+            Ok(text) => break text,
+            Err(error) if std::time::Instant::now() < deadline => {
+                eprintln!("waiting for the CRD's OpenAPI schema: {error:#}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("{error:#}"),
+        }
+    };
     assert!(
         top.contains("A NATS JetStream stream ingested into a ClickHouse table"),
         "{top}"

@@ -278,6 +278,15 @@ impl KubeCluster {
     pub fn kubectl(&self) -> Result<Command> {
         let mut command = Command::new(crate::binary::KUBECTL.locate()?);
         command.env("KUBECONFIG", self.kubeconfig_path());
+        // Discovery and OpenAPI cached per control plane, not in ~/.kube/cache where an earlier
+        // control plane on the same port would leave answers about other resources.
+        let kubeconfig = self.kubeconfig_path();
+        if let Some(dir) = kubeconfig.parent() {
+            command.arg(format!(
+                "--cache-dir={}",
+                dir.join("kubectl-cache").display()
+            ));
+        }
         Ok(command)
     }
 
