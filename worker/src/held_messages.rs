@@ -29,10 +29,35 @@ pub struct HeldMessages {
     held: Mutex<Held>,
 }
 
+/// A reply subject as a map key: `Subject` is not `Hash`, and copying it into a `String` would
+/// allocate once per message; a clone of the `Subject` only counts a reference.
+#[derive(Clone)]
+struct ReplyKey(Subject);
+
+impl PartialEq for ReplyKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for ReplyKey {}
+
+impl std::hash::Hash for ReplyKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for ReplyKey {
+    fn borrow(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
 #[derive(Default)]
 struct Held {
-    /// Payload size by reply subject (`Subject` is not `Hash`).
-    sizes: HashMap<String, usize>,
+    /// Payload size by reply subject.
+    sizes: HashMap<ReplyKey, usize>,
     bytes: usize,
     high_water: usize,
 }
@@ -53,7 +78,7 @@ impl HeldMessages {
     /// Starts keeping a delivery alive; `bytes` is its payload size.
     pub fn hold(&self, reply: &Subject, bytes: usize, metrics: &Metrics) {
         let mut held = self.lock();
-        if held.sizes.insert(reply.to_string(), bytes).is_none() {
+        if held.sizes.insert(ReplyKey(reply.clone()), bytes).is_none() {
             held.bytes += bytes;
             held.high_water = held.high_water.max(held.bytes);
         }
@@ -124,7 +149,7 @@ impl HeldMessages {
                 .lock()
                 .sizes
                 .keys()
-                .map(|k| Subject::from(k.as_str()))
+                .map(|key| key.0.clone())
                 .collect();
             let failed = self.send_each(&replies, &PROGRESS).await;
             if failed > 0 {
