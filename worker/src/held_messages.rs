@@ -145,12 +145,7 @@ impl HeldMessages {
                 _ = ticks.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let replies: Vec<Subject> = self
-                .lock()
-                .sizes
-                .keys()
-                .map(|key| key.0.clone())
-                .collect();
+            let replies: Vec<Subject> = self.lock().sizes.keys().map(|key| key.0.clone()).collect();
             let failed = self.send_each(&replies, &PROGRESS).await;
             if failed > 0 {
                 tracing::warn!(failed, "progress acks could not be sent");
