@@ -261,13 +261,25 @@ pub async fn table_clauses(
     const SQL: &str = "SELECT engine_full, partition_key, sorting_key FROM system.tables \
                        WHERE database = ? AND name = ?";
     let rows = bounded("looking up the table", REQUEST_TIMEOUT, async {
-        client
-            .query(SQL)
-            .bind(database)
-            .bind(table)
-            .fetch_all::<(String, String, String)>()
-            .await
-            .map_err(|error| query_error(url, SQL, error))
+        // ClickHouse 18.16 reads every table of the database for `system.tables` and fails with
+        // code 60 (unknown table) when another table is dropped meanwhile: read it again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match client
+                .query(SQL)
+                .bind(database)
+                .bind(table)
+                .fetch_all::<(String, String, String)>()
+                .await
+            {
+                Ok(rows) => return Ok(rows),
+                Err(error) if attempts < 5 && error.to_string().contains("Code: 60") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(query_error(url, SQL, error)),
+            }
+        }
     })
     .await?;
     Ok(rows
