@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the test suite's Kubernetes control plane: target/kube/signal-kube, one binary running upstream
-# kube-apiserver, kube-controller-manager (k8s.io/kubernetes v1.36.3) and an in-process etcd, from the Go
-# module in testkit/kube. The Go build cache makes a re-run with nothing changed take a few seconds;
+# Builds the test suite's Kubernetes: target/kube/signal-kube, one binary running upstream kube-apiserver,
+# kube-controller-manager, kube-scheduler and kubelet (k8s.io/kubernetes v1.36.3) and an in-process etcd,
+# and target/kube/pause, the node's sandbox program, from the Go module in testkit/kube. The Go build cache makes a re-run with nothing changed take a few seconds;
 # the first build takes about 13 minutes of CPU (15-25 minutes on 2 shared cores). The testkit finds
 # the binary there, or at $SIGNAL_KUBE_BINARY. Needs Go >= 1.26 and the Go module proxy (go.sum pins every module).
 set -euo pipefail
@@ -37,5 +37,6 @@ log "$(go version); building $output"
     done
     # providerless: no cloud-provider code; CGO off: a static binary and no C toolchain needed.
     CGO_ENABLED=0 go build -mod=readonly -tags providerless -trimpath -ldflags "$ldflags" -o "$output" .
+    CGO_ENABLED=0 go build -mod=readonly -trimpath -ldflags "-s -w" -o "$(dirname "$output")/pause" ./pause
 )
 log "built $("$output" version) in $(($(date +%s) - started)) s"

@@ -11,6 +11,7 @@
 //! [`ClickHouseServer::restart`] keeps the ports and the data directory, so tables survive. On
 //! drop the server gets SIGTERM, then SIGKILL after a short grace, and the directory is removed.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -53,6 +54,8 @@ impl Ports {
 #[derive(Debug)]
 pub struct ClickHouseServer {
     binary: PathBuf,
+    /// The address it listens on besides 127.0.0.1 (127.0.0.1 itself when none).
+    host: Ipv4Addr,
     name: String,
     ports: Ports,
     process: ServerProcess,
@@ -63,6 +66,13 @@ pub struct ClickHouseServer {
 impl ClickHouseServer {
     /// Starts a new server with its own configuration and data in a temporary directory.
     pub fn start() -> Result<ClickHouseServer> {
+        ClickHouseServer::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`ClickHouseServer::start`], listening on `host` as well as on 127.0.0.1 (e.g. a
+    /// [`KubeNode`](crate::KubeNode)'s bridge address, so pods reach it); [`Self::http_url`]
+    /// names `host`.
+    pub fn start_on(host: Ipv4Addr) -> Result<ClickHouseServer> {
         let binary = binary::CLICKHOUSE.locate()?;
         let dir = process::server_dir("clickhouse")?;
         for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
@@ -73,7 +83,7 @@ impl ClickHouseServer {
         write_users(dir.path())?;
         let (ports, process) = process::start_retrying(SERVER, || {
             let ports = Ports::reserve()?;
-            write_config(dir.path(), &name, &ports)?;
+            write_config(dir.path(), &name, &ports, host)?;
             for log in log_paths(dir.path()) {
                 let _ = std::fs::remove_file(log);
             }
@@ -85,6 +95,7 @@ impl ClickHouseServer {
         })?;
         Ok(ClickHouseServer {
             binary,
+            host,
             name,
             ports,
             process,
@@ -92,9 +103,9 @@ impl ClickHouseServer {
         })
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://HOST:PORT`, HOST being 127.0.0.1 unless started with [`Self::start_on`].
     pub fn http_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port())
+        format!("http://{}:{}", self.host, self.http_port())
     }
 
     /// The HTTP interface port.
@@ -228,7 +239,7 @@ const CONFIG_TEMPLATE: &str = include_str!("../clickhouse/config.xml.in");
 /// The users file (passwordless `default` on loopback), shared with `scripts/demo.sh`.
 const USERS: &str = include_str!("../clickhouse/users.xml");
 
-fn write_config(dir: &Path, name: &str, ports: &Ports) -> Result<()> {
+fn write_config(dir: &Path, name: &str, ports: &Ports, host: Ipv4Addr) -> Result<()> {
     // A fixed time zone makes DateTime text deterministic; only set it when the zone database
     // is installed (clickhouse-server does not depend on tzdata and refuses unknown zones).
     let timezone = if Path::new("/usr/share/zoneinfo/UTC").exists() {
@@ -243,6 +254,15 @@ fn write_config(dir: &Path, name: &str, ports: &Ports) -> Result<()> {
         .replace("@TCP_PORT@", &ports.tcp.port().to_string())
         .replace("@INTERSERVER_PORT@", &ports.interserver.port().to_string())
         .replace("@TIMEZONE@", timezone);
+    let loopback = "<listen_host>127.0.0.1</listen_host>";
+    let config = if host.is_loopback() {
+        config
+    } else {
+        config.replace(
+            loopback,
+            &format!("{loopback}<listen_host>{host}</listen_host>"),
+        )
+    };
     let path = dir.join("config.xml");
     std::fs::write(&path, config).context(|| format!("writing {}", path.display()))
 }
@@ -310,7 +330,7 @@ mod tests {
         let ports = Ports::reserve().unwrap();
         let _taken = std::net::TcpListener::bind(("127.0.0.1", ports.tcp.port())).unwrap();
         write_users(dir.path()).unwrap();
-        write_config(dir.path(), "taken", &ports).unwrap();
+        write_config(dir.path(), "taken", &ports, Ipv4Addr::LOCALHOST).unwrap();
         let binary = binary::CLICKHOUSE.locate().unwrap();
         let mut child = launch(&binary, dir.path()).unwrap();
         match wait_ready(&mut child, dir.path(), "taken", ports.http.port()) {

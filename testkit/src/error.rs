@@ -130,6 +130,14 @@ pub enum Error {
     #[error("certificate: {0}")]
     Certificate(String),
 
+    /// An OCI image archive could not be made.
+    #[error("image: {0}")]
+    Image(String),
+
+    /// A node could not be set up or torn down: a command failed, or root is needed.
+    #[error("node: {0}")]
+    Node(String),
+
     /// A child process did not exit within the allowed time.
     #[error("{what} did not exit within {after:?}")]
     Timeout {

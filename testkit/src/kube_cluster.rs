@@ -10,7 +10,9 @@
 //! has made the `default` ServiceAccount. Everything listens on free 127.0.0.1 ports and lives
 //! in one temporary directory; dropping the handle stops the processes and removes it.
 //!
-//! No node runs: pods stay pending, which is all tests of an operator's objects need.
+//! No node runs: pods stay pending, which is all tests of an operator's objects need. A test that
+//! needs pods to run starts a [`crate::KubeNode`] (kube-scheduler, containerd and a kubelet) on
+//! top; the control plane already has the credentials for it.
 //!
 //! [`KubeCluster::kubeconfig_path`] is an admin kubeconfig (a client certificate in group
 //! `system:masters`) for kube clients and `kubectl`. A control plane takes seconds to start, so
@@ -53,6 +55,17 @@ const SERVICE_CLUSTER_IP_RANGE: &str = "10.96.0.0/16";
 /// The `kubernetes` Service's address in [`SERVICE_CLUSTER_IP_RANGE`], in the serving cert.
 const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// The name of the one node a control plane has credentials for (see [`crate::KubeNode`]).
+pub const NODE_NAME: &str = "signal-node";
+
+/// Paths a node needs from its control plane.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeCredentials {
+    pub ca_cert: PathBuf,
+    pub node_kubeconfig: PathBuf,
+    pub scheduler_kubeconfig: PathBuf,
+}
 
 /// A running control plane on 127.0.0.1; stopped and removed when dropped.
 #[derive(Debug)]
@@ -137,6 +150,23 @@ impl KubeCluster {
             },
             "kube-system",
         )?;
+
+        for (kubeconfig, cert, key) in [
+            (&files.node_kubeconfig, &files.node_cert, &files.node_key),
+            (
+                &files.scheduler_kubeconfig,
+                &files.scheduler_cert,
+                &files.scheduler_key,
+            ),
+        ] {
+            write_kubeconfig(
+                kubeconfig,
+                &server_url,
+                &files.ca_cert,
+                &Credentials::ClientCertificate { cert, key },
+                "default",
+            )?;
+        }
 
         let (controller_manager_port, controller_manager) =
             process::start_retrying(CONTROLLER_MANAGER, || {
@@ -310,6 +340,17 @@ impl KubeCluster {
         )
     }
 
+    /// What a node joining this control plane needs: the CA, and kubeconfigs for the kubelet (as
+    /// node [`NODE_NAME`]) and for kube-scheduler.
+    pub(crate) fn node_credentials(&self) -> NodeCredentials {
+        let files = Files::new(self.dir.path());
+        NodeCredentials {
+            ca_cert: files.ca_cert,
+            node_kubeconfig: files.node_kubeconfig,
+            scheduler_kubeconfig: files.scheduler_kubeconfig,
+        }
+    }
+
     fn kill_and_remove_dir(&self) {
         for pid in [
             self.controller_manager.pid(),
@@ -339,7 +380,7 @@ impl Drop for KubeCluster {
 }
 
 /// `SIGNAL_KUBE_BINARY`, else `target/kube/signal-kube` in this workspace.
-fn locate_binary() -> Result<PathBuf> {
+pub(crate) fn locate_binary() -> Result<PathBuf> {
     let path = match std::env::var_os(BINARY_ENV_VAR).filter(|v| !v.is_empty()) {
         Some(path) => PathBuf::from(path),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kube/signal-kube"),
@@ -368,6 +409,14 @@ struct Files {
     service_account_public_key: PathBuf,
     admin_kubeconfig: PathBuf,
     controller_manager_kubeconfig: PathBuf,
+    kubelet_client_cert: PathBuf,
+    kubelet_client_key: PathBuf,
+    node_cert: PathBuf,
+    node_key: PathBuf,
+    node_kubeconfig: PathBuf,
+    scheduler_cert: PathBuf,
+    scheduler_key: PathBuf,
+    scheduler_kubeconfig: PathBuf,
     etcd_data: PathBuf,
     controller_manager_certs: PathBuf,
     apiserver_certs: PathBuf,
@@ -391,6 +440,14 @@ impl Files {
             service_account_public_key: dir.join("service-account.pub"),
             admin_kubeconfig: dir.join("admin.kubeconfig"),
             controller_manager_kubeconfig: dir.join("controller-manager.kubeconfig"),
+            kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
+            kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
+            node_cert: dir.join("node.crt"),
+            node_key: dir.join("node.key"),
+            node_kubeconfig: dir.join("node.kubeconfig"),
+            scheduler_cert: dir.join("scheduler.crt"),
+            scheduler_key: dir.join("scheduler.key"),
+            scheduler_kubeconfig: dir.join("scheduler.kubeconfig"),
             etcd_data: dir.join("etcd"),
             controller_manager_certs: dir.join("controller-manager-certs"),
             apiserver_certs: dir.join("apiserver-certs"),
@@ -436,6 +493,20 @@ impl Pki {
             &controller_manager,
             &files.controller_manager_cert,
             &files.controller_manager_key,
+        )?;
+        // For a node (crate::KubeNode): the kubelet as the node authorizer expects it, the
+        // scheduler under the user its default RBAC role is bound to, and the API server's own
+        // client identity towards kubelets (logs, exec), which the kubelets authorize by webhook.
+        let node = ca.issue_client(&format!("system:node:{NODE_NAME}"), &["system:nodes"])?;
+        write_pair(&node, &files.node_cert, &files.node_key)?;
+        let scheduler = ca.issue_client("system:kube-scheduler", &[])?;
+        write_pair(&scheduler, &files.scheduler_cert, &files.scheduler_key)?;
+        let kubelet_client =
+            ca.issue_client("kube-apiserver-kubelet-client", &["system:masters"])?;
+        write_pair(
+            &kubelet_client,
+            &files.kubelet_client_cert,
+            &files.kubelet_client_key,
         )?;
         let (signing_key, public_key) = certs::signing_key_pem()?;
         certs::write_private(&files.service_account_key, &signing_key)?;
@@ -511,6 +582,13 @@ fn launch_apiserver(binary: &Path, files: &Files, port: u16, etcd_port: u16) -> 
             path(&files.service_account_key)
         ),
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
+        // A node's kubelet (crate::KubeNode) is reached at its bridge address, not by host name.
+        "--kubelet-preferred-address-types=InternalIP".to_string(),
+        format!(
+            "--kubelet-client-certificate={}",
+            path(&files.kubelet_client_cert)
+        ),
+        format!("--kubelet-client-key={}", path(&files.kubelet_client_key)),
         // Endpoints may not hold loopback addresses, and no pod would reach them anyway.
         "--endpoint-reconciler-type=none".to_string(),
         "--profiling=false".to_string(),

@@ -1,6 +1,8 @@
 //! Real servers for tests: `nats-server` (JetStream), `clickhouse-server` and `redis-server`,
-//! and a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager; see
-//! [`KubeCluster`]) built from upstream Go modules by `scripts/build-kube.sh`.
+//! a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager; see
+//! [`KubeCluster`]) built from upstream Go modules by `scripts/build-kube.sh`, and a node on top
+//! of it (kube-scheduler, containerd and a kubelet; see [`KubeNode`]) that runs pods from images
+//! packed here ([`write_image_archive`]).
 //!
 //! Each server runs as a child process on free loopback ports, with its own temporary directory,
 //! so tests can run in parallel (test threads and several test binaries at once). Servers are
@@ -28,15 +30,21 @@ mod error;
 mod http;
 mod https;
 mod kube_cluster;
+mod kube_node;
 mod nats;
+mod oci_image;
 mod ports;
 mod process;
 mod redis;
 
 pub use clickhouse::ClickHouseServer;
 pub use error::{Error, Result};
-pub use kube_cluster::{BINARY_ENV_VAR as KUBE_BINARY_ENV_VAR, KUBERNETES_VERSION, KubeCluster};
+pub use kube_cluster::{
+    BINARY_ENV_VAR as KUBE_BINARY_ENV_VAR, KUBERNETES_VERSION, KubeCluster, NODE_NAME,
+};
+pub use kube_node::{KubeNode, PAUSE_IMAGE};
 pub use nats::NatsServer;
+pub use oci_image::{ImageSpec, write_image_archive};
 pub use ports::{free_port, is_port_free};
 pub use process::{ChildProcess, workspace_bin};
 pub use redis::RedisServer;

@@ -27,6 +27,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct NatsServer {
     binary: PathBuf,
+    /// The address it listens on.
+    host: Ipv4Addr,
     name: String,
     port: PortReservation,
     process: ServerProcess,
@@ -37,6 +39,13 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a new server on a free port with its own JetStream store in a temporary directory.
     pub fn start() -> Result<NatsServer> {
+        NatsServer::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`NatsServer::start`], listening on `host` only (nats-server takes one address; e.g.
+    /// a [`KubeNode`](crate::KubeNode)'s bridge address, which the pods and this machine both
+    /// reach); [`Self::url`] names `host`.
+    pub fn start_on(host: Ipv4Addr) -> Result<NatsServer> {
         let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
         let name = process::unique_name("signal-test-nats");
@@ -44,13 +53,14 @@ impl NatsServer {
             let port = reserve_port()?;
             let _ = std::fs::remove_file(log_path(dir.path()));
             let process = ServerProcess::start(
-                || launch(&binary, dir.path(), &name, port.port()),
-                |child| wait_ready(child, dir.path(), &name, port.port()),
+                || launch(&binary, dir.path(), &name, host, port.port()),
+                |child| wait_ready(child, dir.path(), &name, host, port.port()),
             )?;
             Ok((port, process))
         })?;
         Ok(NatsServer {
             binary,
+            host,
             name,
             port,
             process,
@@ -58,9 +68,9 @@ impl NatsServer {
         })
     }
 
-    /// `nats://127.0.0.1:PORT`
+    /// `nats://HOST:PORT`, HOST being 127.0.0.1 unless started with [`Self::start_on`].
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port())
+        format!("nats://{}:{}", self.host, self.port())
     }
 
     /// The client port.
@@ -101,11 +111,11 @@ impl NatsServer {
     /// Stops the server if it runs, then starts it again on the same port with the same store
     /// directory (JetStream streams, consumers and messages survive).
     pub fn restart(&mut self) -> Result<()> {
-        let (dir, name, port) = (self.dir.path(), &self.name, self.port.port());
+        let (dir, name, host, port) = (self.dir.path(), &self.name, self.host, self.port.port());
         self.process.restart(
             STOP_GRACE,
-            || launch(&self.binary, dir, name, port),
-            |child| wait_ready(child, dir, name, port),
+            || launch(&self.binary, dir, name, host, port),
+            |child| wait_ready(child, dir, name, host, port),
         )
     }
 }
@@ -120,7 +130,7 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("nats-server.log")
 }
 
-fn launch(binary: &Path, dir: &Path, name: &str, port: u16) -> Result<Child> {
+fn launch(binary: &Path, dir: &Path, name: &str, host: Ipv4Addr, port: u16) -> Result<Child> {
     let log = process::append_log(&log_path(dir))?;
     let log_err = log
         .try_clone()
@@ -130,7 +140,7 @@ fn launch(binary: &Path, dir: &Path, name: &str, port: u16) -> Result<Child> {
         .arg("-js")
         .arg("-sd")
         .arg(dir.join("js"))
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-n", name])
+        .args(["-a", &host.to_string(), "-p", &port.to_string(), "-n", name])
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log)
@@ -138,16 +148,16 @@ fn launch(binary: &Path, dir: &Path, name: &str, port: u16) -> Result<Child> {
     process::spawn(command).context(|| format!("starting {}", binary.display()))
 }
 
-fn wait_ready(child: &mut Child, dir: &Path, name: &str, port: u16) -> Result<()> {
+fn wait_ready(child: &mut Child, dir: &Path, name: &str, host: Ipv4Addr, port: u16) -> Result<()> {
     process::wait_until_ready(SERVER, child, START_TIMEOUT, &[log_path(dir)], || {
-        jetstream_ready(port, name).unwrap_or(false)
+        jetstream_ready(host, port, name).unwrap_or(false)
     })
 }
 
 /// Connects, checks the INFO line is from the server named `name` with JetStream on, and that
 /// the JetStream API answers `$JS.API.INFO` without an error.
-fn jetstream_ready(port: u16, name: &str) -> std::io::Result<bool> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+fn jetstream_ready(host: Ipv4Addr, port: u16, name: &str) -> std::io::Result<bool> {
+    let addr = SocketAddr::from((host, port));
     let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_millis(500)))?;
     stream.set_write_timeout(Some(Duration::from_millis(500)))?;
@@ -276,8 +286,21 @@ mod tests {
         let port = reserve_port().unwrap();
         let _taken = std::net::TcpListener::bind(("127.0.0.1", port.port())).unwrap();
         let binary = binary::NATS.locate().unwrap();
-        let mut child = launch(&binary, dir.path(), "taken", port.port()).unwrap();
-        match wait_ready(&mut child, dir.path(), "taken", port.port()) {
+        let mut child = launch(
+            &binary,
+            dir.path(),
+            "taken",
+            Ipv4Addr::LOCALHOST,
+            port.port(),
+        )
+        .unwrap();
+        match wait_ready(
+            &mut child,
+            dir.path(),
+            "taken",
+            Ipv4Addr::LOCALHOST,
+            port.port(),
+        ) {
             Err(Error::Exited { log_tail, .. }) => {
                 assert!(is_address_in_use(&log_tail), "{log_tail}")
             }

@@ -264,6 +264,11 @@ impl ServerProcess {
         }
     }
 
+    /// A server not started (yet): stopping or dropping it does nothing.
+    pub(crate) fn stopped() -> ServerProcess {
+        ServerProcess { child: None }
+    }
+
     /// The process id, while the server runs.
     pub(crate) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -344,9 +349,12 @@ fn sweep_stale_dirs() {
             continue;
         };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let stale = matches!(kind, "nats" | "clickhouse" | "redis" | "kube")
+        let stale = matches!(kind, "nats" | "clickhouse" | "redis" | "kube" | "node")
             && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if stale {
+            if kind == "node" {
+                crate::kube_node::clean_up_stale(&entry.path());
+            }
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

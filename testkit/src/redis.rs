@@ -5,6 +5,7 @@
 //! `INFO server`. [`RedisServer::command`] runs one command through the `redis` crate's synchronous
 //! client. Nothing is persisted, so a restart starts empty (on the same port).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,6 +26,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct RedisServer {
     binary: PathBuf,
+    /// The address it listens on besides 127.0.0.1 (127.0.0.1 itself when none).
+    host: Ipv4Addr,
     port: PortReservation,
     process: ServerProcess,
     // Declared last so the process is gone before its directory is removed.
@@ -34,28 +37,36 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a new server on a free port with its working directory in a temporary directory.
     pub fn start() -> Result<RedisServer> {
+        RedisServer::start_on(Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`RedisServer::start`], listening on `host` as well as on 127.0.0.1 (e.g. a
+    /// [`KubeNode`](crate::KubeNode)'s bridge address, so pods reach it, with protected mode off
+    /// as no password is set); [`Self::url`] names `host`.
+    pub fn start_on(host: Ipv4Addr) -> Result<RedisServer> {
         let binary = binary::REDIS.locate()?;
         let dir = process::server_dir("redis")?;
         let (port, process) = process::start_retrying(SERVER, || {
             let port = reserve_port()?;
             let _ = std::fs::remove_file(log_path(dir.path()));
             let process = ServerProcess::start(
-                || launch(&binary, dir.path(), port.port()),
+                || launch(&binary, dir.path(), port.port(), host),
                 |child| wait_ready(child, dir.path(), port.port()),
             )?;
             Ok((port, process))
         })?;
         Ok(RedisServer {
             binary,
+            host,
             port,
             process,
             dir,
         })
     }
 
-    /// `redis://127.0.0.1:PORT`
+    /// `redis://HOST:PORT`, HOST being 127.0.0.1 unless started with [`Self::start_on`].
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port())
+        format!("redis://{}:{}", self.host, self.port())
     }
 
     /// The port.
@@ -86,10 +97,10 @@ impl RedisServer {
     /// Stops the server if it runs, then starts it again on the same port (empty: nothing is
     /// persisted).
     pub fn restart(&mut self) -> Result<()> {
-        let (dir, port) = (self.dir.path(), self.port.port());
+        let (dir, port, host) = (self.dir.path(), self.port.port(), self.host);
         self.process.restart(
             STOP_GRACE,
-            || launch(&self.binary, dir, port),
+            || launch(&self.binary, dir, port, host),
             |child| wait_ready(child, dir, port),
         )
     }
@@ -137,14 +148,19 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("redis-server.log")
 }
 
-fn launch(binary: &Path, dir: &Path, port: u16) -> Result<Child> {
+fn launch(binary: &Path, dir: &Path, port: u16, host: Ipv4Addr) -> Result<Child> {
     let log = process::append_log(&log_path(dir))?;
     let log_err = log
         .try_clone()
         .context(|| "duplicating the log file handle".to_string())?;
     let mut command = Command::new(binary);
+    command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+    if !host.is_loopback() {
+        command
+            .arg(host.to_string())
+            .args(["--protected-mode", "no"]);
+    }
     command
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .arg("--dir")
         .arg(dir)
@@ -178,7 +194,7 @@ mod tests {
         let port = reserve_port().unwrap();
         let _taken = std::net::TcpListener::bind(("127.0.0.1", port.port())).unwrap();
         let binary = binary::REDIS.locate().unwrap();
-        let mut child = launch(&binary, dir.path(), port.port()).unwrap();
+        let mut child = launch(&binary, dir.path(), port.port(), Ipv4Addr::LOCALHOST).unwrap();
         match wait_ready(&mut child, dir.path(), port.port()) {
             Err(Error::Exited { log_tail, .. }) => {
                 assert!(is_address_in_use(&log_tail), "{log_tail}")
