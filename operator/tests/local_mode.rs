@@ -5,16 +5,13 @@
 //!
 //! Worker processes are counted as the operator's children named `signal-worker` in `/proc`.
 //!
-//! The `signal-worker` binary comes from another package, and cargo builds a package's binaries
-//! only for that package's own integration tests, so `cargo test -p signal-operator` alone would
-//! not have it. [`worker_binary`] therefore runs `cargo build -p signal-worker` (same profile and
-//! target directory as this test) once per test process: a no-op when it is up to date, and it
-//! never runs a stale worker after a worker edit, which merely looking next to the operator
-//! binary could. `SIGNAL_WORKER_BINARY` skips the build and names the binary instead.
+//! The `signal-worker` binary comes from `support/worker_binary.rs`.
+
+#[path = "support/worker_binary.rs"]
+mod worker_binary;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use signal_demo::sample_signals::sample_signal;
@@ -23,50 +20,6 @@ use signal_testkit::{ChildProcess, ClickHouseServer, NatsServer, free_port, is_p
 const OPERATOR: &str = env!("CARGO_BIN_EXE_signal-operator");
 /// Upper bound for anything the operator should do after a file edit or a crash.
 const REACT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The `signal-worker` binary, built if needed (see the module comment for why).
-fn worker_binary() -> PathBuf {
-    static WORKER: OnceLock<PathBuf> = OnceLock::new();
-    WORKER
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("SIGNAL_WORKER_BINARY").filter(|v| !v.is_empty()) {
-                return PathBuf::from(path);
-            }
-            let profile_dir = Path::new(OPERATOR).parent().expect("binary directory");
-            let target_dir = profile_dir.parent().expect("target directory");
-            let profile = profile_dir
-                .file_name()
-                .and_then(|name| name.to_str())
-                .expect("profile directory name");
-            // The `debug` directory belongs to the `dev` profile.
-            let profile = if profile == "debug" { "dev" } else { profile };
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "signal-worker",
-                    "--bin",
-                    "signal-worker",
-                ])
-                .arg("--profile")
-                .arg(profile)
-                .arg("--target-dir")
-                .arg(target_dir)
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("running cargo build -p signal-worker");
-            assert!(status.success(), "cargo build -p signal-worker failed");
-            let worker = profile_dir.join("signal-worker");
-            assert!(
-                worker.is_file(),
-                "{} missing after the build",
-                worker.display()
-            );
-            worker
-        })
-        .clone()
-}
 
 /// A pipeline manifest for the test servers.
 fn manifest(nats_url: &str, clickhouse_url: &str, replicas: u32, max_rows: u32) -> String {
@@ -137,7 +90,7 @@ impl LocalOperator {
             .arg("-f")
             .arg(pipeline)
             .arg("--worker-binary")
-            .arg(worker_binary())
+            .arg(worker_binary::worker_binary())
             .arg("--metrics-base-port")
             .arg(metrics_base_port.to_string())
             .env("RUST_LOG", "info")

@@ -76,6 +76,8 @@ const NODE_READY_TIMEOUT: Duration = Duration::from_secs(120);
 const SCHEDULER_START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where the kubelet links container logs, whatever its configuration says.
+const CONTAINER_LOG_LINKS: &str = "/var/log/containers";
 /// The file in the node's directory that says how to undo its network (see [`Network`]).
 const NETWORK_RECORD: &str = "network";
 
@@ -678,6 +680,7 @@ fn kill_containers(dir: &Path) {
         .filter(|p| p.command.contains(&socket) && p.command.contains("containerd-shim"))
         .map(|p| p.pid)
         .collect();
+    let sockets = listening_sockets(&shims);
     let mut doomed = shims.clone();
     let mut index = 0;
     while index < doomed.len() {
@@ -707,6 +710,50 @@ fn kill_containers(dir: &Path) {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A killed shim leaves its socket in /run/containerd/s/, and the kubelet its log links.
+    for socket in sockets {
+        let _ = std::fs::remove_file(socket);
+    }
+    let pod_logs = Files::new(dir).pod_logs;
+    if let Ok(links) = std::fs::read_dir(CONTAINER_LOG_LINKS) {
+        for link in links.flatten() {
+            if std::fs::read_link(link.path()).is_ok_and(|target| target.starts_with(&pod_logs)) {
+                let _ = std::fs::remove_file(link.path());
+            }
+        }
+    }
+}
+
+/// The paths of the Unix sockets the processes `pids` listen on.
+fn listening_sockets(pids: &[u32]) -> Vec<PathBuf> {
+    let mut inodes = std::collections::HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Some(inode) = std::fs::read_link(fd.path()).ok().and_then(|target| {
+                target
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')
+                    .map(String::from)
+            }) {
+                inodes.insert(inode);
+            }
+        }
+    }
+    // /proc/net/unix: "Num RefCount Protocol Flags Type St Inode Path".
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (inode, path) = (fields.get(6)?, fields.get(7)?);
+            (inodes.contains(*inode) && path.starts_with('/')).then(|| PathBuf::from(path))
+        })
+        .collect()
 }
 
 struct ProcessEntry {
@@ -873,6 +920,15 @@ mod tests {
                 .iter()
                 .any(|p| p.command.contains("sleep 3600")),
             "the container runs on"
+        );
+        let links: Vec<_> = std::fs::read_dir(CONTAINER_LOG_LINKS)
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            !links
+                .iter()
+                .any(|name| name.to_string_lossy().contains(&namespace)),
+            "log links are left behind: {links:?}"
         );
     }
 }

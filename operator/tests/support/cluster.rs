@@ -314,6 +314,8 @@ pub struct OperatorOptions {
     pub kubeconfig: Option<PathBuf>,
     /// `--cleanup-timeout` (the operator's default when absent).
     pub cleanup_timeout: Option<Duration>,
+    /// `--worker-image` (the operator's default when absent).
+    pub worker_image: Option<String>,
 }
 
 impl Operator {
@@ -350,6 +352,9 @@ impl Operator {
         }
         if let Some(identity) = &options.identity {
             command.env("POD_NAME", identity);
+        }
+        if let Some(image) = &options.worker_image {
+            command.arg(format!("--worker-image={image}"));
         }
         if let Some(timeout) = options.cleanup_timeout {
             command.arg(format!("--cleanup-timeout={}ms", timeout.as_millis()));

@@ -1,0 +1,683 @@
+//! The users' path on a real node: the operator (out of cluster) turns a SignalPipeline into
+//! worker pods that containerd really runs, from a worker image packed and imported here, and the
+//! pods ingest.
+//!
+//! Everything is real and on this machine: the testkit's control plane and [`KubeNode`]
+//! (kube-scheduler, containerd, runc, a CNI bridge, a kubelet), and nats-server,
+//! clickhouse-server and redis-server listening on the node's bridge address, where the pods reach
+//! them. The worker image is the test profile's `signal-worker` without its debug sections, with
+//! the libraries it loads (`signal_testkit::write_image_archive`).
+//!
+//! One pipeline lives through: Ready with its pods; signals with 1% poison landing exactly once
+//! per sequence, dead letters equal to poison, Redis keys; `kubectl scale sigp` and an edit of
+//! `spec.workers.replicas` moving Running pods; a worker pod force-deleted and another's
+//! container killed mid-stream with nothing lost; a manifest change rolling the pods; lag
+//! autoscaling up and back down; a ClickHouse outage (SIGSTOP) during which the pods turn unready
+//! and `kubectl scale` is still carried out; deletion removing pods, stream and table. Each step
+//! prints its figures (`--nocapture`); none is a timed assertion.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/dataplane.rs"]
+mod dataplane;
+#[path = "support/worker_binary.rs"]
+mod worker_binary;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use async_nats::jetstream;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use signal_model::{
+    CacheSpec, DeletionPolicy, HumanDuration, RedisSpec, SignalPipeline, SignalPipelineSpec,
+};
+use signal_testkit::{
+    ClickHouseServer, ImageSpec, KubeNode, NatsServer, RedisServer, write_image_archive,
+};
+
+use cluster::{
+    Operator, OperatorOptions, apply_pipeline, call, describe_conditions, eventually, kubectl,
+    pipeline_object, wait_condition, wait_gone,
+};
+
+/// The image name the pods run; imported into the node, never pulled.
+const WORKER_IMAGE: &str = "docker.io/library/signal-worker:node-test";
+/// Long enough for pods to start on a loaded two-core machine.
+const POD_TIMEOUT: Duration = Duration::from_secs(120);
+/// Signals per wave; every 100th is poison.
+const WAVE: u64 = 100_000;
+const POISON_EVERY: u64 = 100;
+
+struct Servers {
+    nats: NatsServer,
+    clickhouse: ClickHouseServer,
+    redis: RedisServer,
+}
+
+/// Packs the test profile's worker (debug sections stripped: a quarter of the size) into an image
+/// and imports it into the node.
+fn import_worker_image(node: &KubeNode) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stripped = dir.path().join("signal-worker");
+    let status = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(worker_binary::worker_binary())
+        .arg(&stripped)
+        .status()
+        .context("running objcopy (apt-get install -y binutils)")?;
+    ensure!(status.success(), "objcopy --strip-debug failed: {status}");
+    let archive = dir.path().join("worker.tar");
+    write_image_archive(
+        &ImageSpec {
+            name: WORKER_IMAGE.to_string(),
+            program: stripped,
+            args: Vec::new(),
+            user: "65532:65532".to_string(),
+        },
+        &archive,
+    )?;
+    node.import_image(&archive)?;
+    Ok(())
+}
+
+fn spec_for(name: &str, servers: &Servers) -> SignalPipelineSpec {
+    let mut spec =
+        dataplane::pipeline_spec(name, &servers.nats.url(), &servers.clickhouse.http_url());
+    spec.deletion_policy = DeletionPolicy::Delete;
+    spec.workers.replicas = 2;
+    // A killed worker's messages come back after the ack wait: keep it short.
+    spec.consumer.ack_wait = HumanDuration::from_secs(6);
+    spec.workers.batch.max_wait = HumanDuration::from_secs(1);
+    spec.cache = Some(CacheSpec {
+        redis: RedisSpec {
+            url: servers.redis.url(),
+            auth: None,
+        },
+        key: "wallet:{wallet}".to_string(),
+        fields: vec!["amount".to_string()],
+        ttl: HumanDuration::from_secs(600),
+    });
+    spec
+}
+
+/// Publishes `count` signals from sequence `first`, every [`POISON_EVERY`]th one not JSON;
+/// each valid one has its own wallet `w<sequence>`, so rows and keys count sequences.
+async fn publish(js: &jetstream::Context, subject: &str, first: u64, count: u64) -> Result<()> {
+    let mut acks = Vec::with_capacity(1024);
+    for sequence in first..first + count {
+        let payload = if sequence % POISON_EVERY == 0 {
+            format!("poison {sequence}")
+        } else {
+            json!({
+                "event_time": "2026-12-01T12:00:00Z",
+                "wallet": format!("w{sequence}"),
+                "amount": (sequence % 1000) as i32,
+            })
+            .to_string()
+        };
+        acks.push(js.publish(subject.to_string(), payload.into()).await?);
+        if acks.len() == 1024 {
+            for ack in acks.drain(..) {
+                ack.await.context("a publish was not acknowledged")?;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.context("a publish was not acknowledged")?;
+    }
+    Ok(())
+}
+
+fn valid_in(first: u64, count: u64) -> u64 {
+    (first..first + count)
+        .filter(|s| s % POISON_EVERY != 0)
+        .count() as u64
+}
+
+/// (rows, distinct wallets) in the pipeline's table.
+fn table_counts(clickhouse: &ClickHouseServer, spec: &SignalPipelineSpec) -> Result<(u64, u64)> {
+    let text = clickhouse.query(&format!(
+        "SELECT count(), uniqExact(wallet) FROM {}.{} FORMAT TSV",
+        spec.clickhouse.database, spec.clickhouse.table
+    ))?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(rows)), Some(Ok(distinct))) => Ok((rows, distinct)),
+        _ => bail!("unexpected answer {text:?}"),
+    }
+}
+
+async fn dead_letters(js: &jetstream::Context, spec: &SignalPipelineSpec) -> Result<u64> {
+    let name = format!("{}_DLQ", spec.stream.name);
+    let mut stream = js.get_stream(&name).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
+/// Waits until the table holds `rows` rows; returns how long that took from `since`.
+async fn wait_rows(
+    servers: &Servers,
+    spec: &SignalPipelineSpec,
+    rows: u64,
+    since: Instant,
+) -> Result<Duration> {
+    eventually(
+        &format!("{rows} rows in ClickHouse"),
+        Duration::from_secs(180),
+        || async {
+            let (have, _) = table_counts(&servers.clickhouse, spec)?;
+            Ok(if have >= rows {
+                Ok(())
+            } else {
+                Err(format!("{have} rows"))
+            })
+        },
+    )
+    .await?;
+    Ok(since.elapsed())
+}
+
+/// Names of the pipeline's pods that are Running and Ready (and not being deleted).
+async fn ready_pods(pods: &Api<Pod>, name: &str) -> Result<BTreeSet<String>> {
+    let list = call(
+        "listing worker pods",
+        pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"))),
+    )
+    .await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter(|pod| {
+            let status = pod.status.as_ref();
+            status.and_then(|s| s.phase.as_deref()) == Some("Running")
+                && status
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|pod| pod.metadata.name)
+        .collect())
+}
+
+async fn all_pods(pods: &Api<Pod>, name: &str) -> Result<usize> {
+    let list = call(
+        "listing worker pods",
+        pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"))),
+    )
+    .await?;
+    Ok(list.items.len())
+}
+
+/// Waits until exactly `count` pods are Running and Ready and no other pod of the pipeline is
+/// left; returns their names and how long that took.
+async fn wait_pods(
+    pods: &Api<Pod>,
+    name: &str,
+    count: usize,
+) -> Result<(BTreeSet<String>, Duration)> {
+    let started = Instant::now();
+    let names = eventually(
+        &format!("{count} Running, Ready worker pods and no other"),
+        POD_TIMEOUT,
+        || async {
+            let ready = ready_pods(pods, name).await?;
+            let total = all_pods(pods, name).await?;
+            Ok(if ready.len() == count && total == count {
+                Ok(ready)
+            } else {
+                Err(format!("{} ready of {total} pods", ready.len()))
+            })
+        },
+    )
+    .await?;
+    Ok((names, started.elapsed()))
+}
+
+async fn wait_deployment_replicas(
+    deployments: &Api<Deployment>,
+    name: &str,
+    replicas: i32,
+    timeout: Duration,
+) -> Result<()> {
+    eventually(
+        &format!("the Deployment at {replicas} replicas"),
+        timeout,
+        || async {
+            let deployment = call(
+                "reading the Deployment",
+                deployments.get(&format!("{name}-worker")),
+            )
+            .await?;
+            let current = deployment.spec.and_then(|s| s.replicas);
+            Ok(if current == Some(replicas) {
+                Ok(())
+            } else {
+                Err(format!("spec.replicas {current:?}"))
+            })
+        },
+    )
+    .await
+}
+
+/// Waits until at least `count` pods are Running and Ready.
+async fn wait_ready_count(
+    pods: &Api<Pod>,
+    name: &str,
+    count: usize,
+) -> Result<(BTreeSet<String>, Duration)> {
+    let started = Instant::now();
+    let names = eventually(
+        &format!("{count} Running, Ready worker pods"),
+        POD_TIMEOUT,
+        || async {
+            let ready = ready_pods(pods, name).await?;
+            Ok(if ready.len() >= count {
+                Ok(ready)
+            } else {
+                Err(format!("{} ready", ready.len()))
+            })
+        },
+    )
+    .await?;
+    Ok((names, started.elapsed()))
+}
+
+async fn patch_spec(api: &Api<SignalPipeline>, name: &str, patch: serde_json::Value) -> Result<()> {
+    call(
+        "patching the pipeline",
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": patch})),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_pods_ingest_scale_survive_kills_autoscale_and_outages() {
+    let control_plane = cluster::cluster();
+    let node = KubeNode::start(control_plane).expect("the node starts");
+    eprintln!(
+        "node {} at {} ready in {:.1} s",
+        node.name(),
+        node.address(),
+        node.started_in().as_secs_f64()
+    );
+    let servers = Servers {
+        nats: NatsServer::start_on(node.address()).unwrap(),
+        clickhouse: ClickHouseServer::start_on(node.address()).unwrap(),
+        redis: RedisServer::start_on(node.address()).unwrap(),
+    };
+    import_worker_image(&node).unwrap();
+    let client = cluster::admin_client().await.unwrap();
+    let namespace = cluster::namespace("node");
+    let operator = Operator::start(OperatorOptions {
+        namespaces: vec![namespace.clone()],
+        worker_image: Some(WORKER_IMAGE.to_string()),
+        ..OperatorOptions::default()
+    })
+    .unwrap();
+    let result = scenario(&client, &namespace, &servers).await;
+    if let Err(error) = result {
+        let logs: Vec<String> = node
+            .log_files()
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(f).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                format!(
+                    "== {}\n{}",
+                    f.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        panic!(
+            "{error:#}\noperator log:\n{}\n{}",
+            operator.log_text(),
+            logs.join("\n")
+        );
+    }
+}
+
+async fn scenario(client: &Client, namespace: &str, servers: &Servers) -> Result<()> {
+    let name = "ingest";
+    let spec = spec_for(&dataplane::unique("node"), servers);
+    let pipelines: Api<SignalPipeline> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let js = dataplane::jetstream_at(&servers.nats.url()).await;
+    let subject = format!(
+        "{}.signals.test",
+        spec.stream.subjects[0].trim_end_matches(".>")
+    );
+
+    // Ready with its pods.
+    let applied = Instant::now();
+    apply_pipeline(&pipelines, &pipeline_object(namespace, name, &spec)).await?;
+    wait_condition(&pipelines, name, "Ready", POD_TIMEOUT).await?;
+    let (first_pods, _) = wait_pods(&pods, name, 2).await?;
+    eprintln!(
+        "pipeline Ready with 2 running worker pods {:.1} s after kubectl apply",
+        applied.elapsed().as_secs_f64()
+    );
+
+    // A wave of signals, drained by the two pods.
+    let published = Instant::now();
+    publish(&js, &subject, 1, WAVE).await?;
+    let publish_time = published.elapsed();
+    let mut valid = valid_in(1, WAVE);
+    let drained = wait_rows(servers, &spec, valid, published).await?;
+    eprintln!(
+        "{WAVE} signals (1% poison) published in {:.1} s, all {valid} rows stored {:.1} s after the first publish: {:.0} signals/s through 2 pods",
+        publish_time.as_secs_f64(),
+        drained.as_secs_f64(),
+        WAVE as f64 / drained.as_secs_f64()
+    );
+    check_exactly_once(servers, &js, &spec, valid, WAVE / POISON_EVERY, 0).await?;
+
+    // kubectl scale, then an edit of spec.workers.replicas.
+    let scaled = Instant::now();
+    kubectl(&["-n", namespace, "scale", "sigp", name, "--replicas=3"])?;
+    let (_, _) = wait_pods(&pods, name, 3).await?;
+    eprintln!(
+        "kubectl scale sigp --replicas=3: 3 running pods after {:.1} s",
+        scaled.elapsed().as_secs_f64()
+    );
+
+    // Mid-stream: one pod force-deleted, another's worker process killed in place.
+    let wave_start = WAVE + 1;
+    let publisher = {
+        let (js, subject) = (js.clone(), subject.clone());
+        tokio::spawn(async move { publish(&js, &subject, wave_start, WAVE).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let current = ready_pods(&pods, name).await?;
+    let mut victims = current.iter();
+    let (deleted, killed) = (
+        victims.next().context("a pod to delete")?.clone(),
+        victims.next().context("a pod to kill")?.clone(),
+    );
+    call(
+        "force-deleting a worker pod",
+        pods.delete(
+            &deleted,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            },
+        ),
+    )
+    .await?;
+    kill_worker_process(&killed)?;
+    publisher.await??;
+    valid += valid_in(wave_start, WAVE);
+    let recovered = wait_rows(servers, &spec, valid, Instant::now()).await?;
+    wait_pods(&pods, name, 3).await?;
+    eprintln!(
+        "pod {deleted} force-deleted and pod {killed}'s worker killed mid-stream: all rows stored {:.1} s after the publisher finished",
+        recovered.as_secs_f64()
+    );
+    // Two workers killed, each holding at most a few batches whose cache updates are lost.
+    let killed_may_miss = 2 * 4 * u64::from(spec.workers.batch.max_rows);
+    check_exactly_once(
+        servers,
+        &js,
+        &spec,
+        valid,
+        2 * WAVE / POISON_EVERY,
+        killed_may_miss,
+    )
+    .await?;
+
+    // Back to one replica by editing the spec; then a manifest change rolls the pod.
+    patch_spec(&pipelines, name, json!({"workers": {"replicas": 1}})).await?;
+    let (one, took) = wait_pods(&pods, name, 1).await?;
+    eprintln!(
+        "spec.workers.replicas: 1 → one pod after {:.1} s",
+        took.as_secs_f64()
+    );
+    patch_spec(
+        &pipelines,
+        name,
+        json!({"workers": {"batch": {"maxRows": 5000}}}),
+    )
+    .await?;
+    let rolled = eventually(
+        "the manifest change to roll the pod",
+        POD_TIMEOUT,
+        || async {
+            let now = ready_pods(&pods, name).await?;
+            Ok(
+                if now.len() == 1 && now.is_disjoint(&one) && all_pods(&pods, name).await? == 1 {
+                    Ok(now)
+                } else {
+                    Err(format!("pods {now:?}"))
+                },
+            )
+        },
+    )
+    .await?;
+    eprintln!("a batch size change rolled pod {one:?} into {rolled:?}");
+    ensure!(first_pods.is_disjoint(&rolled), "the pod was not replaced");
+
+    // Lag autoscaling: the one worker is frozen (SIGSTOP), so a backlog above the target builds
+    // while the data plane is healthy; the operator scales up, the new pods drain it, and once
+    // the lag has stayed low for the stabilisation window it scales back to the minimum.
+    patch_spec(
+        &pipelines,
+        name,
+        json!({"workers": {"autoscale": {
+            "minReplicas": 1, "maxReplicas": 3, "targetLagPerReplica": 2000,
+            "scaleDownStabilization": "20s",
+        }}}),
+    )
+    .await?;
+    let frozen = rolled.iter().next().context("the rolled pod")?.clone();
+    let frozen_count = signal_worker_process(&frozen, libc::SIGSTOP)?;
+    ensure!(
+        frozen_count == 1,
+        "found {frozen_count} worker processes of pod {frozen}"
+    );
+    let backlog = Instant::now();
+    let wave_start = 2 * WAVE + 1;
+    publish(&js, &subject, wave_start, 30_000).await?;
+    valid += valid_in(wave_start, 30_000);
+    wait_deployment_replicas(&deployments, name, 3, Duration::from_secs(120)).await?;
+    let autoscale_up = backlog.elapsed();
+    let (_, _) = wait_ready_count(&pods, name, 2).await?;
+    // The kubelet may have restarted the frozen container meanwhile (liveness): then none.
+    signal_worker_process(&frozen, libc::SIGCONT)?;
+    let drained = wait_rows(servers, &spec, valid, backlog).await?;
+    eprintln!(
+        "autoscale: a backlog of 30000 with the worker frozen scaled the Deployment to 3 after {:.1} s; drained {:.1} s after the backlog started",
+        autoscale_up.as_secs_f64(),
+        drained.as_secs_f64()
+    );
+    let low = Instant::now();
+    wait_deployment_replicas(&deployments, name, 1, Duration::from_secs(180)).await?;
+    wait_pods(&pods, name, 1).await?;
+    eprintln!(
+        "autoscale: back to 1 pod {:.1} s after the backlog was drained (stabilisation 20 s)",
+        low.elapsed().as_secs_f64()
+    );
+    check_exactly_once(
+        servers,
+        &js,
+        &spec,
+        valid,
+        (2 * WAVE + 30_000) / POISON_EVERY,
+        killed_may_miss,
+    )
+    .await?;
+
+    // A ClickHouse outage (SIGSTOP: connections accepted, nothing answered): the pods turn
+    // unready, the status names ClickHouse, and kubectl scale is still carried out.
+    patch_spec(&pipelines, name, json!({"workers": {"autoscale": null}})).await?;
+    servers.clickhouse.pause()?;
+    let outage = Instant::now();
+    let wave_start = 2 * WAVE + 30_001;
+    publish(&js, &subject, wave_start, 10_000).await?;
+    valid += valid_in(wave_start, 10_000);
+    let outage_scale = Instant::now();
+    kubectl(&["-n", namespace, "scale", "sigp", name, "--replicas=2"])?;
+    wait_deployment_replicas(&deployments, name, 2, Duration::from_secs(90)).await?;
+    eprintln!(
+        "ClickHouse stopped: kubectl scale sigp --replicas=2 reached the Deployment after {:.1} s",
+        outage_scale.elapsed().as_secs_f64()
+    );
+    let unready = eventually(
+        "the worker pods to turn unready",
+        Duration::from_secs(120),
+        || async {
+            let ready = ready_pods(&pods, name).await?;
+            Ok(if ready.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("ready: {ready:?}"))
+            })
+        },
+    )
+    .await;
+    let pipeline = call("reading the pipeline", pipelines.get(name)).await?;
+    eprintln!(
+        "during the outage ({:.1} s in): {}",
+        outage.elapsed().as_secs_f64(),
+        describe_conditions(&pipeline)
+    );
+    unready?;
+    servers.clickhouse.resume()?;
+    let recovered = wait_rows(servers, &spec, valid, Instant::now()).await?;
+    wait_pods(&pods, name, 2).await?;
+    eprintln!(
+        "ClickHouse resumed after {:.1} s of outage: the backlog was stored {:.1} s later",
+        outage.elapsed().as_secs_f64(),
+        recovered.as_secs_f64()
+    );
+    check_exactly_once(
+        servers,
+        &js,
+        &spec,
+        valid,
+        (2 * WAVE + 40_000) / POISON_EVERY,
+        killed_may_miss,
+    )
+    .await?;
+
+    // Deletion removes pods, stream and table.
+    let deleting = Instant::now();
+    call(
+        "deleting the pipeline",
+        pipelines.delete(name, &DeleteParams::default()),
+    )
+    .await?;
+    wait_gone(&pipelines, name, Duration::from_secs(90)).await?;
+    eventually("the worker pods to go", POD_TIMEOUT, || async {
+        let left = all_pods(&pods, name).await?;
+        Ok(if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} pods"))
+        })
+    })
+    .await?;
+    ensure!(
+        dataplane::live_stream(&js, &spec.stream.name)
+            .await
+            .is_none(),
+        "the stream is left"
+    );
+    let tables = servers.clickhouse.query(&format!(
+        "SELECT count() FROM system.tables WHERE database = '{}' AND name = '{}' FORMAT TSV",
+        spec.clickhouse.database, spec.clickhouse.table
+    ))?;
+    ensure!(tables.trim() == "0", "the table is left");
+    eprintln!(
+        "deleted: pods, stream and table gone after {:.1} s",
+        deleting.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Every valid sequence stored once, every poison one a dead letter, a Redis key per wallet.
+///
+/// The cache is written after the rows are stored and acknowledged, and is best effort (README,
+/// "Delivery guarantees"): a worker killed between the two drops the cache updates of the batches
+/// it held, at most `cache_may_miss` keys; without faults it must be complete.
+async fn check_exactly_once(
+    servers: &Servers,
+    js: &jetstream::Context,
+    spec: &SignalPipelineSpec,
+    valid: u64,
+    poison: u64,
+    cache_may_miss: u64,
+) -> Result<()> {
+    let (rows, distinct) = table_counts(&servers.clickhouse, spec)?;
+    let letters = dead_letters(js, spec).await?;
+    let keys = eventually(
+        &format!("{valid} Redis keys"),
+        Duration::from_secs(60),
+        || async {
+            let keys: u64 = servers.redis.command(&["DBSIZE"])?;
+            Ok(if keys + cache_may_miss >= valid {
+                Ok(keys)
+            } else {
+                Err(format!("{keys} keys"))
+            })
+        },
+    )
+    .await?;
+    eprintln!(
+        "  {rows} rows, {distinct} distinct sequences (expected {valid}), {} duplicates; {letters} dead letters for {poison} poison; {keys} Redis keys",
+        rows - distinct
+    );
+    ensure!(
+        distinct == valid,
+        "{distinct} distinct sequences stored, {valid} expected"
+    );
+    ensure!(
+        letters >= poison,
+        "{letters} dead letters for {poison} poison signals"
+    );
+    ensure!(
+        keys <= valid && keys + cache_may_miss >= valid,
+        "{keys} Redis keys for {valid} wallets (up to {cache_may_miss} may be missing)"
+    );
+    Ok(())
+}
+
+/// SIGKILLs the worker process of pod `pod` on this machine (the kubelet restarts the container).
+fn kill_worker_process(pod: &str) -> Result<()> {
+    let killed = signal_worker_process(pod, libc::SIGKILL)?;
+    ensure!(killed == 1, "found {killed} worker processes of pod {pod}");
+    Ok(())
+}
+
+/// Sends `signal` to the worker process of pod `pod`, found by the `HOSTNAME` its container has;
+/// returns how many processes got it.
+fn signal_worker_process(pod: &str, signal: i32) -> Result<usize> {
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let command = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let is_worker = command.starts_with(b"/usr/local/bin/signal-worker");
+        let in_pod = String::from_utf8_lossy(&environ).contains(&format!("HOSTNAME={pod}"));
+        if is_worker && in_pod {
+            // SAFETY: a plain syscall on a pid just read from /proc.
+            unsafe {
+                libc::kill(pid, signal);
+            }
+            killed += 1;
+        }
+    }
+    Ok(killed)
+}
