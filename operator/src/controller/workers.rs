@@ -87,11 +87,15 @@ pub(super) async fn reconcile_workload(
     data_plane_ready: bool,
 ) -> Result<WorkloadOutcome, ReconcileError> {
     let configmap = build_configmap(pipeline)?;
-    let plan = plan_workload(data_plane_ready, existing.as_ref(), &config_hash(&configmap));
+    let plan = plan_workload(
+        data_plane_ready,
+        existing.as_ref(),
+        &config_hash(&configmap),
+    );
     let deployment = match &plan {
-        Some(plan) => {
-            Some(apply_workload(pipeline, ctx, existing.as_ref(), replicas, &configmap, plan).await?)
-        }
+        Some(plan) => Some(
+            apply_workload(pipeline, ctx, existing.as_ref(), replicas, &configmap, plan).await?,
+        ),
         None => existing,
     };
     let condition = workers_condition(deployment.as_ref(), plan.as_ref());
@@ -188,7 +192,10 @@ fn describe_workload_change(
 }
 
 /// `WorkersReady` from the Deployment as applied, saying what waits for the data plane.
-fn workers_condition(deployment: Option<&Deployment>, plan: Option<&WorkloadPlan>) -> ConditionState {
+fn workers_condition(
+    deployment: Option<&Deployment>,
+    plan: Option<&WorkloadPlan>,
+) -> ConditionState {
     let Some(deployment) = deployment else {
         return ConditionState::new(
             WORKERS_READY,

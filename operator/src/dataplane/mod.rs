@@ -367,7 +367,10 @@ async fn reconcile_nats_side(
 fn not_checked_after(unanswered: &PartReport) -> PartReport {
     PartReport::not_ready(
         UNREACHABLE,
-        format!("not checked, NATS left an earlier request unanswered: {}", unanswered.message),
+        format!(
+            "not checked, NATS left an earlier request unanswered: {}",
+            unanswered.message
+        ),
         Vec::new(),
     )
 }

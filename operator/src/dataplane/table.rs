@@ -226,21 +226,17 @@ pub(super) async fn execute(client: &Client, url: &str, sql: &str) -> Result<(),
 /// The server's `major.minor` release.
 pub async fn server_version(client: &Client, url: &str) -> Result<ServerVersion, DataPlaneError> {
     use signal_clients::clickhouse::{VERSION_SQL, VersionError};
-    bounded(
-        "asking for the server version",
-        REQUEST_TIMEOUT,
-        async {
-            signal_clients::clickhouse::server_version(client)
-                .await
-                .map_err(|error| match error {
-                    VersionError::Query(error) => query_error(url, VERSION_SQL, error),
-                    VersionError::NotAVersion(_) => DataPlaneError::ClickHouseRefused {
-                        statement: VERSION_SQL.to_string(),
-                        message: error.to_string(),
-                    },
-                })
-        },
-    )
+    bounded("asking for the server version", REQUEST_TIMEOUT, async {
+        signal_clients::clickhouse::server_version(client)
+            .await
+            .map_err(|error| match error {
+                VersionError::Query(error) => query_error(url, VERSION_SQL, error),
+                VersionError::NotAVersion(_) => DataPlaneError::ClickHouseRefused {
+                    statement: VERSION_SQL.to_string(),
+                    message: error.to_string(),
+                },
+            })
+    })
     .await
 }
 

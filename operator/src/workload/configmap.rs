@@ -185,18 +185,22 @@ mod tests {
         let workers = &mut deployment_only.spec.workers;
         workers.replicas = 5;
         workers.image = Some("registry.example/worker:2".to_string());
-        workers.resources = Some(serde_json::from_value(json!({"limits": {"memory": "1Gi"}})).expect("resources"));
+        workers.resources =
+            Some(serde_json::from_value(json!({"limits": {"memory": "1Gi"}})).expect("resources"));
         workers.autoscale = Some(
-            serde_json::from_value(json!({"minReplicas": 1, "maxReplicas": 4, "targetLagPerReplica": 100}))
-                .expect("autoscale"),
+            serde_json::from_value(
+                json!({"minReplicas": 1, "maxReplicas": 4, "targetLagPerReplica": 100}),
+            )
+            .expect("autoscale"),
         );
         assert_eq!(
             hash,
             config_hash(&build_configmap(&deployment_only).expect("built"))
         );
         // What the worker reads stays in: the batch settings.
-        let manifest = PipelineManifest::from_yaml(&manifest_yaml(&deployment_only).expect("rendered"))
-            .expect("the worker parses it");
+        let manifest =
+            PipelineManifest::from_yaml(&manifest_yaml(&deployment_only).expect("rendered"))
+                .expect("the worker parses it");
         assert_eq!(manifest.spec.workers.batch.max_rows, 700);
         assert_eq!(manifest.spec.workers.image, None);
     }

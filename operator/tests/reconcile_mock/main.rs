@@ -727,7 +727,10 @@ async fn while_nats_is_unreachable_a_running_deployment_follows_replicas_and_ima
         .await
         .expect_err("the data plane is still not ready, so the reconcile retries");
     assert!(
-        matches!(error, ReconcileError::DataPlaneNotReady { what: "stream", .. }),
+        matches!(
+            error,
+            ReconcileError::DataPlaneNotReady { what: "stream", .. }
+        ),
         "{error}"
     );
     assert!(api.published("WorkersApplied"), "{:?}", api.events);
