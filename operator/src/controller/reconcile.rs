@@ -221,6 +221,7 @@ async fn apply(
         decide(&AutoscaleInput {
             spec,
             lag: report.consumer_status.as_ref().map(|c| c.num_pending),
+            data_plane_ready: report.all_ready(),
             previous: pipeline.status.as_ref().and_then(|s| s.autoscale.as_ref()),
             current_replicas: existing
                 .as_ref()
