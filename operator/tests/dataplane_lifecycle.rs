@@ -367,6 +367,9 @@ async fn servers_that_never_answer_are_reported_unreachable_within_the_bound() {
         assert!(!report.ready, "{part}: {report:?}");
         assert_eq!(report.reason, "Unreachable", "{part}: {report:?}");
     }
+    // The conditions name the server a person has to look at.
+    assert!(report.stream.message.contains("NATS"), "{report:?}");
+    assert!(report.table.message.contains("ClickHouse"), "{report:?}");
     nats_task.abort();
     clickhouse_task.abort();
 }

@@ -143,6 +143,18 @@ impl ClickHouseServer {
         self.process.kill();
     }
 
+    /// Freezes the server (SIGSTOP): connections are still accepted on its port, but nothing
+    /// answers, as with a hung server. [`Self::resume`] undoes it; stopping, restarting and
+    /// dropping work on a paused server.
+    pub fn pause(&mut self) {
+        self.process.pause();
+    }
+
+    /// Lets a paused server carry on (SIGCONT).
+    pub fn resume(&mut self) {
+        self.process.resume();
+    }
+
     /// Stops the server if it runs, then starts it again with the same ports and data.
     pub fn restart(&mut self) -> Result<()> {
         let (dir, name, http_port) = (self.dir.path(), &self.name, self.ports.http.port());
@@ -319,6 +331,29 @@ mod tests {
         assert!(!ch.is_running());
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
         assert!(is_port_free(http) && is_port_free(tcp));
+    }
+
+    #[test]
+    fn a_paused_server_answers_nothing_until_resumed_and_still_stops() {
+        let mut ch = ClickHouseServer::start().unwrap();
+        let port = ch.http_port();
+        ch.pause();
+        // The kernel accepts the connection; no answer comes.
+        assert!(http::request(port, "GET", "/ping", b"", PROBE_TIMEOUT).is_err());
+        ch.resume();
+        assert_eq!(ch.query("SELECT 1").unwrap(), "1\n");
+
+        // Stopping, restarting and dropping work on a paused server.
+        ch.pause();
+        let pid = ch.pid().unwrap();
+        ch.stop();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        ch.restart().unwrap();
+        ch.pause();
+        let pid = ch.pid().unwrap();
+        drop(ch);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        assert!(is_port_free(port));
     }
 
     #[test]

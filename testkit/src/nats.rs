@@ -108,6 +108,18 @@ impl NatsServer {
         self.process.kill();
     }
 
+    /// Freezes the server (SIGSTOP): connections are still accepted on its port, but nothing
+    /// answers, as with a hung server. [`Self::resume`] undoes it; stopping, restarting and
+    /// dropping work on a paused server.
+    pub fn pause(&mut self) {
+        self.process.pause();
+    }
+
+    /// Lets a paused server carry on (SIGCONT).
+    pub fn resume(&mut self) {
+        self.process.resume();
+    }
+
     /// Stops the server if it runs, then starts it again on the same port with the same store
     /// directory (JetStream streams, consumers and messages survive).
     pub fn restart(&mut self) -> Result<()> {
@@ -306,6 +318,23 @@ mod tests {
             }
             other => panic!("expected an early exit, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_paused_server_answers_nothing_until_resumed_and_still_stops() {
+        let mut nats = NatsServer::start().unwrap();
+        let (port, name) = (nats.port(), nats.name.clone());
+        nats.pause();
+        // The kernel accepts the connection; the INFO line never comes.
+        assert!(!jetstream_ready(port, &name).unwrap_or(false));
+        nats.resume();
+        assert!(jetstream_ready(port, &name).unwrap());
+
+        nats.pause();
+        let pid = nats.pid().unwrap();
+        drop(nats);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        assert!(is_port_free(port));
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!
 //! [`ServerProcess`] and [`start_retrying`] hold what the server types of this crate share:
 //! starting a server until it is ready (retrying when a port was taken meanwhile), stopping,
-//! killing and restarting it.
+//! killing, restarting, pausing (SIGSTOP: a server that accepts connections but answers nothing)
+//! and resuming it. A paused server still stops and is still killed on drop.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -108,12 +109,14 @@ pub(crate) fn wait_timeout(child: &mut Child, timeout: Duration) -> io::Result<O
     }
 }
 
-/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps the child.
+/// SIGTERM, wait up to `grace`, then SIGKILL; always reaps the child. A paused child (SIGSTOP)
+/// is continued after the SIGTERM, so it handles it instead of sitting out the grace.
 pub(crate) fn terminate_then_kill(child: &mut Child, grace: Duration) -> io::Result<ExitStatus> {
     if let Some(status) = child.try_wait()? {
         return Ok(status);
     }
     signal(child, libc::SIGTERM);
+    signal(child, libc::SIGCONT);
     if let Some(status) = wait_timeout(child, grace)? {
         return Ok(status);
     }
@@ -283,6 +286,21 @@ impl ServerProcess {
     pub(crate) fn stop(&mut self, grace: Duration) {
         if let Some(mut child) = self.child.take() {
             let _ = terminate_then_kill(&mut child, grace);
+        }
+    }
+
+    /// SIGSTOP: the process keeps its ports, and the kernel still accepts connections on them,
+    /// but nothing answers (a hung server, as far as its clients are concerned).
+    pub(crate) fn pause(&mut self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT: a paused server carries on.
+    pub(crate) fn resume(&mut self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
         }
     }
 

@@ -4,6 +4,8 @@
 //! happens at once, because lag grows while we wait; scaling down waits until the lag has stayed low
 //! for `scaleDownStabilization`, so a brief lull does not tear workers down and a burst right after
 //! does not have to start them again. The start of the low period is kept in `status.autoscale`.
+//! While the lag is unknown or the data plane is not ready (a server is down, so more workers
+//! would not drain anything), the current replicas are kept.
 
 use std::time::Duration;
 
@@ -16,6 +18,9 @@ pub struct AutoscaleInput<'a> {
     pub spec: &'a AutoscaleSpec,
     /// Messages the consumer has not delivered yet; `None` when the consumer could not be read.
     pub lag: Option<u64>,
+    /// The stream, consumer and table are ready. While one is not (a server is down), the lag
+    /// grows because the workers cannot write, not because they are too few: replicas are kept.
+    pub data_plane_ready: bool,
     /// The previous decision, from `status.autoscale`.
     pub previous: Option<&'a AutoscaleStatus>,
     /// Replicas running when there is no previous decision (the Deployment's or the spec's).
@@ -52,11 +57,20 @@ pub fn decide(input: &AutoscaleInput<'_>) -> AutoscaleDecision {
         .map(|p| p.desired_replicas)
         .unwrap_or(input.current_replicas)
         .clamp(min, max);
-    let Some(lag) = input.lag else {
+    let lag = match input.lag {
+        Some(lag) if input.data_plane_ready => Some(lag),
+        _ => None,
+    };
+    let Some(lag) = lag else {
+        let why = if input.lag.is_none() {
+            "consumer lag unknown"
+        } else {
+            "the data plane is not ready"
+        };
         return AutoscaleDecision {
             status: AutoscaleStatus {
                 desired_replicas: current,
-                reason: "consumer lag unknown; keeping the current replicas".to_string(),
+                reason: format!("{why}; keeping the current replicas"),
                 low_lag_since: input.previous.and_then(|p| p.low_lag_since.clone()),
             },
             recheck_after: None,
@@ -145,10 +159,35 @@ mod tests {
         decide(&AutoscaleInput {
             spec: &spec(),
             lag,
+            data_plane_ready: true,
             previous,
             current_replicas: 1,
             now: at(seconds),
         })
+    }
+
+    #[test]
+    fn replicas_are_kept_while_the_data_plane_is_not_ready() {
+        let previous = AutoscaleStatus {
+            desired_replicas: 2,
+            reason: String::new(),
+            low_lag_since: Some("2023-11-14T22:13:20Z".to_string()),
+        };
+        let decision = decide(&AutoscaleInput {
+            spec: &spec(),
+            lag: Some(9_000),
+            data_plane_ready: false,
+            previous: Some(&previous),
+            current_replicas: 2,
+            now: at(60),
+        });
+        assert_eq!(decision.status.desired_replicas, 2);
+        assert_eq!(
+            decision.status.reason,
+            "the data plane is not ready; keeping the current replicas"
+        );
+        assert_eq!(decision.status.low_lag_since, previous.low_lag_since);
+        assert_eq!(decision.recheck_after, None);
     }
 
     #[test]

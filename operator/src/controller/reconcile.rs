@@ -2,9 +2,10 @@
 //!
 //! Under the `signals.dev/cleanup` finalizer, an apply runs: validate the spec → check for
 //! conflicts with older pipelines → read the Secrets → reconcile the data plane (stream, consumer,
-//! table) → server-side apply the ConfigMap and Deployment ([`super::workers`]) → server-side
-//! apply the status. A deletion runs [`super::cleanup`] instead. Every failure is written into the
-//! conditions before it is returned, and the controller retries it with backoff.
+//! table) → server-side apply the ConfigMap and Deployment ([`super::workers`]; while the data
+//! plane is not ready, only a Deployment that already runs, with its manifest kept) → server-side
+//! apply the status. A deletion runs [`super::cleanup`] instead. Every failure is written into
+//! the conditions before it is returned, and the controller retries it with backoff.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ use super::dead_letter_health::{
 use super::events::publish;
 use super::secrets::{SecretError, load_credentials};
 use super::status::{StatusFigures, apply_status, build_status, is_ready};
-use super::workers::{apply_workload, workers_condition};
+use super::workers::reconcile_workload;
 use crate::dataplane::{DataPlaneReport, PartReport, reconcile_data_plane};
 use crate::workload::WorkloadError;
 
@@ -220,6 +221,7 @@ async fn apply(
         decide(&AutoscaleInput {
             spec,
             lag: report.consumer_status.as_ref().map(|c| c.num_pending),
+            data_plane_ready: report.all_ready(),
             previous: pipeline.status.as_ref().and_then(|s| s.autoscale.as_ref()),
             current_replicas: existing
                 .as_ref()
@@ -234,19 +236,18 @@ async fn apply(
         .map(|decision| decision.status.desired_replicas)
         .unwrap_or(pipeline.spec.workers.replicas);
 
-    // Workers only start, or follow a spec change, once the stream, consumer and table they need
-    // are in place; while a server is unreachable, running workers are left alone to retry.
-    let deployment = if report.all_ready() {
-        Some(apply_workload(pipeline, ctx, existing.as_ref(), replicas).await?)
-    } else {
-        existing
-    };
+    // Workers start once the stream, consumer and table they need are in place; after that,
+    // replicas and the pod template follow the spec even while a server is down, and only a
+    // changed manifest waits for the data plane (see `workers`).
+    let workload =
+        reconcile_workload(pipeline, ctx, existing, replicas, report.all_ready()).await?;
+    let deployment = workload.deployment;
 
     let mut conditions = vec![
         part_condition(STREAM_READY, &report.stream),
         part_condition(CONSUMER_READY, &report.consumer),
         part_condition(TABLE_READY, &report.table),
-        workers_condition(deployment.as_ref(), report.all_ready()),
+        workload.condition,
     ];
     add_dead_letter_and_health_conditions(&mut conditions, &report);
     if let Some(drift) = &report.schema_drift {

@@ -1,6 +1,13 @@
 //! The workers step of an apply: server-side applies the pipeline's ConfigMap and worker
 //! Deployment, says in an event what that changed, and turns the Deployment's state into the
 //! `WorkersReady` condition.
+//!
+//! The workload follows the spec from the last known good data-plane state ([`plan_workload`]):
+//! while a server is down or a part is otherwise not ready, a Deployment that already runs still
+//! gets the spec's replicas and pod template (image, resources), so scaling and rollouts keep
+//! working, but a changed manifest waits: the ConfigMap is not applied and the pods keep their
+//! config hash until the stream, consumer and table the manifest describes are ready. A Deployment
+//! that does not exist yet is created only once they are.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -18,32 +25,115 @@ use crate::workload::{
     build_deployment, config_hash,
 };
 
-/// Server-side applies the ConfigMap and the Deployment; returns the Deployment as stored.
-pub(super) async fn apply_workload(
+/// What the workers step applies in one reconcile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct WorkloadPlan {
+    /// Apply the ConfigMap with the spec's manifest.
+    pub apply_configmap: bool,
+    /// The pod template's config-hash annotation (`None`: the running Deployment had none).
+    pub config_hash: Option<String>,
+    /// The spec's manifest differs from the one the pods run and waits for the data plane.
+    pub manifest_waits: bool,
+}
+
+/// Decides what the workers step applies, from whether the stream, consumer and table are ready,
+/// the Deployment as it runs, and the hash of the spec's manifest. `None`: nothing runs yet and
+/// the data plane is not ready, so nothing is created.
+pub(super) fn plan_workload(
+    data_plane_ready: bool,
+    existing: Option<&Deployment>,
+    manifest_hash: &str,
+) -> Option<WorkloadPlan> {
+    if data_plane_ready {
+        return Some(WorkloadPlan {
+            apply_configmap: true,
+            config_hash: Some(manifest_hash.to_string()),
+            manifest_waits: false,
+        });
+    }
+    // The Deployment was applied when the data plane was last good: keep its manifest.
+    let running = running_config_hash(existing?);
+    Some(WorkloadPlan {
+        apply_configmap: false,
+        manifest_waits: running != Some(manifest_hash),
+        config_hash: running.map(str::to_string),
+    })
+}
+
+/// The config hash the Deployment's pods run with.
+fn running_config_hash(deployment: &Deployment) -> Option<&str> {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(CONFIG_HASH_ANNOTATION))
+        .map(String::as_str)
+}
+
+/// What the workers step left running, and the `WorkersReady` condition it makes.
+pub(super) struct WorkloadOutcome {
+    pub deployment: Option<Deployment>,
+    pub condition: ConditionState,
+}
+
+/// Applies what [`plan_workload`] decides: the ConfigMap and the Deployment, only the Deployment,
+/// or nothing.
+pub(super) async fn reconcile_workload(
+    pipeline: &SignalPipeline,
+    ctx: &Context,
+    existing: Option<Deployment>,
+    replicas: i32,
+    data_plane_ready: bool,
+) -> Result<WorkloadOutcome, ReconcileError> {
+    let configmap = build_configmap(pipeline)?;
+    let plan = plan_workload(
+        data_plane_ready,
+        existing.as_ref(),
+        &config_hash(&configmap),
+    );
+    let deployment = match &plan {
+        Some(plan) => Some(
+            apply_workload(pipeline, ctx, existing.as_ref(), replicas, &configmap, plan).await?,
+        ),
+        None => existing,
+    };
+    let condition = workers_condition(deployment.as_ref(), plan.as_ref());
+    Ok(WorkloadOutcome {
+        deployment,
+        condition,
+    })
+}
+
+/// Server-side applies the ConfigMap (when the plan says so) and the Deployment; returns the
+/// Deployment as stored.
+async fn apply_workload(
     pipeline: &SignalPipeline,
     ctx: &Context,
     existing: Option<&Deployment>,
     replicas: i32,
+    configmap: &ConfigMap,
+    plan: &WorkloadPlan,
 ) -> Result<Deployment, ReconcileError> {
     let namespace = pipeline
         .namespace()
         .ok_or(ReconcileError::MissingMetadata("metadata.namespace"))?;
     let params = PatchParams::apply(FIELD_MANAGER).force();
 
-    let configmap = build_configmap(pipeline)?;
-    let hash = config_hash(&configmap);
-    let configmap_name = configmap.name_any();
-    Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
-        .patch(&configmap_name, &params, &Patch::Apply(&configmap))
-        .await
-        .map_err(kube_error(format!("applying ConfigMap {configmap_name}")))?;
+    if plan.apply_configmap {
+        let configmap_name = configmap.name_any();
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
+            .patch(&configmap_name, &params, &Patch::Apply(configmap))
+            .await
+            .map_err(kube_error(format!("applying ConfigMap {configmap_name}")))?;
+    }
 
     let desired = build_deployment(
         pipeline,
         &WorkerDeploymentInputs {
             replicas,
             default_image: &ctx.settings.default_worker_image,
-            config_hash: &hash,
+            config_hash: plan.config_hash.as_deref(),
         },
     )?;
     let deployment_name = desired.name_any();
@@ -52,7 +142,13 @@ pub(super) async fn apply_workload(
         .await
         .map_err(kube_error(format!("applying Deployment {deployment_name}")))?;
 
-    if let Some(change) = describe_workload_change(existing, replicas, &hash, &deployment_name) {
+    let change = describe_workload_change(
+        existing,
+        replicas,
+        plan.config_hash.as_deref(),
+        &deployment_name,
+    );
+    if let Some(change) = change {
         publish(
             &ctx.recorder,
             pipeline,
@@ -70,7 +166,7 @@ pub(super) async fn apply_workload(
 fn describe_workload_change(
     existing: Option<&Deployment>,
     replicas: i32,
-    hash: &str,
+    hash: Option<&str>,
     deployment_name: &str,
 ) -> Option<String> {
     let Some(existing) = existing else {
@@ -79,12 +175,7 @@ fn describe_workload_change(
         ));
     };
     let old_replicas = existing.spec.as_ref().and_then(|s| s.replicas);
-    let old_hash = existing
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.metadata.as_ref())
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(CONFIG_HASH_ANNOTATION));
+    let old_hash = running_config_hash(existing);
     let mut changes = Vec::new();
     if old_replicas != Some(replicas) {
         changes.push(format!(
@@ -92,7 +183,7 @@ fn describe_workload_change(
             old_replicas.unwrap_or_default()
         ));
     }
-    if old_hash.map(String::as_str) != Some(hash) {
+    if old_hash != hash {
         changes.push(format!(
             "rolling out the changed pipeline manifest to Deployment {deployment_name}"
         ));
@@ -100,9 +191,10 @@ fn describe_workload_change(
     (!changes.is_empty()).then(|| changes.join("; "))
 }
 
-pub(super) fn workers_condition(
+/// `WorkersReady` from the Deployment as applied, saying what waits for the data plane.
+fn workers_condition(
     deployment: Option<&Deployment>,
-    data_plane_ready: bool,
+    plan: Option<&WorkloadPlan>,
 ) -> ConditionState {
     let Some(deployment) = deployment else {
         return ConditionState::new(
@@ -122,10 +214,13 @@ pub(super) fn workers_condition(
     let updated = status.and_then(|s| s.updated_replicas).unwrap_or(0);
     let current_generation =
         status.and_then(|s| s.observed_generation) >= deployment.metadata.generation;
-    let suffix = if data_plane_ready {
-        ""
-    } else {
-        " (not updated while the data plane is not ready)"
+    let suffix = match plan {
+        Some(plan) if plan.apply_configmap => "",
+        Some(plan) if plan.manifest_waits => {
+            " (data plane not ready: replicas and pod template follow the spec; the changed \
+             manifest waits for the stream, consumer and table)"
+        }
+        _ => " (data plane not ready: replicas and pod template still follow the spec)",
     };
     if wanted == 0 {
         ConditionState::new(
@@ -187,51 +282,130 @@ mod tests {
         }
     }
 
+    fn ready_plan(hash: &str) -> WorkloadPlan {
+        WorkloadPlan {
+            apply_configmap: true,
+            config_hash: Some(hash.to_string()),
+            manifest_waits: false,
+        }
+    }
+
+    #[test]
+    fn a_ready_data_plane_applies_the_spec_manifest() {
+        let running = deployment(2, "old", 2, 2);
+        for existing in [None, Some(&running)] {
+            assert_eq!(
+                plan_workload(true, existing, "new"),
+                Some(ready_plan("new"))
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_created_before_the_data_plane_is_ready() {
+        assert_eq!(plan_workload(false, None, "new"), None);
+    }
+
+    #[test]
+    fn during_an_outage_a_running_deployment_keeps_its_manifest() {
+        let running = deployment(2, "old", 2, 2);
+        assert_eq!(
+            plan_workload(false, Some(&running), "new"),
+            Some(WorkloadPlan {
+                apply_configmap: false,
+                config_hash: Some("old".to_string()),
+                manifest_waits: true,
+            })
+        );
+        assert_eq!(
+            plan_workload(false, Some(&running), "old"),
+            Some(WorkloadPlan {
+                apply_configmap: false,
+                config_hash: Some("old".to_string()),
+                manifest_waits: false,
+            })
+        );
+        // A Deployment without the annotation keeps having none, so the manifest still rolls the
+        // pods once the data plane is back.
+        let mut bare = running;
+        bare.spec.as_mut().expect("spec").template.metadata = None;
+        assert_eq!(
+            plan_workload(false, Some(&bare), "new"),
+            Some(WorkloadPlan {
+                apply_configmap: false,
+                config_hash: None,
+                manifest_waits: true,
+            })
+        );
+    }
+
     #[test]
     fn workload_changes_are_described_only_when_something_changed() {
-        let created = describe_workload_change(None, 2, "h1", "orders-worker");
+        let created = describe_workload_change(None, 2, Some("h1"), "orders-worker");
         assert_eq!(
             created.as_deref(),
             Some("created Deployment orders-worker with 2 worker(s)")
         );
         let same = deployment(2, "h1", 2, 2);
         assert_eq!(
-            describe_workload_change(Some(&same), 2, "h1", "orders-worker"),
+            describe_workload_change(Some(&same), 2, Some("h1"), "orders-worker"),
             None
         );
-        let scaled = describe_workload_change(Some(&same), 5, "h1", "orders-worker");
+        let scaled = describe_workload_change(Some(&same), 5, Some("h1"), "orders-worker");
         assert_eq!(
             scaled.as_deref(),
             Some("scaled Deployment orders-worker from 2 to 5 worker(s)")
         );
-        let rolled = describe_workload_change(Some(&same), 2, "h2", "orders-worker");
+        let rolled = describe_workload_change(Some(&same), 2, Some("h2"), "orders-worker");
         assert!(rolled.is_some_and(|text| text.contains("rolling out")));
     }
 
     #[test]
     fn workers_are_ready_when_the_current_generation_has_every_replica_ready() {
-        let ready = workers_condition(Some(&deployment(2, "h", 2, 2)), true);
+        let plan = ready_plan("h");
+        let ready = workers_condition(Some(&deployment(2, "h", 2, 2)), Some(&plan));
         assert_eq!(
             (ready.status, ready.reason.as_str()),
             (ConditionStatus::True, "Ready")
         );
-        let stale = workers_condition(Some(&deployment(2, "h", 2, 1)), true);
+        assert_eq!(ready.message, "2/2 workers ready");
+        let stale = workers_condition(Some(&deployment(2, "h", 2, 1)), Some(&plan));
         assert_eq!(
             (stale.status, stale.reason.as_str()),
             (ConditionStatus::False, "Progressing")
         );
-        let partial = workers_condition(Some(&deployment(3, "h", 1, 2)), true);
+        let partial = workers_condition(Some(&deployment(3, "h", 1, 2)), Some(&plan));
         assert_eq!(partial.status, ConditionStatus::False);
-        let zero = workers_condition(Some(&deployment(0, "h", 0, 2)), false);
+        let missing = workers_condition(None, None);
+        assert_eq!(missing.reason, "WaitingForDataPlane");
+    }
+
+    #[test]
+    fn during_an_outage_the_condition_says_what_waits() {
+        let running = deployment(3, "old", 1, 2);
+        let waiting = plan_workload(false, Some(&running), "new");
+        let condition = workers_condition(Some(&running), waiting.as_ref());
+        assert_eq!(
+            (condition.status, condition.reason.as_str()),
+            (ConditionStatus::False, "Progressing")
+        );
+        assert!(
+            condition.message.starts_with("1/3 workers ready")
+                && condition.message.contains("the changed manifest waits"),
+            "{}",
+            condition.message
+        );
+        let unchanged = plan_workload(false, Some(&running), "old");
+        let zero = workers_condition(Some(&deployment(0, "old", 0, 2)), unchanged.as_ref());
         assert_eq!(
             (zero.status, zero.reason.as_str()),
             (ConditionStatus::True, "ScaledToZero")
         );
         assert!(
+            zero.message.contains("data plane not ready")
+                && !zero.message.contains("manifest waits"),
+            "{}",
             zero.message
-                .contains("not updated while the data plane is not ready")
         );
-        let missing = workers_condition(None, false);
-        assert_eq!(missing.reason, "WaitingForDataPlane");
     }
 }

@@ -13,7 +13,10 @@
 //! comparison in [`table_clause_diff`], which compares the live table with the spec's table as the
 //! server itself prints it, made in [`table_scratch`]. Nothing here panics, and every network step
 //! is bounded by a timeout so an unreachable server is reported within seconds instead of hanging
-//! a reconcile.
+//! a reconcile. A server that accepts connections but answers nothing (a stopped process, a full
+//! accept queue) costs one request timeout per side and reconcile: the first request it leaves
+//! unanswered ends that side's work (the table's steps share one `?` chain; the NATS side skips
+//! its remaining parts), so a reconcile during an outage takes about [`OUTAGE_RECONCILE_BOUND`].
 
 pub mod consumer;
 pub mod dead_letter_stream;
@@ -43,6 +46,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound for reconciling one part, however many requests it makes.
 pub const PART_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long opening a NATS connection may take in all, name lookup included.
+const NATS_CONNECT_BOUND: Duration = Duration::from_secs(CONNECT_TIMEOUT.as_secs() + 1);
+/// How long the data plane holds a reconcile while a server does not answer: the NATS connect
+/// bound, or one request timeout (the NATS and ClickHouse sides run at the same time).
+pub const OUTAGE_RECONCILE_BOUND: Duration = NATS_CONNECT_BOUND;
+/// The reason of a part whose server could not be reached or did not answer in time.
+pub const UNREACHABLE: &str = "Unreachable";
 
 /// The outcome of reconciling one part (stream, consumer or table).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -179,7 +189,7 @@ impl DataPlaneError {
         match self {
             DataPlaneError::NatsUnreachable { .. }
             | DataPlaneError::ClickHouseUnreachable { .. }
-            | DataPlaneError::TimedOut { .. } => "Unreachable",
+            | DataPlaneError::TimedOut { .. } => UNREACHABLE,
             DataPlaneError::AuthenticationFailed { .. } => "AuthenticationFailed",
             DataPlaneError::NatsRefused { .. } => "RequestRefused",
             DataPlaneError::ClickHouseRefused { .. } => "QueryFailed",
@@ -212,7 +222,7 @@ pub(crate) async fn connect_jetstream(
     let url = spec.nats.url.clone();
     let client = bounded(
         format!("connecting to NATS at {url}"),
-        CONNECT_TIMEOUT + Duration::from_secs(1),
+        NATS_CONNECT_BOUND,
         async {
             signal_clients::connect::nats(&url, client_name, &creds.nats)
                 .await
@@ -302,26 +312,27 @@ async fn reconcile_nats_side(
     let js = match connect_jetstream(spec, creds, &format!("signal-operator/{pipeline_name}")).await
     {
         Ok(js) => js,
-        Err(error) => {
-            let report = PartReport::from_error(&error);
-            return NatsSide {
-                stream: report.clone(),
-                stream_status: None,
-                consumer: report.clone(),
-                consumer_status: None,
-                dead_letter: DeadLetterOutcome {
-                    report,
-                    status: None,
-                },
-                worker_health: WorkerHealth::Unknown(error.to_string()),
-                health_stream_changes: Vec::new(),
-            };
-        }
+        Err(error) => return NatsSide::unanswered(PartReport::from_error(&error)),
     };
     // The dead-letter stream exists before the workers start (they start once this reconcile
     // is ready), so their first dead letter is stored.
     let dead_letter = dead_letter_stream::reconcile_dead_letter(&js, pipeline_name, spec).await;
+    // A server that left one request unanswered would leave the next ones too: each would cost
+    // another request timeout and hold the reconcile (and the workload step after it) longer.
+    if dead_letter.report.reason == UNREACHABLE {
+        return NatsSide {
+            dead_letter: dead_letter.clone(),
+            ..NatsSide::unanswered(not_checked_after(&dead_letter.report))
+        };
+    }
     let stream = stream::reconcile_stream(&js, &spec.stream).await;
+    if stream.report.reason == UNREACHABLE {
+        return NatsSide {
+            stream: stream.report.clone(),
+            dead_letter,
+            ..NatsSide::unanswered(not_checked_after(&stream.report))
+        };
+    }
     let (consumer, consumer_status) = if stream.exists {
         let consumer = consumer::reconcile_consumer(&js, pipeline_name, spec).await;
         (consumer.report, consumer.status)
@@ -336,8 +347,11 @@ async fn reconcile_nats_side(
         );
         (consumer, None)
     };
-    let (worker_health, health_stream_changes) =
-        worker_health::check_worker_health(&js, pipeline_name, spec).await;
+    let (worker_health, health_stream_changes) = if consumer.reason == UNREACHABLE {
+        (WorkerHealth::Unknown(consumer.message.clone()), Vec::new())
+    } else {
+        worker_health::check_worker_health(&js, pipeline_name, spec).await
+    };
     NatsSide {
         stream: stream.report,
         stream_status: stream.status,
@@ -346,6 +360,37 @@ async fn reconcile_nats_side(
         dead_letter,
         worker_health,
         health_stream_changes,
+    }
+}
+
+/// The report of a part skipped because NATS left the request of an earlier one unanswered.
+fn not_checked_after(unanswered: &PartReport) -> PartReport {
+    PartReport::not_ready(
+        UNREACHABLE,
+        format!(
+            "not checked, NATS left an earlier request unanswered: {}",
+            unanswered.message
+        ),
+        Vec::new(),
+    )
+}
+
+impl NatsSide {
+    /// Every NATS part not ready with the same report: NATS could not be reached or stopped
+    /// answering.
+    fn unanswered(report: PartReport) -> Self {
+        NatsSide {
+            stream: report.clone(),
+            stream_status: None,
+            consumer: report.clone(),
+            consumer_status: None,
+            worker_health: WorkerHealth::Unknown(report.message.clone()),
+            dead_letter: DeadLetterOutcome {
+                report,
+                status: None,
+            },
+            health_stream_changes: Vec::new(),
+        }
     }
 }
 

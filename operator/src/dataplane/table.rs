@@ -37,9 +37,21 @@ pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Tabl
     )
     .await
     .unwrap_or_else(|error| TableOutcome {
-        report: PartReport::from_error(&error),
+        report: PartReport::from_error(&name_the_server(error, &spec.url)),
         schema_drift: None,
     })
+}
+
+/// A step that timed out becomes ClickHouse not answering, so the condition names the server a
+/// person has to look at (the steps' own words say only what was asked).
+fn name_the_server(error: DataPlaneError, url: &str) -> DataPlaneError {
+    match error {
+        DataPlaneError::TimedOut { action, seconds } => DataPlaneError::ClickHouseUnreachable {
+            url: url.to_string(),
+            message: format!("{action} got no answer within {seconds} s"),
+        },
+        other => other,
+    }
 }
 
 async fn apply_table(
@@ -214,21 +226,17 @@ pub(super) async fn execute(client: &Client, url: &str, sql: &str) -> Result<(),
 /// The server's `major.minor` release.
 pub async fn server_version(client: &Client, url: &str) -> Result<ServerVersion, DataPlaneError> {
     use signal_clients::clickhouse::{VERSION_SQL, VersionError};
-    bounded(
-        format!("asking ClickHouse at {url} for its version"),
-        REQUEST_TIMEOUT,
-        async {
-            signal_clients::clickhouse::server_version(client)
-                .await
-                .map_err(|error| match error {
-                    VersionError::Query(error) => query_error(url, VERSION_SQL, error),
-                    VersionError::NotAVersion(_) => DataPlaneError::ClickHouseRefused {
-                        statement: VERSION_SQL.to_string(),
-                        message: error.to_string(),
-                    },
-                })
-        },
-    )
+    bounded("asking for the server version", REQUEST_TIMEOUT, async {
+        signal_clients::clickhouse::server_version(client)
+            .await
+            .map_err(|error| match error {
+                VersionError::Query(error) => query_error(url, VERSION_SQL, error),
+                VersionError::NotAVersion(_) => DataPlaneError::ClickHouseRefused {
+                    statement: VERSION_SQL.to_string(),
+                    message: error.to_string(),
+                },
+            })
+    })
     .await
 }
 
@@ -330,6 +338,25 @@ pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_that_timed_out_names_clickhouse() {
+        let named = name_the_server(
+            DataPlaneError::TimedOut {
+                action: "asking for the server version".to_string(),
+                seconds: 5,
+            },
+            "http://ch:8123",
+        );
+        assert_eq!(named.reason(), "Unreachable");
+        assert_eq!(
+            named.to_string(),
+            "ClickHouse at http://ch:8123 is unreachable: asking for the server version got no \
+             answer within 5 s"
+        );
+        let refused = DataPlaneError::InvalidSpec("x".to_string());
+        assert_eq!(name_the_server(refused.clone(), "http://ch:8123"), refused);
+    }
 
     #[test]
     fn reads_the_error_code_of_old_and_current_servers() {

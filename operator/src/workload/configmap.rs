@@ -5,14 +5,18 @@
 //! `pipeline.yaml`; the worker reads it
 //! with `--pipeline /etc/signal/pipeline.yaml`. Secrets never go here: they reach the pod as
 //! environment variables from `secretKeyRef`s (see [`super::deployment`]).
+//!
+//! What only the Deployment uses (`workers.replicas`, `image`, `resources`, `autoscale`) is left
+//! at its defaults in the manifest: the pods roll when the manifest's hash changes, and scaling
+//! or a new image must not restart every pod for a manifest change the worker never reads.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sha2::{Digest, Sha256};
-use signal_model::SignalPipeline;
 use signal_model::manifest::PipelineManifest;
+use signal_model::{SignalPipeline, WorkersSpec};
 
 use super::{
     MANIFEST_KEY, WorkloadError, configmap_name, labels, name_and_namespace, owner_reference,
@@ -22,7 +26,12 @@ use super::{
 pub fn manifest_yaml(pipeline: &SignalPipeline) -> Result<String, WorkloadError> {
     let (name, namespace) = name_and_namespace(pipeline)?;
     // Defaults resolved, so the workers publish dead letters where the operator keeps them.
-    let spec = pipeline.spec.with_dead_letter_resolved(&name);
+    let mut spec = pipeline.spec.with_dead_letter_resolved(&name);
+    spec.workers = WorkersSpec {
+        batch: spec.workers.batch,
+        max_message_bytes: spec.workers.max_message_bytes,
+        ..WorkersSpec::default()
+    };
     Ok(PipelineManifest::new(&name, Some(&namespace), spec).to_yaml()?)
 }
 
@@ -164,6 +173,36 @@ mod tests {
         let mut edited = pipeline;
         edited.spec.workers.batch.max_rows = 500;
         assert_ne!(hash, config_hash(&build_configmap(&edited).expect("built")));
+    }
+
+    #[test]
+    fn scaling_or_a_new_image_leaves_the_manifest_alone() {
+        let mut spec = minimal_spec();
+        spec["workers"] = json!({"replicas": 2, "batch": {"maxRows": 700}});
+        let pipeline = stored_pipeline_with("orders", spec, 0);
+        let hash = config_hash(&build_configmap(&pipeline).expect("built"));
+        let mut deployment_only = pipeline.clone();
+        let workers = &mut deployment_only.spec.workers;
+        workers.replicas = 5;
+        workers.image = Some("registry.example/worker:2".to_string());
+        workers.resources =
+            Some(serde_json::from_value(json!({"limits": {"memory": "1Gi"}})).expect("resources"));
+        workers.autoscale = Some(
+            serde_json::from_value(
+                json!({"minReplicas": 1, "maxReplicas": 4, "targetLagPerReplica": 100}),
+            )
+            .expect("autoscale"),
+        );
+        assert_eq!(
+            hash,
+            config_hash(&build_configmap(&deployment_only).expect("built"))
+        );
+        // What the worker reads stays in: the batch settings.
+        let manifest =
+            PipelineManifest::from_yaml(&manifest_yaml(&deployment_only).expect("rendered"))
+                .expect("the worker parses it");
+        assert_eq!(manifest.spec.workers.batch.max_rows, 700);
+        assert_eq!(manifest.spec.workers.image, None);
     }
 
     #[test]

@@ -41,8 +41,9 @@ pub struct WorkerDeploymentInputs<'a> {
     pub replicas: i32,
     /// The operator's `--worker-image`, used when `spec.workers.image` is not set.
     pub default_image: &'a str,
-    /// [`super::config_hash`] of the ConfigMap the pods mount.
-    pub config_hash: &'a str,
+    /// [`super::config_hash`] of the ConfigMap the pods run with; `None` leaves the annotation
+    /// out (a running Deployment that had none, kept as it is while the manifest waits).
+    pub config_hash: Option<&'a str>,
 }
 
 /// The Deployment `<pipeline>-worker`, owned by the pipeline.
@@ -57,17 +58,16 @@ pub fn build_deployment(
         .image
         .clone()
         .unwrap_or_else(|| inputs.default_image.to_string());
-    let pod_annotations = BTreeMap::from([
-        (
-            CONFIG_HASH_ANNOTATION.to_string(),
-            inputs.config_hash.to_string(),
-        ),
+    let mut pod_annotations = BTreeMap::from([
         ("prometheus.io/scrape".to_string(), "true".to_string()),
         (
             "prometheus.io/port".to_string(),
             WORKER_METRICS_PORT.to_string(),
         ),
     ]);
+    if let Some(hash) = inputs.config_hash {
+        pod_annotations.insert(CONFIG_HASH_ANNOTATION.to_string(), hash.to_string());
+    }
     Ok(Deployment {
         metadata: ObjectMeta {
             name: Some(deployment_name(&name)),
@@ -271,7 +271,7 @@ mod tests {
         WorkerDeploymentInputs {
             replicas,
             default_image: DEFAULT_IMAGE,
-            config_hash: HASH,
+            config_hash: Some(HASH),
         }
     }
 
@@ -331,6 +331,28 @@ mod tests {
         assert_eq!(
             annotations.get(CONFIG_HASH_ANNOTATION).map(String::as_str),
             Some(HASH)
+        );
+    }
+
+    #[test]
+    fn without_a_config_hash_the_pods_carry_none() {
+        let deployment = build_deployment(
+            &stored_pipeline("orders"),
+            &WorkerDeploymentInputs {
+                config_hash: None,
+                ..inputs(1)
+            },
+        )
+        .expect("built");
+        let annotations = deployment
+            .spec
+            .and_then(|s| s.template.metadata)
+            .and_then(|m| m.annotations)
+            .expect("pod annotations");
+        assert!(!annotations.contains_key(CONFIG_HASH_ANNOTATION));
+        assert_eq!(
+            annotations.get("prometheus.io/scrape").map(String::as_str),
+            Some("true")
         );
     }
 

@@ -7,7 +7,8 @@
 //! the finalizer release on deletion, with the data plane kept (`Retain`) or removed (`Delete`),
 //! and held while a `Delete` cleanup fails until the cleanup timeout gives up; a `Conflict` status
 //! for the newer of two pipelines claiming one table; `Ready=False` and an error, not a panic,
-//! when NATS is unreachable, a Secret is missing or the spec is invalid; the dead-letter stream
+//! when NATS is unreachable, a Secret is missing or the spec is invalid, with a running worker
+//! Deployment still following replicas and image but keeping its manifest; the dead-letter stream
 //! created, kept or deleted with the pipeline and named in its status; `Ready=False` with the
 //! reason of a stuck worker's health report published to the real NATS. NATS and ClickHouse are
 //! real servers from `signal-testkit`, started once and shared: each test uses its own stream,
@@ -642,6 +643,97 @@ async fn an_unreachable_nats_is_reported_in_the_conditions_and_returned_as_an_er
         .find(|e| e.reason == "Unreachable")
         .expect("a warning event");
     assert_eq!(warning.type_, "Warning");
+}
+
+#[tokio::test]
+async fn while_nats_is_unreachable_a_running_deployment_follows_replicas_and_image_but_keeps_its_manifest()
+ {
+    let servers = servers();
+    let mut outage = with_finalizer(pipeline(
+        "outage",
+        &unreachable_url("nats"),
+        &servers.clickhouse.http_url(),
+        1_700_000_000,
+    ));
+    outage.spec.workers.replicas = 3;
+    outage.spec.workers.image = Some("signal-worker:next".to_string());
+    let (task, mut api) = start_reconcile(&outage, index_of(&[&outage]));
+
+    // Applied when the data plane was last good: one replica of the old image, the old manifest.
+    let read = api.next_call().await;
+    read.expect(Method::GET, &deployment_path("outage"));
+    let running = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "outage-worker", "namespace": NAMESPACE, "generation": 1},
+        "spec": {"replicas": 1, "selector": {}, "template": {
+            "metadata": {"annotations": {CONFIG_HASH_ANNOTATION: "manifest-of-last-good-state"}},
+            "spec": {"containers": [{"name": "signal-worker", "image": WORKER_IMAGE}]},
+        }},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1},
+    });
+    read.respond_ok(&running);
+
+    // No ConfigMap: the manifest waits for the stream and consumer it describes.
+    let deployment_apply = api.next_call().await;
+    deployment_apply.expect_apply(&deployment_path("outage"));
+    let deployment: Deployment =
+        serde_json::from_value(deployment_apply.body.clone()).expect("a Deployment body");
+    let spec = deployment.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(3));
+    let template = &spec.template;
+    assert_eq!(
+        template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(CONFIG_HASH_ANNOTATION))
+            .map(String::as_str),
+        Some("manifest-of-last-good-state")
+    );
+    assert_eq!(
+        template.spec.as_ref().expect("pod spec").containers[0]
+            .image
+            .as_deref(),
+        Some("signal-worker:next")
+    );
+    let mut stored = deployment_apply.body.clone();
+    stored["metadata"]["generation"] = json!(2);
+    stored["status"] = running["status"].clone();
+    deployment_apply.respond_ok(&stored);
+
+    let status_apply = api.next_call().await;
+    status_apply.expect_apply(&format!("{}/status", pipeline_path("outage")));
+    let body = status_apply.body.clone();
+    assert_eq!(
+        state(&body, "StreamReady"),
+        ("False", "Unreachable"),
+        "{body}"
+    );
+    let stream_message = condition(&body, "StreamReady")["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(stream_message.contains("NATS"), "{stream_message}");
+    assert_eq!(state(&body, "WorkersReady"), ("False", "Progressing"));
+    let workers_message = condition(&body, "WorkersReady")["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        workers_message.contains("the changed manifest waits"),
+        "{workers_message}"
+    );
+    respond_with_status(status_apply, &outage);
+
+    let error = finish(task, &mut api)
+        .await
+        .expect_err("the data plane is still not ready, so the reconcile retries");
+    assert!(
+        matches!(
+            error,
+            ReconcileError::DataPlaneNotReady { what: "stream", .. }
+        ),
+        "{error}"
+    );
+    assert!(api.published("WorkersApplied"), "{:?}", api.events);
 }
 
 #[tokio::test]
