@@ -309,7 +309,7 @@ async fn worker_pods_ingest_scale_survive_kills_autoscale_and_outages() {
         node.address(),
         node.started_in().as_secs_f64()
     );
-    let servers = Servers {
+    let mut servers = Servers {
         nats: NatsServer::start_on(node.address()).unwrap(),
         clickhouse: ClickHouseServer::start_on(node.address()).unwrap(),
         redis: RedisServer::start_on(node.address()).unwrap(),
@@ -323,7 +323,7 @@ async fn worker_pods_ingest_scale_survive_kills_autoscale_and_outages() {
         ..OperatorOptions::default()
     })
     .unwrap();
-    let result = scenario(&client, &namespace, &servers).await;
+    let result = scenario(&client, &namespace, &mut servers).await;
     if let Err(error) = result {
         let logs: Vec<String> = node
             .log_files()
@@ -346,7 +346,7 @@ async fn worker_pods_ingest_scale_survive_kills_autoscale_and_outages() {
     }
 }
 
-async fn scenario(client: &Client, namespace: &str, servers: &Servers) -> Result<()> {
+async fn scenario(client: &Client, namespace: &str, servers: &mut Servers) -> Result<()> {
     let name = "ingest";
     let spec = spec_for(&dataplane::unique("node"), servers);
     let pipelines: Api<SignalPipeline> = Api::namespaced(client.clone(), namespace);
@@ -520,7 +520,7 @@ async fn scenario(client: &Client, namespace: &str, servers: &Servers) -> Result
     // A ClickHouse outage (SIGSTOP: connections accepted, nothing answered): the pods turn
     // unready, the status names ClickHouse, and kubectl scale is still carried out.
     patch_spec(&pipelines, name, json!({"workers": {"autoscale": null}})).await?;
-    servers.clickhouse.pause()?;
+    servers.clickhouse.pause();
     let outage = Instant::now();
     let wave_start = 2 * WAVE + 30_001;
     publish(&js, &subject, wave_start, 10_000).await?;
@@ -552,7 +552,7 @@ async fn scenario(client: &Client, namespace: &str, servers: &Servers) -> Result
         describe_conditions(&pipeline)
     );
     unready?;
-    servers.clickhouse.resume()?;
+    servers.clickhouse.resume();
     let recovered = wait_rows(servers, &spec, valid, Instant::now()).await?;
     wait_pods(&pods, name, 2).await?;
     eprintln!(
