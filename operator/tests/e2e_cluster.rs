@@ -11,10 +11,11 @@
 //! CRD's CEL rule; deleted with `deletionPolicy: Delete`: the finalizer removes the stream and the
 //! table, and kube-controller-manager's garbage collector the Deployment and ConfigMap.
 //!
-//! What needs worker pods that really run (signals reaching ClickHouse through them) needs a
-//! cluster with nodes and the worker image: `signals_flow_through_worker_pods_on_a_real_cluster`
-//! stays ignored; run it on the cluster `scripts/kind-e2e.sh --keep` leaves (servers from
-//! `deploy/dev` in namespace `signals`):
+//! Worker pods that really run are the subject of `cluster_node.rs` (the testkit's node, in the
+//! suite). The same lifecycle on someone's own cluster with nodes and the worker image is
+//! `signals_flow_through_worker_pods_on_a_real_cluster`, ignored here because it needs that
+//! cluster: run it on the one `scripts/kind-e2e.sh --keep` leaves (servers from `deploy/dev` in
+//! namespace `signals`):
 //!
 //! ```text
 //! SIGNAL_E2E_NATS_URL=nats://nats.signals.svc:4222 \
@@ -403,7 +404,7 @@ async fn a_pipeline_lives_through_apply_scale_edit_and_delete() {
 
 /// The same life on a real cluster whose nodes run the worker image (see the top of this file).
 #[tokio::test]
-#[ignore = "needs worker pods that run: a cluster with nodes (KUBECONFIG, SIGNAL_E2E_NATS_URL, SIGNAL_E2E_CLICKHOUSE_URL)"]
+#[ignore = "runs against your own cluster (KUBECONFIG, SIGNAL_E2E_NATS_URL, SIGNAL_E2E_CLICKHOUSE_URL); the suite's node is cluster_node.rs"]
 async fn signals_flow_through_worker_pods_on_a_real_cluster() {
     let required = |name: &str| {
         std::env::var(name)
