@@ -20,284 +20,33 @@
 mod cluster;
 #[path = "support/dataplane.rs"]
 mod dataplane;
+#[path = "support/node.rs"]
+mod node;
 #[path = "support/worker_binary.rs"]
 mod worker_binary;
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail, ensure};
-use async_nats::jetstream;
+use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::DeleteParams;
 use kube::{Api, Client};
 use serde_json::json;
-use signal_model::{
-    CacheSpec, DeletionPolicy, HumanDuration, RedisSpec, SignalPipeline, SignalPipelineSpec,
-};
-use signal_testkit::{
-    ClickHouseServer, ImageSpec, KubeNode, NatsServer, RedisServer, write_image_archive,
+use signal_model::SignalPipeline;
+use signal_testkit::{ClickHouseServer, KubeNode, NatsServer, RedisServer};
+
+use node::{
+    POD_TIMEOUT, POISON_EVERY, Servers, WAVE, WORKER_IMAGE, all_pods, check_exactly_once,
+    import_worker_image, kill_worker_process, patch_spec, publish, ready_pods,
+    signal_worker_process, spec_for, valid_in, wait_deployment_replicas, wait_pods,
+    wait_ready_count, wait_rows,
 };
 
 use cluster::{
     Operator, OperatorOptions, apply_pipeline, call, describe_conditions, eventually, kubectl,
     pipeline_object, wait_condition, wait_gone,
 };
-
-/// The image name the pods run; imported into the node, never pulled.
-const WORKER_IMAGE: &str = "docker.io/library/signal-worker:node-test";
-/// Long enough for pods to start on a loaded two-core machine.
-const POD_TIMEOUT: Duration = Duration::from_secs(120);
-/// Signals per wave; every 100th is poison.
-const WAVE: u64 = 100_000;
-const POISON_EVERY: u64 = 100;
-
-struct Servers {
-    nats: NatsServer,
-    clickhouse: ClickHouseServer,
-    redis: RedisServer,
-}
-
-/// Packs the test profile's worker (debug sections stripped: a quarter of the size) into an image
-/// and imports it into the node.
-fn import_worker_image(node: &KubeNode) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let stripped = dir.path().join("signal-worker");
-    let status = std::process::Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(worker_binary::worker_binary())
-        .arg(&stripped)
-        .status()
-        .context("running objcopy (apt-get install -y binutils)")?;
-    ensure!(status.success(), "objcopy --strip-debug failed: {status}");
-    let archive = dir.path().join("worker.tar");
-    write_image_archive(
-        &ImageSpec {
-            name: WORKER_IMAGE.to_string(),
-            program: stripped,
-            args: Vec::new(),
-            user: "65532:65532".to_string(),
-        },
-        &archive,
-    )?;
-    node.import_image(&archive)?;
-    Ok(())
-}
-
-fn spec_for(name: &str, servers: &Servers) -> SignalPipelineSpec {
-    let mut spec =
-        dataplane::pipeline_spec(name, &servers.nats.url(), &servers.clickhouse.http_url());
-    spec.deletion_policy = DeletionPolicy::Delete;
-    spec.workers.replicas = 2;
-    // A killed worker's messages come back after the ack wait: keep it short.
-    spec.consumer.ack_wait = HumanDuration::from_secs(6);
-    spec.workers.batch.max_wait = HumanDuration::from_secs(1);
-    spec.cache = Some(CacheSpec {
-        redis: RedisSpec {
-            url: servers.redis.url(),
-            auth: None,
-        },
-        key: "wallet:{wallet}".to_string(),
-        fields: vec!["amount".to_string()],
-        ttl: HumanDuration::from_secs(600),
-    });
-    spec
-}
-
-/// Publishes `count` signals from sequence `first`, every [`POISON_EVERY`]th one not JSON;
-/// each valid one has its own wallet `w<sequence>`, so rows and keys count sequences.
-async fn publish(js: &jetstream::Context, subject: &str, first: u64, count: u64) -> Result<()> {
-    let mut acks = Vec::with_capacity(1024);
-    for sequence in first..first + count {
-        let payload = if sequence % POISON_EVERY == 0 {
-            format!("poison {sequence}")
-        } else {
-            json!({
-                "event_time": "2026-12-01T12:00:00Z",
-                "wallet": format!("w{sequence}"),
-                "amount": (sequence % 1000) as i32,
-            })
-            .to_string()
-        };
-        acks.push(js.publish(subject.to_string(), payload.into()).await?);
-        if acks.len() == 1024 {
-            for ack in acks.drain(..) {
-                ack.await.context("a publish was not acknowledged")?;
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.context("a publish was not acknowledged")?;
-    }
-    Ok(())
-}
-
-fn valid_in(first: u64, count: u64) -> u64 {
-    (first..first + count)
-        .filter(|s| s % POISON_EVERY != 0)
-        .count() as u64
-}
-
-/// (rows, distinct wallets) in the pipeline's table.
-fn table_counts(clickhouse: &ClickHouseServer, spec: &SignalPipelineSpec) -> Result<(u64, u64)> {
-    let text = clickhouse.query(&format!(
-        "SELECT count(), uniqExact(wallet) FROM {}.{} FORMAT TSV",
-        spec.clickhouse.database, spec.clickhouse.table
-    ))?;
-    let mut fields = text.split_whitespace().map(str::parse::<u64>);
-    match (fields.next(), fields.next()) {
-        (Some(Ok(rows)), Some(Ok(distinct))) => Ok((rows, distinct)),
-        _ => bail!("unexpected answer {text:?}"),
-    }
-}
-
-async fn dead_letters(js: &jetstream::Context, spec: &SignalPipelineSpec) -> Result<u64> {
-    let name = format!("{}_DLQ", spec.stream.name);
-    let mut stream = js.get_stream(&name).await?;
-    Ok(stream.info().await?.state.messages)
-}
-
-/// Waits until the table holds `rows` rows; returns how long that took from `since`.
-async fn wait_rows(
-    servers: &Servers,
-    spec: &SignalPipelineSpec,
-    rows: u64,
-    since: Instant,
-) -> Result<Duration> {
-    eventually(
-        &format!("{rows} rows in ClickHouse"),
-        Duration::from_secs(180),
-        || async {
-            let (have, _) = table_counts(&servers.clickhouse, spec)?;
-            Ok(if have >= rows {
-                Ok(())
-            } else {
-                Err(format!("{have} rows"))
-            })
-        },
-    )
-    .await?;
-    Ok(since.elapsed())
-}
-
-/// Names of the pipeline's pods that are Running and Ready (and not being deleted).
-async fn ready_pods(pods: &Api<Pod>, name: &str) -> Result<BTreeSet<String>> {
-    let list = call(
-        "listing worker pods",
-        pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"))),
-    )
-    .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter(|pod| {
-            let status = pod.status.as_ref();
-            status.and_then(|s| s.phase.as_deref()) == Some("Running")
-                && status
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|pod| pod.metadata.name)
-        .collect())
-}
-
-async fn all_pods(pods: &Api<Pod>, name: &str) -> Result<usize> {
-    let list = call(
-        "listing worker pods",
-        pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}"))),
-    )
-    .await?;
-    Ok(list.items.len())
-}
-
-/// Waits until exactly `count` pods are Running and Ready and no other pod of the pipeline is
-/// left; returns their names and how long that took.
-async fn wait_pods(
-    pods: &Api<Pod>,
-    name: &str,
-    count: usize,
-) -> Result<(BTreeSet<String>, Duration)> {
-    let started = Instant::now();
-    let names = eventually(
-        &format!("{count} Running, Ready worker pods and no other"),
-        POD_TIMEOUT,
-        || async {
-            let ready = ready_pods(pods, name).await?;
-            let total = all_pods(pods, name).await?;
-            Ok(if ready.len() == count && total == count {
-                Ok(ready)
-            } else {
-                Err(format!("{} ready of {total} pods", ready.len()))
-            })
-        },
-    )
-    .await?;
-    Ok((names, started.elapsed()))
-}
-
-async fn wait_deployment_replicas(
-    deployments: &Api<Deployment>,
-    name: &str,
-    replicas: i32,
-    timeout: Duration,
-) -> Result<()> {
-    eventually(
-        &format!("the Deployment at {replicas} replicas"),
-        timeout,
-        || async {
-            let deployment = call(
-                "reading the Deployment",
-                deployments.get(&format!("{name}-worker")),
-            )
-            .await?;
-            let current = deployment.spec.and_then(|s| s.replicas);
-            Ok(if current == Some(replicas) {
-                Ok(())
-            } else {
-                Err(format!("spec.replicas {current:?}"))
-            })
-        },
-    )
-    .await
-}
-
-/// Waits until at least `count` pods are Running and Ready.
-async fn wait_ready_count(
-    pods: &Api<Pod>,
-    name: &str,
-    count: usize,
-) -> Result<(BTreeSet<String>, Duration)> {
-    let started = Instant::now();
-    let names = eventually(
-        &format!("{count} Running, Ready worker pods"),
-        POD_TIMEOUT,
-        || async {
-            let ready = ready_pods(pods, name).await?;
-            Ok(if ready.len() >= count {
-                Ok(ready)
-            } else {
-                Err(format!("{} ready", ready.len()))
-            })
-        },
-    )
-    .await?;
-    Ok((names, started.elapsed()))
-}
-
-async fn patch_spec(api: &Api<SignalPipeline>, name: &str, patch: serde_json::Value) -> Result<()> {
-    call(
-        "patching the pipeline",
-        api.patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": patch})),
-        ),
-    )
-    .await?;
-    Ok(())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_pods_ingest_scale_survive_kills_autoscale_and_outages() {
@@ -603,81 +352,4 @@ async fn scenario(client: &Client, namespace: &str, servers: &mut Servers) -> Re
         deleting.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Every valid sequence stored once, every poison one a dead letter, a Redis key per wallet.
-///
-/// The cache is written after the rows are stored and acknowledged, and is best effort (README,
-/// "Delivery guarantees"): a worker killed between the two drops the cache updates of the batches
-/// it held, at most `cache_may_miss` keys; without faults it must be complete.
-async fn check_exactly_once(
-    servers: &Servers,
-    js: &jetstream::Context,
-    spec: &SignalPipelineSpec,
-    valid: u64,
-    poison: u64,
-    cache_may_miss: u64,
-) -> Result<()> {
-    let (rows, distinct) = table_counts(&servers.clickhouse, spec)?;
-    let letters = dead_letters(js, spec).await?;
-    let keys = eventually(
-        &format!("{valid} Redis keys"),
-        Duration::from_secs(60),
-        || async {
-            let keys: u64 = servers.redis.command(&["DBSIZE"])?;
-            Ok(if keys + cache_may_miss >= valid {
-                Ok(keys)
-            } else {
-                Err(format!("{keys} keys"))
-            })
-        },
-    )
-    .await?;
-    eprintln!(
-        "  {rows} rows, {distinct} distinct sequences (expected {valid}), {} duplicates; {letters} dead letters for {poison} poison; {keys} Redis keys",
-        rows - distinct
-    );
-    ensure!(
-        distinct == valid,
-        "{distinct} distinct sequences stored, {valid} expected"
-    );
-    ensure!(
-        letters >= poison,
-        "{letters} dead letters for {poison} poison signals"
-    );
-    ensure!(
-        keys <= valid && keys + cache_may_miss >= valid,
-        "{keys} Redis keys for {valid} wallets (up to {cache_may_miss} may be missing)"
-    );
-    Ok(())
-}
-
-/// SIGKILLs the worker process of pod `pod` on this machine (the kubelet restarts the container).
-fn kill_worker_process(pod: &str) -> Result<()> {
-    let killed = signal_worker_process(pod, libc::SIGKILL)?;
-    ensure!(killed == 1, "found {killed} worker processes of pod {pod}");
-    Ok(())
-}
-
-/// Sends `signal` to the worker process of pod `pod`, found by the `HOSTNAME` its container has;
-/// returns how many processes got it.
-fn signal_worker_process(pod: &str, signal: i32) -> Result<usize> {
-    let mut killed = 0;
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let command = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-        let is_worker = command.starts_with(b"/usr/local/bin/signal-worker");
-        let in_pod = String::from_utf8_lossy(&environ).contains(&format!("HOSTNAME={pod}"));
-        if is_worker && in_pod {
-            // SAFETY: a plain syscall on a pid just read from /proc.
-            unsafe {
-                libc::kill(pid, signal);
-            }
-            killed += 1;
-        }
-    }
-    Ok(killed)
 }

@@ -89,6 +89,7 @@ pub struct KubeNode {
     kubelet: ServerProcess,
     containerd: ServerProcess,
     network: Network,
+    api_forward: Option<ApiForward>,
     ctr: PathBuf,
     started_in: Duration,
     _ports: Vec<PortReservation>,
@@ -161,6 +162,7 @@ impl KubeNode {
             kubelet: ServerProcess::stopped(),
             containerd,
             network,
+            api_forward: None,
             ctr,
             started_in: Duration::ZERO,
             _ports: Vec::new(),
@@ -237,6 +239,7 @@ impl KubeNode {
                 )
             },
         )?;
+        node.api_forward = Some(ApiForward::start(node.network.address, cluster.port())?);
         node._ports = vec![kubelet_port, kubelet_healthz_port, scheduler_port];
         node.started_in = started.elapsed();
         Ok(node)
@@ -245,6 +248,15 @@ impl KubeNode {
     /// The node's address: the bridge's, which pods reach and which servers for them listen on.
     pub fn address(&self) -> Ipv4Addr {
         self.network.address
+    }
+
+    /// Where pods reach the API server: a port on the node's address forwarded to the API server
+    /// on 127.0.0.1 (TCP, so TLS is end to end). The serving certificate names
+    /// `kubernetes.default.svc`: a pod gets that name for this address through `hostAliases`, and
+    /// `KUBERNETES_SERVICE_HOST=kubernetes.default.svc` with `KUBERNETES_SERVICE_PORT` this port.
+    pub fn api_server_for_pods(&self) -> std::net::SocketAddr {
+        let port = self.api_forward.as_ref().map_or(0, |f| f.port);
+        (self.network.address, port).into()
     }
 
     /// The node's name in the API.
@@ -284,6 +296,7 @@ impl KubeNode {
 
 impl Drop for KubeNode {
     fn drop(&mut self) {
+        self.api_forward.take();
         self.scheduler.stop(STOP_GRACE);
         self.kubelet.stop(STOP_GRACE);
         kill_containers(self.dir.path());
@@ -300,6 +313,69 @@ pub(crate) fn clean_up_stale(dir: &Path) {
     unmount_under(dir);
     if let Some(network) = Network::read_record(dir) {
         network.remove();
+    }
+}
+
+/// A TCP forwarder from a port on the node's address to the API server on 127.0.0.1, a thread per
+/// connection and direction; stops accepting when dropped.
+#[derive(Debug)]
+struct ApiForward {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    address: Ipv4Addr,
+}
+
+impl ApiForward {
+    fn start(address: Ipv4Addr, api_server_port: u16) -> Result<ApiForward> {
+        let listener = std::net::TcpListener::bind((address, 0))
+            .context(|| format!("listening on {address} for the API server forward"))?;
+        let port = listener
+            .local_addr()
+            .context(|| "reading the forward's port".to_string())?
+            .port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::Builder::new()
+            .name("signal-testkit-api-forward".into())
+            .spawn(move || {
+                for incoming in listener.incoming() {
+                    if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(client) = incoming else { continue };
+                    let Ok(server) =
+                        std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, api_server_port))
+                    else {
+                        continue;
+                    };
+                    for (mut from, mut to) in [
+                        (client.try_clone(), server.try_clone()),
+                        (server.try_clone(), client.try_clone()),
+                    ]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                    {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            })
+            .context(|| "starting the API server forward".to_string())?;
+        Ok(ApiForward {
+            port,
+            stop,
+            address,
+        })
+    }
+}
+
+impl Drop for ApiForward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect((self.address, self.port));
     }
 }
 
