@@ -3,7 +3,8 @@
 //! and reported ready together) and [`delete_data_plane`] (what `deletionPolicy` removes, and the
 //! stream kept while another consumer still reads it). Unreachable servers, whether nothing
 //! listens or a listener never answers, must come back as a clear not-ready report within a
-//! bounded time, never as a hang or a panic; refused credentials are reported as such.
+//! bounded time, never as a hang or a panic, and a NATS that stops answering after the connect
+//! costs one request timeout, not one per part; refused credentials are reported as such.
 
 #[path = "support/dataplane.rs"]
 mod support;
@@ -333,6 +334,71 @@ async fn silent_listener() -> (String, tokio::task::JoinHandle<()>) {
         }
     });
     (address.to_string(), task)
+}
+
+/// Speaks just enough of the NATS protocol for a client to connect (INFO, PONG), then leaves
+/// every request unanswered: a server that hangs after the connection was made.
+async fn mute_nats() -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let info = format!(
+        "INFO {{\"server_id\":\"mute\",\"server_name\":\"mute\",\"version\":\"2.9.10\",\
+         \"proto\":1,\"headers\":true,\"max_payload\":1048576,\"jetstream\":true,\
+         \"host\":\"127.0.0.1\",\"port\":{}}}\r\n",
+        address.port()
+    );
+    let task = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let info = info.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                if write.write_all(info.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.starts_with("PING") && write.write_all(b"PONG\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (address.to_string(), task)
+}
+
+#[tokio::test]
+async fn a_nats_that_stops_answering_after_the_connect_costs_one_request_timeout() {
+    let (nats_address, nats_task) = mute_nats().await;
+    let name = unique("mute");
+    let spec = pipeline_spec(
+        &name,
+        &format!("nats://{nats_address}"),
+        &support::clickhouse().http_url(),
+    );
+    let started = Instant::now();
+    let report = reconcile(&name, &spec).await;
+    eprintln!(
+        "a NATS that answers no request held the data plane for {:?}",
+        started.elapsed()
+    );
+    // The dead-letter stream's request went unanswered; nothing after it was sent.
+    assert_eq!(report.dead_letter.reason, "Unreachable", "{report:#?}");
+    for (part, report) in [("stream", &report.stream), ("consumer", &report.consumer)] {
+        assert_eq!(report.reason, "Unreachable", "{part}: {report:?}");
+        assert!(
+            report
+                .message
+                .starts_with("not checked, NATS left an earlier request unanswered"),
+            "{part}: {}",
+            report.message
+        );
+    }
+    assert!(report.table.ready, "ClickHouse answers: {report:#?}");
+    nats_task.abort();
 }
 
 #[tokio::test]

@@ -16,7 +16,8 @@
 //! a reconcile. A server that accepts connections but answers nothing (a stopped process, a full
 //! accept queue) costs one request timeout per side and reconcile: the first request it leaves
 //! unanswered ends that side's work (the table's steps share one `?` chain; the NATS side skips
-//! its remaining parts), so a reconcile during an outage takes about [`OUTAGE_RECONCILE_BOUND`].
+//! its remaining parts), so a reconcile during an outage takes about 6 s: the NATS connect bound, or
+//! one [`REQUEST_TIMEOUT`], the two sides running at the same time.
 
 pub mod consumer;
 pub mod dead_letter_stream;
@@ -48,9 +49,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PART_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long opening a NATS connection may take in all, name lookup included.
 const NATS_CONNECT_BOUND: Duration = Duration::from_secs(CONNECT_TIMEOUT.as_secs() + 1);
-/// How long the data plane holds a reconcile while a server does not answer: the NATS connect
-/// bound, or one request timeout (the NATS and ClickHouse sides run at the same time).
-pub const OUTAGE_RECONCILE_BOUND: Duration = NATS_CONNECT_BOUND;
 /// The reason of a part whose server could not be reached or did not answer in time.
 pub const UNREACHABLE: &str = "Unreachable";
 
