@@ -326,9 +326,9 @@ mod tests {
         let (port, name) = (nats.port(), nats.name.clone());
         nats.pause();
         // The kernel accepts the connection; the INFO line never comes.
-        assert!(!jetstream_ready(port, &name).unwrap_or(false));
+        assert!(!jetstream_ready(Ipv4Addr::LOCALHOST, port, &name).unwrap_or(false));
         nats.resume();
-        assert!(jetstream_ready(port, &name).unwrap());
+        assert!(jetstream_ready(Ipv4Addr::LOCALHOST, port, &name).unwrap());
 
         nats.pause();
         let pid = nats.pid().unwrap();
