@@ -28,22 +28,6 @@ use cluster::{
 /// How long the unwatched pipeline is watched for any sign of the operator.
 const UNTOUCHED_FOR: Duration = Duration::from_secs(8);
 
-fn helm(args: &[&str]) -> String {
-    let output = cluster()
-        .helm()
-        .unwrap()
-        .args(args)
-        .output()
-        .expect("running helm");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "helm {}: {text}", args.join(" "));
-    text
-}
-
 /// A token for the ServiceAccount from the TokenRequest API, as a pod would get it.
 async fn service_account_token(client: &Client, namespace: &str, name: &str) -> String {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
@@ -76,7 +60,7 @@ async fn the_charts_rbac_is_enough_and_only_watched_namespaces_are_touched() {
     let release = format!("sig{}", &release_namespace[release_namespace.len() - 8..]);
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/signal-operator");
 
-    let installed = helm(&[
+    let installed = cluster::helm(&[
         "install",
         &release,
         chart,
@@ -84,7 +68,8 @@ async fn the_charts_rbac_is_enough_and_only_watched_namespaces_are_touched() {
         &release_namespace,
         "--set",
         &format!("watchNamespaces[0]={watched}"),
-    ]);
+    ])
+    .unwrap();
     assert!(installed.contains("STATUS: deployed"), "{installed}");
 
     // The chart's ServiceAccount, and a token for it.
@@ -226,5 +211,5 @@ async fn the_charts_rbac_is_enough_and_only_watched_namespaces_are_touched() {
         !log.to_lowercase().contains("forbidden"),
         "the chart's RBAC was not enough:\n{log}"
     );
-    helm(&["uninstall", &release, "--namespace", &release_namespace]);
+    cluster::helm(&["uninstall", &release, "--namespace", &release_namespace]).unwrap();
 }

@@ -20,10 +20,10 @@ mod worker_binary;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Result, ensure};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::DeleteParams;
 use kube::{Api, Client};
 use serde_json::json;
 use signal_model::SignalPipeline;
@@ -32,7 +32,7 @@ use signal_testkit::{ClickHouseServer, KubeNode, NatsServer, RedisServer};
 use cluster::{apply_pipeline, call, eventually, pipeline_object, wait_condition, wait_gone};
 use node::{
     POD_TIMEOUT, Servers, WORKER_IMAGE, import_binary_image, import_worker_image, patch_spec,
-    publish, spec_for, valid_in, wait_pods, wait_rows,
+    publish, ready_pods, spec_for, valid_in, wait_pods, wait_rows,
 };
 
 const OPERATOR_IMAGE_REPOSITORY: &str = "docker.io/library/signal-operator";
@@ -40,48 +40,12 @@ const OPERATOR_IMAGE_TAG: &str = "node-test";
 /// The Lease the chart's operators share (leader_election.rs).
 const LEASE_NAME: &str = "signal-operator-leader";
 
-fn helm(args: &[&str]) -> Result<String> {
-    let output = cluster::cluster()
-        .helm()?
-        .args(args)
-        .output()
-        .context("running helm")?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    ensure!(output.status.success(), "helm {}: {text}", args.join(" "));
-    Ok(text)
-}
-
 async fn lease_holder(leases: &Api<Lease>) -> Result<Option<String>> {
     let lease = call("reading the Lease", leases.get_opt(LEASE_NAME)).await?;
     Ok(lease
         .and_then(|l| l.spec)
         .and_then(|s| s.holder_identity)
         .filter(|h| !h.is_empty()))
-}
-
-/// The operator pods of the release that are Running and Ready.
-async fn ready_operator_pods(pods: &Api<Pod>, release: &str) -> Result<Vec<String>> {
-    let list = call(
-        "listing operator pods",
-        pods.list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={release}"))),
-    )
-    .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter(|pod| {
-            pod.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|pod| pod.metadata.name)
-        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +71,7 @@ async fn the_chart_runs_two_operator_pods_and_the_standby_takes_over_a_killed_le
     let api_server = node.api_server_for_pods();
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/signal-operator");
     let (worker_repository, worker_tag) = WORKER_IMAGE.rsplit_once(':').unwrap();
-    let installed = helm(&[
+    let installed = cluster::helm(&[
         "install",
         &release,
         chart,
@@ -158,7 +122,7 @@ async fn the_chart_runs_two_operator_pods_and_the_standby_takes_over_a_killed_le
         .unwrap_or_else(|e| format!("(no logs: {e:#})"));
         panic!("{error:#}\noperator pods' logs:\n{logs}");
     }
-    helm(&["uninstall", &release, "--namespace", &release_namespace]).unwrap();
+    cluster::helm(&["uninstall", &release, "--namespace", &release_namespace]).unwrap();
 }
 
 async fn scenario(
@@ -172,7 +136,7 @@ async fn scenario(
     let leases: Api<Lease> = Api::namespaced(client.clone(), release_namespace);
     let started = Instant::now();
     let ready = eventually("two Ready operator pods", POD_TIMEOUT, || async {
-        let ready = ready_operator_pods(&operator_pods, release).await?;
+        let ready = ready_pods(&operator_pods, release).await?;
         Ok(if ready.len() == 2 {
             Ok(ready)
         } else {

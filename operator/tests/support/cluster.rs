@@ -470,6 +470,24 @@ pub fn kubectl(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Runs `helm` against the control plane; returns its stdout and stderr, or an error with both.
+pub fn helm(args: &[&str]) -> Result<String> {
+    let output = cluster()
+        .helm()?
+        .args(args)
+        .output()
+        .context("running helm")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() {
+        bail!("helm {} failed ({}): {text}", args.join(" "), output.status);
+    }
+    Ok(text)
+}
+
 /// Runs `kubectl` with input on stdin; returns (success, stdout + stderr).
 pub fn kubectl_with_input(args: &[&str], input: &str) -> Result<(bool, String)> {
     let mut child = cluster()

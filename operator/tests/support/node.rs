@@ -170,7 +170,8 @@ pub async fn wait_rows(
     Ok(since.elapsed())
 }
 
-/// Names of the pipeline's pods that are Running and Ready (and not being deleted).
+/// Names of the pods labelled `app.kubernetes.io/instance=<name>` (a pipeline's workers, or a
+/// release's operator pods) that are Running and Ready (and not being deleted).
 pub async fn ready_pods(pods: &Api<Pod>, name: &str) -> Result<BTreeSet<String>> {
     let list = call(
         "listing worker pods",
@@ -208,14 +209,38 @@ pub async fn wait_pods(
     name: &str,
     count: usize,
 ) -> Result<(BTreeSet<String>, Duration)> {
+    wait_ready(pods, name, count, true).await
+}
+
+/// Waits until at least `count` pods are Running and Ready, whatever else runs.
+pub async fn wait_ready_count(
+    pods: &Api<Pod>,
+    name: &str,
+    count: usize,
+) -> Result<(BTreeSet<String>, Duration)> {
+    wait_ready(pods, name, count, false).await
+}
+
+async fn wait_ready(
+    pods: &Api<Pod>,
+    name: &str,
+    count: usize,
+    no_other: bool,
+) -> Result<(BTreeSet<String>, Duration)> {
     let started = Instant::now();
+    let what = if no_other { " and no other" } else { "" };
     let names = eventually(
-        &format!("{count} Running, Ready worker pods and no other"),
+        &format!("{count} Running, Ready worker pods{what}"),
         POD_TIMEOUT,
         || async {
             let ready = ready_pods(pods, name).await?;
             let total = all_pods(pods, name).await?;
-            Ok(if ready.len() == count && total == count {
+            let done = if no_other {
+                ready.len() == count && total == count
+            } else {
+                ready.len() >= count
+            };
+            Ok(if done {
                 Ok(ready)
             } else {
                 Err(format!("{} ready of {total} pods", ready.len()))
@@ -250,29 +275,6 @@ pub async fn wait_deployment_replicas(
         },
     )
     .await
-}
-
-/// Waits until at least `count` pods are Running and Ready.
-pub async fn wait_ready_count(
-    pods: &Api<Pod>,
-    name: &str,
-    count: usize,
-) -> Result<(BTreeSet<String>, Duration)> {
-    let started = Instant::now();
-    let names = eventually(
-        &format!("{count} Running, Ready worker pods"),
-        POD_TIMEOUT,
-        || async {
-            let ready = ready_pods(pods, name).await?;
-            Ok(if ready.len() >= count {
-                Ok(ready)
-            } else {
-                Err(format!("{} ready", ready.len()))
-            })
-        },
-    )
-    .await?;
-    Ok((names, started.elapsed()))
 }
 
 pub async fn patch_spec(
