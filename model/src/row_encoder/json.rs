@@ -40,19 +40,14 @@ impl<'a> TopLevel<'a> {
         })
     }
 
-    /// The value of the path's first key, parsed (`None` when the key is absent). Later steps
-    /// are left to [`ValueSource::lookup`] on the parsed value.
+    /// The value the path leads to, parsed (`None` when the path leads nowhere). Only that
+    /// value is parsed: the objects and arrays on the way are walked as raw text.
     pub(super) fn parse_path(&self, steps: &[PathStep]) -> Result<Option<Parsed<'a>>, Poison> {
-        let Some(PathStep::Key(first)) = steps.first() else {
-            // An index into the top level, which is an object: nothing there.
-            return Ok(None);
-        };
-        // The last of duplicate keys wins, as it does for a parsed `Value`.
-        let Some((_, raw)) = self.fields.iter().rev().find(|(key, _)| key == first) else {
+        let Some(raw) = self.raw_at(steps) else {
             return Ok(None);
         };
         let text = raw.get();
-        let parsed = if steps.len() == 1 && text.starts_with('"') {
+        let parsed = if text.starts_with('"') {
             serde_json::from_str::<JsonText<'a>>(text).map(|t| Parsed::Text(t.0))
         } else {
             serde_json::from_str::<Value>(text).map(Parsed::Value)
@@ -64,7 +59,16 @@ impl<'a> TopLevel<'a> {
     /// leads nowhere or to something other than a number). Decimals are encoded from it, so no
     /// digit is lost to `f64`.
     pub(super) fn number_text(&self, steps: &[PathStep]) -> Option<&'a str> {
+        let text = self.raw_at(steps)?.get().trim();
+        text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+            .then_some(text)
+    }
+
+    /// The raw value the path leads to. The last of duplicate keys wins, as it does for a
+    /// parsed `Value`; a key into an array or an index into an object leads nowhere.
+    fn raw_at(&self, steps: &[PathStep]) -> Option<&'a RawValue> {
         let Some(PathStep::Key(first)) = steps.first() else {
+            // An index into the top level, which is an object: nothing there.
             return None;
         };
         let mut raw: &'a RawValue = self.fields.iter().rev().find(|(key, _)| key == first)?.1;
@@ -80,9 +84,7 @@ impl<'a> TopLevel<'a> {
                 }
             };
         }
-        let text = raw.get().trim();
-        text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
-            .then_some(text)
+        Some(raw)
     }
 }
 
