@@ -44,6 +44,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 struct Drain {
     name: String,
     rate: f64,
+    /// Without the start and the last partial batch's wait (the rate for the bare drain).
+    steady_rate: f64,
     consumer_cpu: f64,
     nats_cpu: f64,
     clickhouse_cpu: Option<f64>,
@@ -93,16 +95,26 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:<20} {:>9} {:>7}   CPU-s per 1M signals: {:>8} {:>8} {:>10}   {:>9}",
-        "drain", "msg/s", "× bare", "consumer", "nats", "clickhouse", "peak RSS"
+        "{:<20} {:>9} {:>7} {:>9} {:>7}   CPU-s per 1M signals: {:>8} {:>8} {:>10}   {:>9}",
+        "drain",
+        "msg/s",
+        "× bare",
+        "steady",
+        "× bare",
+        "consumer",
+        "nats",
+        "clickhouse",
+        "peak RSS"
     );
     let bare_rate = drains[0].rate;
     for drain in &drains {
         println!(
-            "{:<20} {:>9.0} {:>7.2}                         {:>8.2} {:>8.2} {:>10} {:>9}",
+            "{:<20} {:>9.0} {:>7.2} {:>9.0} {:>7.2}                         {:>8.2} {:>8.2} {:>10} {:>9}",
             drain.name,
             drain.rate,
             drain.rate / bare_rate,
+            drain.steady_rate,
+            drain.steady_rate / bare_rate,
             drain.consumer_cpu,
             drain.nats_cpu,
             drain
@@ -113,11 +125,13 @@ fn main() -> anyhow::Result<()> {
                 .map_or("-".into(), |mib| format!("{mib:.1} MiB")),
         );
     }
-    let clean = drains[1].rate;
+    let (clean, steady_clean) = (drains[1].rate, drains[1].steady_rate);
     println!(
-        "poison vs clean:      3%: {:.2} × (goal ≥ 0.9), 20%: {:.2} × (goal ≥ 0.7)",
+        "poison vs clean:      3%: {:.2} × (goal ≥ 0.9), 20%: {:.2} × (goal ≥ 0.7); steady: {:.2} ×, {:.2} ×",
         drains[2].rate / clean,
-        drains[3].rate / clean
+        drains[3].rate / clean,
+        drains[2].steady_rate / steady_clean,
+        drains[3].steady_rate / steady_clean
     );
     println!(
         "worker CPU vs bare client: {:.2} × (goal ≤ 1.5); consumer CPU: the bare client's or the worker's whole process",
@@ -250,6 +264,7 @@ impl Bench {
         Ok(Drain {
             name: "bare drain".into(),
             rate,
+            steady_rate: rate,
             consumer_cpu: self.per_million(cpu_delta(before.1, after.1)),
             nats_cpu: self.per_million(cpu_delta(before.0, after.0)),
             clickhouse_cpu: None,
@@ -264,10 +279,12 @@ impl Bench {
         let worker = worker_drain(self, poisoned)?;
         let after = (cpu_seconds(nats_pid), cpu_seconds(clickhouse_pid));
         println!(
-            "{name}: {:>9.0} msg/s end to end (spawn to last row and dead letter stored; {:.0} msg/s from the first row), \
+            "{name}: {:>9.0} msg/s end to end (spawn to last row and dead letter stored; {:.0} msg/s from the first row, \
+             {:.0} msg/s steady: first batch to last full batch), \
              {} rows, {} dead letters, {} inserts of {:.1} ms, worker waited {:.2} s for a CPU",
             worker.rate,
             worker.rate_after_first_row,
+            worker.steady_rate,
             worker.rows,
             poisoned,
             worker.inserts,
@@ -277,6 +294,7 @@ impl Bench {
         Ok(Drain {
             name: name.into(),
             rate: worker.rate,
+            steady_rate: worker.steady_rate,
             consumer_cpu: self.per_million(worker.cpu_seconds.unwrap_or(0.0)),
             nats_cpu: self.per_million(cpu_delta(before.0, after.0)),
             clickhouse_cpu: Some(self.per_million(cpu_delta(before.1, after.1))),
@@ -292,6 +310,8 @@ struct WorkerFigures {
     mean_insert_ms: f64,
     rate: f64,
     rate_after_first_row: f64,
+    /// Messages per second from the first batch stored to the last full one.
+    steady_rate: f64,
     rows: u64,
     peak_rss_mib: f64,
 }
@@ -452,7 +472,12 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
     let mut worker = ChildProcess::spawn(command)?;
     let pid = worker.pid();
     let mut peak_kib = 0;
-    let mut first_row: Option<Instant> = None;
+    let mut first_row: Option<(Instant, u64)> = None;
+    // The last batch is partial (unless the valid rows fill whole batches) and waits for
+    // `maxWait`: the steady rate runs from the first batch stored to the last full one.
+    let max_rows = u64::from(manifest.spec.workers.batch.max_rows);
+    let last_full_batch = valid / max_rows * max_rows;
+    let mut last_full: Option<Instant> = None;
     let mut dead_letters = 0;
     let rows = loop {
         if let Some(kib) = peak_rss_kib(pid) {
@@ -460,7 +485,10 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
         }
         let rows = row_count(clickhouse);
         if rows > 0 && first_row.is_none() {
-            first_row = Some(Instant::now());
+            first_row = Some((Instant::now(), rows));
+        }
+        if rows >= last_full_batch && last_full.is_none() {
+            last_full = Some(Instant::now());
         }
         if rows >= valid {
             if dead_letters < poisoned {
@@ -485,7 +513,14 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
         std::thread::sleep(Duration::from_millis(50));
     };
     let elapsed = started.elapsed();
-    let after_first_row = first_row.map_or(elapsed, |t| t.elapsed());
+    let after_first_row = first_row.map_or(elapsed, |(t, _)| t.elapsed());
+    let messages_per_row = messages as f64 / valid.max(1) as f64;
+    let steady_rate = match (first_row, last_full) {
+        (Some((first, first_rows)), Some(last)) if last > first && last_full_batch > first_rows => {
+            (last_full_batch - first_rows) as f64 * messages_per_row / (last - first).as_secs_f64()
+        }
+        _ => messages as f64 / after_first_row.as_secs_f64(),
+    };
     if let Some(kib) = peak_rss_kib(pid) {
         peak_kib = peak_kib.max(kib);
     }
@@ -511,6 +546,7 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
             / inserts.max(1.0),
         rate: messages as f64 / elapsed.as_secs_f64(),
         rate_after_first_row: messages as f64 / after_first_row.as_secs_f64(),
+        steady_rate,
         rows,
         peak_rss_mib: peak_kib as f64 / 1024.0,
     })
