@@ -28,10 +28,13 @@ pub(super) enum Parsed<'a> {
 
 impl<'a> TopLevel<'a> {
     pub(super) fn parse(payload: &'a [u8]) -> Result<Self, Poison> {
-        serde_json::from_slice(payload).map_err(|error| {
+        // UTF-8 is checked once for the whole message: parsed from a `str`, serde_json does not
+        // check each string and each raw value again.
+        let text = std::str::from_utf8(payload).map_err(|e| Poison::NotJson(e.to_string()))?;
+        serde_json::from_str(text).map_err(|error| {
             // A type error means valid JSON that is not an object, unless the text is broken too.
             if error.classify() == serde_json::error::Category::Data
-                && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
             {
                 Poison::NotAnObject
             } else {

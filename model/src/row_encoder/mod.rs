@@ -622,8 +622,15 @@ mod tests {
         expected.extend_from_slice(&[2, 1]);
         assert_eq!(out, expected);
 
-        // Broken JSON is not_json even when it starts like an array or an object.
-        for broken in [&b"[1, 2"[..], br#"{"d": "#, br#"{"d": 1} x"#] {
+        // Broken JSON is not_json even when it starts like an array or an object, and so is
+        // text that is not UTF-8, inside a string or not.
+        for broken in [
+            &b"[1, 2"[..],
+            br#"{"d": "#,
+            br#"{"d": 1} x"#,
+            b"{\"s\": \"\xff\"}",
+            b"\xfe{}",
+        ] {
             let poison = encoder.encode(broken, &meta(), &mut out).unwrap_err();
             let text = String::from_utf8_lossy(broken);
             assert_eq!(poison.label(), "not_json", "{text}");
