@@ -1,14 +1,20 @@
-//! End-to-end benchmark: how close the worker comes to the bare JetStream drain rate.
+//! End-to-end benchmark: how close the worker comes to the bare JetStream drain rate, with and
+//! without poison, and what each process spends per signal.
 //!
-//! One run starts nats-server and clickhouse-server (testkit), fills a stream with sample
-//! signals (~240 B each), then drains it twice: with a bare durable pull consumer that acks every
-//! message explicitly (the ceiling for one stream), and with the release `signal-worker` binary
-//! into a ClickHouse table, sampling the worker's peak RSS (`VmHWM`). It prints figures only.
+//! One run starts nats-server and clickhouse-server (testkit) and measures, on the same servers:
+//! a bare durable pull consumer that acks every message explicitly (the ceiling for one stream),
+//! then the release `signal-worker` binary into a ClickHouse table on a clean stream, on a stream
+//! with 3% poison and on one with 20% poison (the demo's malformed signals: cut in half, without
+//! `wallet_address`, `amount` a word). Each drain prints its rate, its ratio to the bare drain,
+//! CPU seconds per million signals of the consumer (the bare client or the worker), nats-server
+//! and clickhouse-server (`/proc/PID/stat`), and the worker's peak RSS (`VmHWM`). A poisoned
+//! drain ends when every valid row is stored and every dead letter is in the dead-letter stream.
+//! It prints figures only.
 //!
-//! `cargo bench -p signal-worker --bench end_to_end`; `SIGNAL_BENCH_MESSAGES=100000` for a quick
+//! `cargo bench -p signal-worker --bench end_to_end`; `SIGNAL_BENCH_MESSAGES=200000` for a quick
 //! run (default 1,000,000). `SIGNAL_BENCH_MAX_ROWS` and `SIGNAL_BENCH_MAX_ACK_PENDING` override the
 //! spec's batch size and ack window; `SIGNAL_BENCH_WORKER_LOG=signal_worker=debug` keeps the
-//! worker's log, which times every batch (waiting for it, inserting it, queueing its acks).
+//! worker's logs, which time every batch (waiting for it, inserting it, queueing its acks).
 
 use std::future::IntoFuture;
 use std::process::{Command, Stdio};
@@ -18,19 +24,41 @@ use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use signal_demo::sample_signals::sample_signal;
+use signal_demo::messages::demo_message;
 use signal_model::manifest::PipelineManifest;
 use signal_model::{ColumnSpec, ServerVersion, SignalPipelineSpec, ddl};
 use signal_testkit::{ChildProcess, ClickHouseServer, NatsServer};
 
 const STREAM: &str = "BENCH";
 const SUBJECT: &str = "bench.signals";
+/// Captures the worker's default dead-letter subject, `dlq.BENCH.worker`.
+const DEAD_LETTER_STREAM: &str = "BENCH_DLQ";
 const DATABASE: &str = "bench";
 const TABLE: &str = "signals";
 const PUBLISH_WINDOW: usize = 1024;
 const BARE_PULL_BATCH: usize = 1000;
 /// Longest a drain may take before the benchmark gives up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What one drain measured; CPU figures are seconds per million signals.
+struct Drain {
+    name: String,
+    rate: f64,
+    /// Without the start and the last partial batch's wait (the rate for the bare drain).
+    steady_rate: f64,
+    consumer_cpu: f64,
+    nats_cpu: f64,
+    clickhouse_cpu: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+/// The servers and the figures every drain needs.
+struct Bench {
+    nats: NatsServer,
+    clickhouse: ClickHouseServer,
+    runtime: tokio::runtime::Runtime,
+    messages: u64,
+}
 
 fn main() -> anyhow::Result<()> {
     let messages: u64 = match std::env::var("SIGNAL_BENCH_MESSAGES") {
@@ -39,68 +67,105 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("SIGNAL_BENCH_MESSAGES={text} is not a count"))?,
         Err(_) => 1_000_000,
     };
-    let nats = NatsServer::start().context("nats-server")?;
-    let clickhouse = ClickHouseServer::start().context("clickhouse-server")?;
-    let runtime = tokio::runtime::Runtime::new().context("tokio runtime")?;
+    let bench = Bench {
+        nats: NatsServer::start().context("nats-server")?,
+        clickhouse: ClickHouseServer::start().context("clickhouse-server")?,
+        runtime: tokio::runtime::Runtime::new().context("tokio runtime")?,
+        messages,
+    };
     println!(
         "end_to_end: {messages} messages of ~{} B; nats-server on {}, ClickHouse {} on {}",
-        sample_signal(messages / 2).len(),
-        nats.port(),
-        clickhouse.query("SELECT version()")?.trim(),
-        clickhouse.http_port()
+        demo_message(messages / 2, 0).payload.len(),
+        bench.nats.port(),
+        bench.clickhouse.query("SELECT version()")?.trim(),
+        bench.clickhouse.http_port()
     );
+    bench
+        .runtime
+        .block_on(create_dead_letter_stream(&bench.nats.url()))?;
 
-    let publish_rate = runtime.block_on(fill_stream(&nats.url(), messages))?;
-    println!(
-        "publish:               {publish_rate:>10.0} msg/s (JetStream acks, {PUBLISH_WINDOW} in flight)"
-    );
+    let poisoned = bench.fill(0)?;
+    let bare = bench.bare_drain()?;
+    let mut drains = vec![bare, bench.worker_drain("worker clean", poisoned)?];
+    for per_mille in [30, 200] {
+        let poisoned = bench.fill(per_mille)?;
+        let name = format!("worker {}% poison", per_mille / 10);
+        drains.push(bench.worker_drain(&name, poisoned)?);
+    }
 
-    let nats_pid = nats.pid().context("nats-server pid")?;
-    let clickhouse_pid = clickhouse.pid().context("clickhouse-server pid")?;
-    let bench_pid = std::process::id();
-    let before = (cpu_seconds(nats_pid), cpu_seconds(bench_pid));
-    let bare_rate = runtime.block_on(bare_drain(&nats.url(), messages))?;
-    let after = (cpu_seconds(nats_pid), cpu_seconds(bench_pid));
+    println!();
     println!(
-        "bare drain:            {bare_rate:>10.0} msg/s (durable pull, batch {BARE_PULL_BATCH}, explicit ack each)"
+        "{:<20} {:>9} {:>7} {:>9} {:>7}   CPU-s per 1M signals: {:>8} {:>8} {:>10}   {:>9}",
+        "drain",
+        "msg/s",
+        "× bare",
+        "steady",
+        "× bare",
+        "consumer",
+        "nats",
+        "clickhouse",
+        "peak RSS"
+    );
+    let bare_rate = drains[0].rate;
+    for drain in &drains {
+        println!(
+            "{:<20} {:>9.0} {:>7.2} {:>9.0} {:>7.2}                         {:>8.2} {:>8.2} {:>10} {:>9}",
+            drain.name,
+            drain.rate,
+            drain.rate / bare_rate,
+            drain.steady_rate,
+            drain.steady_rate / bare_rate,
+            drain.consumer_cpu,
+            drain.nats_cpu,
+            drain
+                .clickhouse_cpu
+                .map_or("-".into(), |cpu| format!("{cpu:.2}")),
+            drain
+                .peak_rss_mib
+                .map_or("-".into(), |mib| format!("{mib:.1} MiB")),
+        );
+    }
+    let (clean, steady_clean) = (drains[1].rate, drains[1].steady_rate);
+    println!(
+        "poison vs clean:      3%: {:.2} × (goal ≥ 0.9), 20%: {:.2} × (goal ≥ 0.7); steady: {:.2} ×, {:.2} ×",
+        drains[2].rate / clean,
+        drains[3].rate / clean,
+        drains[2].steady_rate / steady_clean,
+        drains[3].steady_rate / steady_clean
     );
     println!(
-        "  CPU during it:       nats-server {:.2} s, bare consumer {:.2} s",
-        cpu_delta(before.0, after.0),
-        cpu_delta(before.1, after.1)
-    );
-
-    let before = (cpu_seconds(nats_pid), cpu_seconds(clickhouse_pid));
-    let worker = worker_drain(&nats, &clickhouse, messages)?;
-    let after = (cpu_seconds(nats_pid), cpu_seconds(clickhouse_pid));
-    println!(
-        "  CPU during worker:   nats-server {:.2} s, clickhouse-server {:.2} s, worker {:.2} s \
-         (its threads waited {:.2} s for a CPU)",
-        cpu_delta(before.0, after.0),
-        cpu_delta(before.1, after.1),
-        worker.cpu_seconds.unwrap_or(0.0),
-        worker.runqueue_wait_seconds,
-    );
-    println!(
-        "worker end to end:     {:>10.0} msg/s (spawn to last row stored; {:.0} msg/s from first row)",
-        worker.rate, worker.rate_after_first_row
-    );
-    println!("ratio worker/bare:     {:>10.2}", worker.rate / bare_rate);
-    println!("rows in the table:     {:>10}", worker.rows);
-    println!(
-        "worker peak RSS:       {:>10.1} MiB (VmHWM)",
-        worker.peak_rss_mib
-    );
-    println!(
-        "inserts:               {:>10} (mean {:.1} ms each)",
-        worker.inserts, worker.mean_insert_ms
+        "worker CPU vs bare client: {:.2} × (goal ≤ 1.5); consumer CPU: the bare client's or the worker's whole process",
+        drains[1].consumer_cpu / drains[0].consumer_cpu.max(f64::EPSILON)
     );
     Ok(())
 }
 
-async fn fill_stream(nats_url: &str, messages: u64) -> anyhow::Result<f64> {
+async fn create_dead_letter_stream(nats_url: &str) -> anyhow::Result<()> {
+    let js = jetstream::new(async_nats::connect(nats_url).await?);
+    js.create_stream(stream::Config {
+        name: DEAD_LETTER_STREAM.into(),
+        subjects: vec!["dlq.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// Messages in the dead-letter stream so far.
+async fn dead_letters_stored(nats_url: &str) -> anyhow::Result<u64> {
+    let js = jetstream::new(async_nats::connect(nats_url).await?);
+    let mut stream = js.get_stream(DEAD_LETTER_STREAM).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
+/// (Re)creates the stream and publishes `messages` demo signals, `per_mille` of them malformed;
+/// returns how many are.
+async fn fill_stream(nats_url: &str, messages: u64, per_mille: u64) -> anyhow::Result<(u64, f64)> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client);
+    // A previous drain's stream goes, with its consumers.
+    let _ = js.delete_stream(STREAM).await;
     js.create_stream(stream::Config {
         name: STREAM.into(),
         subjects: vec!["bench.>".into()],
@@ -110,6 +175,7 @@ async fn fill_stream(nats_url: &str, messages: u64) -> anyhow::Result<f64> {
     .await?;
     type AckFuture = <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture;
     let mut in_flight: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+    let mut poisoned = 0;
     let started = Instant::now();
     for index in 0..messages {
         if in_flight.len() >= PUBLISH_WINDOW
@@ -117,13 +183,15 @@ async fn fill_stream(nats_url: &str, messages: u64) -> anyhow::Result<f64> {
         {
             ack?;
         }
-        let ack = js.publish(SUBJECT, sample_signal(index).into()).await?;
+        let message = demo_message(index, per_mille);
+        poisoned += u64::from(message.malformation.is_some());
+        let ack = js.publish(SUBJECT, message.payload.into()).await?;
         in_flight.push(ack.into_future());
     }
     while let Some(ack) = in_flight.next().await {
         ack?;
     }
-    Ok(messages as f64 / started.elapsed().as_secs_f64())
+    Ok((poisoned, messages as f64 / started.elapsed().as_secs_f64()))
 }
 
 /// Drains the stream with a durable pull consumer that acks every message, as any consumer of
@@ -165,6 +233,76 @@ async fn bare_drain(nats_url: &str, messages: u64) -> anyhow::Result<f64> {
     Ok(messages as f64 / started.elapsed().as_secs_f64())
 }
 
+impl Bench {
+    /// A fresh stream of demo signals, `per_mille` of them malformed; returns how many are.
+    fn fill(&self, per_mille: u64) -> anyhow::Result<u64> {
+        let (poisoned, rate) =
+            self.runtime
+                .block_on(fill_stream(&self.nats.url(), self.messages, per_mille))?;
+        println!(
+            "publish ({:>3} ‰ poison): {rate:>9.0} msg/s (JetStream acks, {PUBLISH_WINDOW} in flight)",
+            per_mille
+        );
+        Ok(poisoned)
+    }
+
+    fn per_million(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / self.messages as f64
+    }
+
+    fn bare_drain(&self) -> anyhow::Result<Drain> {
+        let nats_pid = self.nats.pid().context("nats-server pid")?;
+        let bench_pid = std::process::id();
+        let before = (cpu_seconds(nats_pid), cpu_seconds(bench_pid));
+        let rate = self
+            .runtime
+            .block_on(bare_drain(&self.nats.url(), self.messages))?;
+        let after = (cpu_seconds(nats_pid), cpu_seconds(bench_pid));
+        println!(
+            "bare drain:            {rate:>9.0} msg/s (durable pull, batch {BARE_PULL_BATCH}, explicit ack each)"
+        );
+        Ok(Drain {
+            name: "bare drain".into(),
+            rate,
+            steady_rate: rate,
+            consumer_cpu: self.per_million(cpu_delta(before.1, after.1)),
+            nats_cpu: self.per_million(cpu_delta(before.0, after.0)),
+            clickhouse_cpu: None,
+            peak_rss_mib: None,
+        })
+    }
+
+    fn worker_drain(&self, name: &str, poisoned: u64) -> anyhow::Result<Drain> {
+        let nats_pid = self.nats.pid().context("nats-server pid")?;
+        let clickhouse_pid = self.clickhouse.pid().context("clickhouse-server pid")?;
+        let before = (cpu_seconds(nats_pid), cpu_seconds(clickhouse_pid));
+        let worker = worker_drain(self, poisoned)?;
+        let after = (cpu_seconds(nats_pid), cpu_seconds(clickhouse_pid));
+        println!(
+            "{name}: {:>9.0} msg/s end to end (spawn to last row and dead letter stored; {:.0} msg/s from the first row, \
+             {:.0} msg/s steady: first batch to last full batch), \
+             {} rows, {} dead letters, {} inserts of {:.1} ms, worker waited {:.2} s for a CPU",
+            worker.rate,
+            worker.rate_after_first_row,
+            worker.steady_rate,
+            worker.rows,
+            poisoned,
+            worker.inserts,
+            worker.mean_insert_ms,
+            worker.runqueue_wait_seconds,
+        );
+        Ok(Drain {
+            name: name.into(),
+            rate: worker.rate,
+            steady_rate: worker.steady_rate,
+            consumer_cpu: self.per_million(worker.cpu_seconds.unwrap_or(0.0)),
+            nats_cpu: self.per_million(cpu_delta(before.0, after.0)),
+            clickhouse_cpu: Some(self.per_million(cpu_delta(before.1, after.1))),
+            peak_rss_mib: Some(worker.peak_rss_mib),
+        })
+    }
+}
+
 struct WorkerFigures {
     cpu_seconds: Option<f64>,
     runqueue_wait_seconds: f64,
@@ -172,11 +310,14 @@ struct WorkerFigures {
     mean_insert_ms: f64,
     rate: f64,
     rate_after_first_row: f64,
+    /// Messages per second from the first batch stored to the last full one.
+    steady_rate: f64,
     rows: u64,
     peak_rss_mib: f64,
 }
 
-/// The raw-signals example's columns, in the types ClickHouse 18.16 has.
+/// The raw-signals example's columns and the demo's `amount` (so that `amount` as a word is
+/// poison), in the types ClickHouse 18.16 has.
 fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
     let mut spec = SignalPipelineSpec::default();
     spec.nats.url = nats_url.into();
@@ -197,6 +338,7 @@ fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
         ColumnSpec::new("trace_id", "String", "$.trace_id"),
         ColumnSpec::new("user_id", "String", "$.user_id"),
         ColumnSpec::new("wallet_address", "String", "$.wallet_address"),
+        ColumnSpec::new("amount", "Float64", "$.payload.amount"),
         ColumnSpec::new("payload", "String", "$.payload"),
         ColumnSpec::new("subject", "String", "@subject"),
         ColumnSpec::new("stream_seq", "UInt64", "@sequence"),
@@ -285,18 +427,26 @@ fn row_count(clickhouse: &ClickHouseServer) -> u64 {
         .unwrap_or(0)
 }
 
-fn worker_drain(
-    nats: &NatsServer,
-    clickhouse: &ClickHouseServer,
-    messages: u64,
-) -> anyhow::Result<WorkerFigures> {
+/// Runs the worker on the stream until every valid row is stored and every poison message is in
+/// the dead-letter stream.
+fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
+    let Bench {
+        nats,
+        clickhouse,
+        runtime,
+        messages,
+    } = bench;
+    let messages = *messages;
+    let valid = messages - poisoned;
     let manifest = bench_manifest(&nats.url(), &clickhouse.http_url());
     manifest.spec.validate("bench")?;
     clickhouse.query(&ddl::create_database_sql(DATABASE))?;
+    clickhouse.query(&format!("DROP TABLE IF EXISTS {DATABASE}.{TABLE}"))?;
     clickhouse.query(&ddl::create_table_sql(
         &manifest.spec.clickhouse,
         ServerVersion::new(18, 16),
     )?)?;
+    let dead_letters_before = runtime.block_on(dead_letters_stored(&nats.url()))?;
     // Kept when the worker logs more than warnings, for reading afterwards.
     let dir = tempfile::Builder::new().prefix("signal-bench-").tempdir()?;
     let manifest_path = dir.path().join("bench.yaml");
@@ -322,17 +472,32 @@ fn worker_drain(
     let mut worker = ChildProcess::spawn(command)?;
     let pid = worker.pid();
     let mut peak_kib = 0;
-    let mut first_row: Option<Instant> = None;
+    let mut first_row: Option<(Instant, u64)> = None;
+    // The last batch is partial (unless the valid rows fill whole batches) and waits for
+    // `maxWait`: the steady rate runs from the first batch stored to the last full one.
+    let max_rows = u64::from(manifest.spec.workers.batch.max_rows);
+    let last_full_batch = valid / max_rows * max_rows;
+    let mut last_full: Option<Instant> = None;
+    let mut dead_letters = 0;
     let rows = loop {
         if let Some(kib) = peak_rss_kib(pid) {
             peak_kib = peak_kib.max(kib);
         }
         let rows = row_count(clickhouse);
         if rows > 0 && first_row.is_none() {
-            first_row = Some(Instant::now());
+            first_row = Some((Instant::now(), rows));
         }
-        if rows >= messages {
-            break rows;
+        if rows >= last_full_batch && last_full.is_none() {
+            last_full = Some(Instant::now());
+        }
+        if rows >= valid {
+            if dead_letters < poisoned {
+                dead_letters =
+                    runtime.block_on(dead_letters_stored(&nats.url()))? - dead_letters_before;
+            }
+            if dead_letters >= poisoned {
+                break rows;
+            }
         }
         if let Some(status) = worker.try_wait()? {
             bail!(
@@ -341,12 +506,21 @@ fn worker_drain(
             );
         }
         if started.elapsed() > DRAIN_TIMEOUT {
-            bail!("only {rows} of {messages} rows after {DRAIN_TIMEOUT:?}");
+            bail!(
+                "only {rows} of {valid} rows and {dead_letters} of {poisoned} dead letters after {DRAIN_TIMEOUT:?}"
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let elapsed = started.elapsed();
-    let after_first_row = first_row.map_or(elapsed, |t| t.elapsed());
+    let after_first_row = first_row.map_or(elapsed, |(t, _)| t.elapsed());
+    let messages_per_row = messages as f64 / valid.max(1) as f64;
+    let steady_rate = match (first_row, last_full) {
+        (Some((first, first_rows)), Some(last)) if last > first && last_full_batch > first_rows => {
+            (last_full_batch - first_rows) as f64 * messages_per_row / (last - first).as_secs_f64()
+        }
+        _ => messages as f64 / after_first_row.as_secs_f64(),
+    };
     if let Some(kib) = peak_rss_kib(pid) {
         peak_kib = peak_kib.max(kib);
     }
@@ -372,6 +546,7 @@ fn worker_drain(
             / inserts.max(1.0),
         rate: messages as f64 / elapsed.as_secs_f64(),
         rate_after_first_row: messages as f64 / after_first_row.as_secs_f64(),
+        steady_rate,
         rows,
         peak_rss_mib: peak_kib as f64 / 1024.0,
     })

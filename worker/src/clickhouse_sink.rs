@@ -51,7 +51,7 @@ pub struct ClickHouseSink {
     deduplication_tokens: AtomicBool,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    dead_letters: mpsc::Sender<DeadLetter>,
+    dead_letters: mpsc::Sender<Vec<DeadLetter>>,
     /// Last insert or probe reached the server; read by `/readyz`.
     pub healthy: Arc<AtomicBool>,
 }
@@ -73,7 +73,7 @@ impl ClickHouseSink {
         target: SinkTarget<'_>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
-        dead_letters: mpsc::Sender<DeadLetter>,
+        dead_letters: mpsc::Sender<Vec<DeadLetter>>,
         healthy: Arc<AtomicBool>,
     ) -> Self {
         let SinkTarget {
@@ -265,12 +265,16 @@ impl ClickHouseSink {
     async fn dead_letter_last_deliveries(&self, batch: &mut SealedBatch, error: &str) {
         let reason =
             format!("{MAX_DELIVERIES}: insert failed on the last allowed delivery: {error}");
-        for mut letter in batch.take_last_deliveries() {
+        let mut letters = batch.take_last_deliveries();
+        if letters.is_empty() {
+            return;
+        }
+        for letter in &mut letters {
             letter.reason = reason.clone();
             self.metrics.count_poison(MAX_DELIVERIES);
-            if self.dead_letters.send(letter).await.is_err() {
-                tracing::warn!("dead-letter router stopped; the message will be redelivered");
-            }
+        }
+        if self.dead_letters.send(letters).await.is_err() {
+            tracing::warn!("dead-letter router stopped; the messages will be redelivered");
         }
     }
 }

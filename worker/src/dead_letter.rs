@@ -13,7 +13,9 @@
 //! Routing is concurrent: publishes are sent without waiting for each ack, up to
 //! [`MAX_IN_FLIGHT`] messages (and about one batch's bytes) in flight or waiting for a retry at
 //! once, and each original is terminated as its own dead letter is confirmed. Good messages keep
-//! flowing while dead letters wait, until that bound is reached.
+//! flowing while dead letters wait, until that bound is reached. Letters arrive in groups (the
+//! puller hands over what a pull brought, up to 64 at once), so a group may pass the bound by
+//! its size; one wake-up of the router then serves many letters.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -89,7 +91,8 @@ pub struct DeadLetterRouter {
     pub subject: Option<String>,
     pub stream: String,
     pub stream_created_unix_nanos: i128,
-    pub jetstream: jetstream::Context,
+    /// Shared, since each publish future owns a handle (a `Context` clone copies its prefix).
+    pub jetstream: Arc<jetstream::Context>,
     pub held: Arc<HeldMessages>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
@@ -110,7 +113,9 @@ enum PublishFailure {
 impl DeadLetterRouter {
     /// Routes letters from `letters` until it closes, waiting for the ones in flight. After
     /// `stop`, letters that cannot be stored are let go, unacknowledged, for redelivery.
-    pub async fn run(self, mut letters: mpsc::Receiver<DeadLetter>, stop: CancellationToken) {
+    pub async fn run(self, mut letters: mpsc::Receiver<Vec<DeadLetter>>, stop: CancellationToken) {
+        // Built once: cloning a `Subject` counts a reference, a `String` would be copied.
+        let subject = self.subject.clone().map(Subject::from);
         let mut in_flight: FuturesUnordered<BoxFuture<'static, Published>> =
             FuturesUnordered::new();
         // Payload bytes of the letters in flight or waiting for a retry.
@@ -124,10 +129,12 @@ impl DeadLetterRouter {
             let room =
                 count < MAX_IN_FLIGHT && (count == 0 || bytes_held < self.max_bytes_in_flight);
             tokio::select! {
-                letter = letters.recv(), if open && room => match letter {
-                    Some(letter) => {
-                        bytes_held += letter.payload.len();
-                        in_flight.push(self.publish(letter));
+                received = letters.recv(), if open && room => match received {
+                    Some(received) => {
+                        for letter in received {
+                            bytes_held += letter.payload.len();
+                            in_flight.push(self.publish(&subject, letter));
+                        }
                     }
                     None => open = false,
                 },
@@ -140,7 +147,7 @@ impl DeadLetterRouter {
                 }
                 _ = retry.tick(), if !stopping && !waiting.is_empty() => {
                     while let Some(letter) = waiting.pop_front() {
-                        in_flight.push(self.publish(letter));
+                        in_flight.push(self.publish(&subject, letter));
                     }
                 }
                 _ = stop.cancelled(), if !stopping => stopping = true,
@@ -163,8 +170,12 @@ impl DeadLetterRouter {
     }
 
     /// Publishes one letter; resolves once JetStream has answered.
-    fn publish(&self, letter: DeadLetter) -> BoxFuture<'static, Published> {
-        let Some(subject) = self.subject.clone() else {
+    fn publish(
+        &self,
+        subject: &Option<Subject>,
+        letter: DeadLetter,
+    ) -> BoxFuture<'static, Published> {
+        let Some(subject) = subject.clone() else {
             return Box::pin(async move { (letter, Ok(())) });
         };
         let mut headers = letter.headers.clone().unwrap_or_default();
@@ -258,11 +269,11 @@ impl DeadLetterRouter {
 
 fn insert_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
     // Header values cannot hold line breaks.
-    let value: String = value
-        .chars()
-        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-        .collect();
-    headers.insert(name, value.as_str());
+    if value.contains(['\r', '\n']) {
+        headers.insert(name, value.replace(['\r', '\n'], " ").as_str());
+    } else {
+        headers.insert(name, value);
+    }
 }
 
 #[cfg(test)]

@@ -56,8 +56,10 @@ impl std::borrow::Borrow<str> for ReplyKey {
 
 #[derive(Default)]
 struct Held {
-    /// Payload size by reply subject.
-    sizes: HashMap<ReplyKey, usize>,
+    /// Payload size by reply subject. Every message is inserted and removed once, so the hash
+    /// is on the hot path: foldhash, not the default SipHash (the keys are the server's
+    /// subjects, not an attacker's).
+    sizes: HashMap<ReplyKey, usize, foldhash::fast::RandomState>,
     bytes: usize,
     high_water: usize,
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub blocked: Family<ReasonLabel, Gauge>,
     pub inserts_rejected: Counter,
     pub dead_letters_unroutable: Counter,
+    /// The poison counters of the known labels, so that counting one allocates nothing.
+    poison_by_label: Vec<(&'static str, Counter)>,
     registry: Registry,
 }
 
@@ -57,6 +59,7 @@ impl Metrics {
             blocked: Family::default(),
             inserts_rejected: Counter::default(),
             dead_letters_unroutable: Counter::default(),
+            poison_by_label: Vec::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -140,13 +143,19 @@ impl Metrics {
             metrics.dead_letters_unroutable.clone(),
         );
         let labels = signal_model::row_encoder::Poison::LABELS;
-        for reason in labels.iter().chain([&crate::dead_letter::MAX_DELIVERIES]) {
-            let _ = metrics.poison.get_or_create(&ReasonLabel {
-                reason: reason.to_string(),
-            });
-        }
+        let poison_by_label = labels
+            .iter()
+            .chain([&crate::dead_letter::MAX_DELIVERIES])
+            .map(|reason| {
+                let counter = metrics.poison.get_or_create(&ReasonLabel {
+                    reason: reason.to_string(),
+                });
+                (*reason, counter.clone())
+            })
+            .collect();
         Self {
             registry,
+            poison_by_label,
             ..metrics
         }
     }
@@ -161,6 +170,10 @@ impl Metrics {
     }
 
     pub fn count_poison(&self, reason: &str) {
+        if let Some((_, counter)) = self.poison_by_label.iter().find(|(l, _)| *l == reason) {
+            counter.inc();
+            return;
+        }
         self.poison
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),

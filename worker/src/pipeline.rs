@@ -40,8 +40,9 @@ pub struct WorkerOptions {
     pub worker_name: String,
 }
 
-/// Bound on dead letters queued between the puller and the router; the router itself keeps at
-/// most [`crate::dead_letter::MAX_IN_FLIGHT`] (and about a batch's bytes) in flight.
+/// Bound on hand-overs of dead letters (up to 64 each) queued between the puller and the router;
+/// the router itself keeps at most [`crate::dead_letter::MAX_IN_FLIGHT`] (and about a batch's
+/// bytes) in flight.
 const DEAD_LETTER_QUEUE: usize = 1;
 /// Room for a pull's subject, reply subject and protocol framing besides the message.
 const PULL_FRAMING_BYTES: usize = 4096;
@@ -232,7 +233,7 @@ pub async fn run(
         subject: Some(dead_letter_subject(spec, pipeline)),
         stream: spec.stream.name.clone(),
         stream_created_unix_nanos,
-        jetstream: js.clone(),
+        jetstream: Arc::new(js.clone()),
         held: held.clone(),
         health: health.clone(),
         metrics: metrics.clone(),

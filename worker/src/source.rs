@@ -32,6 +32,10 @@ pub type BatchRequest = oneshot::Sender<SealedBatch>;
 
 /// Shortest pull request; the server needs some time to answer one.
 const MIN_EXPIRES: Duration = Duration::from_millis(20);
+/// Most dead letters the puller gathers before handing them to the router at once (it hands
+/// them over anyway when a pull ends and before a batch is handed over): one wake-up of the
+/// router for many letters rather than one each.
+const LETTERS_PER_HAND_OVER: usize = 64;
 /// How long after a pull request's expiry the puller stops waiting for its end. nats-server does
 /// not always answer a short, partly filled request with its expiry status, and the client library
 /// then waits 5 s more, holding a due batch. Messages already received are still taken first.
@@ -57,7 +61,7 @@ pub struct Puller {
     pub min_pull_bytes: usize,
     /// The consumer's `max_deliver` (-1: unlimited).
     pub max_deliver: i64,
-    pub dead_letters: mpsc::Sender<DeadLetter>,
+    pub dead_letters: mpsc::Sender<Vec<DeadLetter>>,
     pub held: Arc<HeldMessages>,
     pub metrics: Arc<Metrics>,
 }
@@ -96,6 +100,7 @@ impl Puller {
         let new_batch = || Batch::with_capacity(self.limits.max_bytes.min(16 << 20));
         let mut batch = new_batch();
         let mut pending: VecDeque<jetstream::Message> = VecDeque::new();
+        let mut letters: Vec<DeadLetter> = Vec::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !shutdown.is_cancelled() {
             let expires = match batch.deadline(&self.limits) {
@@ -159,21 +164,28 @@ impl Puller {
                         }
                     }
                 };
-                if let Some(letter) = self.process(&mut batch, message, &wanted_texts, &mut texts)
-                    && !self.dead_letter(letter, &mut pull, &mut pending).await
-                {
-                    tracing::warn!("dead-letter router stopped; poison left for redelivery");
+                if let Some(letter) = self.process(&mut batch, message, &wanted_texts, &mut texts) {
+                    letters.push(letter);
+                    if letters.len() >= LETTERS_PER_HAND_OVER {
+                        self.send_letters(&mut letters, &mut pull, &mut pending)
+                            .await;
+                    }
                 }
                 if batch.is_full(&self.limits) {
+                    // Dead letters do not wait for the writer, which may be stuck on ClickHouse.
+                    self.send_letters(&mut letters, &mut pull, &mut pending)
+                        .await;
                     batch = match self
                         .hand_over(batch, &mut requests, Some(&mut pull), &mut pending)
                         .await
                     {
                         Step::Continue => new_batch(),
-                        Step::Stop => return self.let_go(&pending),
+                        Step::Stop => return self.let_go(&pending, &letters),
                     };
                 }
             }
+            self.send_letters(&mut letters, &mut pull, &mut pending)
+                .await;
             if shutdown.is_cancelled() && batch.is_empty() {
                 break;
             }
@@ -186,17 +198,21 @@ impl Puller {
                     .await
                 {
                     Step::Continue => new_batch(),
-                    Step::Stop => return self.let_go(&pending),
+                    Step::Stop => return self.let_go(&pending, &letters),
                 };
             }
         }
-        self.let_go(&pending);
+        self.let_go(&pending, &letters);
     }
 
-    /// At shutdown, what was pulled but not batched goes back to JetStream by redelivery.
-    fn let_go(&self, pending: &VecDeque<jetstream::Message>) {
+    /// At shutdown, what was pulled but not batched (or not handed to the router) goes back to
+    /// JetStream by redelivery.
+    fn let_go(&self, pending: &VecDeque<jetstream::Message>, letters: &[DeadLetter]) {
         self.held.release(
-            pending.iter().filter_map(|m| m.reply.as_ref()),
+            pending
+                .iter()
+                .filter_map(|m| m.reply.as_ref())
+                .chain(letters.iter().map(|l| &l.reply)),
             &self.metrics,
         );
     }
@@ -221,28 +237,31 @@ impl Puller {
         }
     }
 
-    /// Hands a dead letter to the router. While the router is full, what the pull still
-    /// delivers is held (kept alive) in `pending`. False when the router has stopped.
-    async fn dead_letter(
+    /// Hands the dead letters gathered so far to the router, all at once. While the router is
+    /// full, what the pull still delivers is held (kept alive) in `pending`. When the router has
+    /// stopped, the letters are let go for redelivery.
+    async fn send_letters(
         &self,
-        letter: DeadLetter,
+        letters: &mut Vec<DeadLetter>,
         pull: &mut OpenPull,
         pending: &mut VecDeque<jetstream::Message>,
-    ) -> bool {
+    ) {
+        if letters.is_empty() {
+            return;
+        }
         loop {
             tokio::select! {
-                // `reserve` is cancel-safe: the letter is not lost when the pull wins.
+                // `reserve` is cancel-safe: the letters are not lost when the pull wins.
                 permit = self.dead_letters.reserve() => {
-                    return match permit {
-                        Ok(permit) => {
-                            permit.send(letter);
-                            true
-                        }
+                    let letters = std::mem::take(letters);
+                    match permit {
+                        Ok(permit) => permit.send(letters),
                         Err(_) => {
-                            self.held.release([&letter.reply], &self.metrics);
-                            false
+                            tracing::warn!("dead-letter router stopped; poison left for redelivery");
+                            self.held.release(letters.iter().map(|l| &l.reply), &self.metrics);
                         }
-                    };
+                    }
+                    return;
                 }
                 next = pull.messages.next(), if pull.open => match self.receive(next) {
                     Some(message) => pending.push_back(message),

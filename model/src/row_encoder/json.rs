@@ -28,10 +28,13 @@ pub(super) enum Parsed<'a> {
 
 impl<'a> TopLevel<'a> {
     pub(super) fn parse(payload: &'a [u8]) -> Result<Self, Poison> {
-        serde_json::from_slice(payload).map_err(|error| {
+        // UTF-8 is checked once for the whole message: parsed from a `str`, serde_json does not
+        // check each string and each raw value again.
+        let text = std::str::from_utf8(payload).map_err(|e| Poison::NotJson(e.to_string()))?;
+        serde_json::from_str(text).map_err(|error| {
             // A type error means valid JSON that is not an object, unless the text is broken too.
             if error.classify() == serde_json::error::Category::Data
-                && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+                && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
             {
                 Poison::NotAnObject
             } else {
@@ -40,19 +43,14 @@ impl<'a> TopLevel<'a> {
         })
     }
 
-    /// The value of the path's first key, parsed (`None` when the key is absent). Later steps
-    /// are left to [`ValueSource::lookup`] on the parsed value.
+    /// The value the path leads to, parsed (`None` when the path leads nowhere). Only that
+    /// value is parsed: the objects and arrays on the way are walked as raw text.
     pub(super) fn parse_path(&self, steps: &[PathStep]) -> Result<Option<Parsed<'a>>, Poison> {
-        let Some(PathStep::Key(first)) = steps.first() else {
-            // An index into the top level, which is an object: nothing there.
-            return Ok(None);
-        };
-        // The last of duplicate keys wins, as it does for a parsed `Value`.
-        let Some((_, raw)) = self.fields.iter().rev().find(|(key, _)| key == first) else {
+        let Some(raw) = self.raw_at(steps) else {
             return Ok(None);
         };
         let text = raw.get();
-        let parsed = if steps.len() == 1 && text.starts_with('"') {
+        let parsed = if text.starts_with('"') {
             serde_json::from_str::<JsonText<'a>>(text).map(|t| Parsed::Text(t.0))
         } else {
             serde_json::from_str::<Value>(text).map(Parsed::Value)
@@ -64,7 +62,16 @@ impl<'a> TopLevel<'a> {
     /// leads nowhere or to something other than a number). Decimals are encoded from it, so no
     /// digit is lost to `f64`.
     pub(super) fn number_text(&self, steps: &[PathStep]) -> Option<&'a str> {
+        let text = self.raw_at(steps)?.get().trim();
+        text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+            .then_some(text)
+    }
+
+    /// The raw value the path leads to. The last of duplicate keys wins, as it does for a
+    /// parsed `Value`; a key into an array or an index into an object leads nowhere.
+    fn raw_at(&self, steps: &[PathStep]) -> Option<&'a RawValue> {
         let Some(PathStep::Key(first)) = steps.first() else {
+            // An index into the top level, which is an object: nothing there.
             return None;
         };
         let mut raw: &'a RawValue = self.fields.iter().rev().find(|(key, _)| key == first)?.1;
@@ -80,9 +87,7 @@ impl<'a> TopLevel<'a> {
                 }
             };
         }
-        let text = raw.get().trim();
-        text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
-            .then_some(text)
+        Some(raw)
     }
 }
 

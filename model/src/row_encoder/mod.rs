@@ -334,11 +334,9 @@ impl RowEncoder {
                     (ValueSource::Json(steps), _) if steps.is_empty() => {
                         Some(Found::from_json(&whole))
                     }
-                    (ValueSource::Json(steps), Some(Parsed::Text(text))) if steps.len() == 1 => {
-                        Some(Found::Text(text))
-                    }
-                    (ValueSource::Json(steps), Some(Parsed::Value(value))) => {
-                        ValueSource::lookup(&steps[1..], value).map(Found::from_json)
+                    (ValueSource::Json(_), Some(Parsed::Text(text))) => Some(Found::Text(text)),
+                    (ValueSource::Json(_), Some(Parsed::Value(value))) => {
+                        Some(Found::from_json(value))
                     }
                     (ValueSource::Json(_), _) => None,
                     _ => self.find_metadata(column, meta),
@@ -484,6 +482,12 @@ mod tests {
             encode_one("String", serde_json::json!({"a": 1})).unwrap(),
             [7, b'{', b'"', b'a', b'"', b':', b'1', b'}']
         );
+        // A longer one needs a two-byte length in front of its text.
+        let long = serde_json::json!({"text": "x".repeat(200)});
+        let text = long.to_string();
+        let mut expected = vec![(text.len() as u8 & 0x7f) | 0x80, (text.len() >> 7) as u8];
+        expected.extend_from_slice(text.as_bytes());
+        assert_eq!(encode_one("String", long).unwrap(), expected);
     }
 
     #[test]
@@ -618,8 +622,15 @@ mod tests {
         expected.extend_from_slice(&[2, 1]);
         assert_eq!(out, expected);
 
-        // Broken JSON is not_json even when it starts like an array or an object.
-        for broken in [&b"[1, 2"[..], br#"{"d": "#, br#"{"d": 1} x"#] {
+        // Broken JSON is not_json even when it starts like an array or an object, and so is
+        // text that is not UTF-8, inside a string or not.
+        for broken in [
+            &b"[1, 2"[..],
+            br#"{"d": "#,
+            br#"{"d": 1} x"#,
+            b"{\"s\": \"\xff\"}",
+            b"\xfe{}",
+        ] {
             let poison = encoder.encode(broken, &meta(), &mut out).unwrap_err();
             let text = String::from_utf8_lossy(broken);
             assert_eq!(poison.label(), "not_json", "{text}");

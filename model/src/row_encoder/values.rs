@@ -10,21 +10,44 @@ use super::time::time_of;
 use super::{Column, Found, Poison, text_of};
 use crate::column_type::ColumnType;
 
-fn write_varint(out: &mut Vec<u8>, mut value: u64) {
+fn write_varint(out: &mut Vec<u8>, value: u64) {
+    let (bytes, len) = varint(value);
+    out.extend_from_slice(&bytes[..len]);
+}
+
+/// LEB128, as RowBinary prefixes lengths: the bytes and how many of them are used.
+fn varint(mut value: u64) -> ([u8; 10], usize) {
+    let mut bytes = [0; 10];
+    let mut len = 0;
     loop {
         let byte = (value & 0x7f) as u8;
         value >>= 7;
         if value == 0 {
-            out.push(byte);
-            return;
+            bytes[len] = byte;
+            return (bytes, len + 1);
         }
-        out.push(byte | 0x80);
+        bytes[len] = byte | 0x80;
+        len += 1;
     }
 }
 
 pub(super) fn write_string(out: &mut Vec<u8>, text: &[u8]) {
     write_varint(out, text.len() as u64);
     out.extend_from_slice(text);
+}
+
+/// Writes a JSON value's compact text as a RowBinary string. The text is serialized straight
+/// into `out` and its length prefix put in front afterwards, sparing a `String` per value.
+fn write_json_string(out: &mut Vec<u8>, value: &Value) {
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        // Serializing a `Value` into memory does not fail; should it ever, the slow way.
+        out.truncate(start);
+        write_string(out, value.to_string().as_bytes());
+        return;
+    }
+    let (prefix, len) = varint((out.len() - start) as u64);
+    out.splice(start..start, prefix[..len].iter().copied());
 }
 
 pub(super) fn wrong(column: &Column, expected: &dyn fmt::Display, found: Found<'_>) -> Poison {
@@ -80,7 +103,7 @@ fn encode_typed(
         ColumnType::String => {
             match found {
                 Found::Text(s) => write_string(out, s.as_bytes()),
-                Found::Json(other) => write_string(out, other.to_string().as_bytes()),
+                Found::Json(other) => write_json_string(out, other),
                 Found::Unsigned(_) | Found::TimeNanos(_) => {
                     write_string(out, text_of(found).as_bytes())
                 }
