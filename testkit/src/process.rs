@@ -294,6 +294,9 @@ impl ServerProcess {
     pub(crate) fn pause(&mut self) {
         if let Some(child) = &self.child {
             signal(child, libc::SIGSTOP);
+            // The stop reaches each thread on its own; until all are stopped one may still
+            // answer a request, so the pause returns only once none can.
+            wait_all_threads_stopped(child.id(), Duration::from_secs(5));
         }
     }
 
@@ -329,6 +332,27 @@ impl ServerProcess {
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Polls `/proc/<pid>/task/*/stat` until every thread is in state `T` (stopped) or `timeout`.
+fn wait_all_threads_stopped(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let all_stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return true; // gone: nothing left to answer
+        };
+        tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                // "tid (comm) STATE ...": comm may hold spaces and parentheses.
+                stat.rfind(')')
+                    .and_then(|end| stat[end + 1..].split_whitespace().next())
+                    .is_some_and(|state| state == "T" || state == "t")
+            })
+        })
+    };
+    while !all_stopped() && Instant::now() < deadline {
+        thread::sleep(POLL);
     }
 }
 
