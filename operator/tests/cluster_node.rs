@@ -39,13 +39,12 @@ use signal_testkit::{ClickHouseServer, KubeNode, NatsServer, RedisServer};
 use node::{
     POD_TIMEOUT, POISON_EVERY, Servers, WAVE, WORKER_IMAGE, all_pods, check_exactly_once,
     import_worker_image, kill_worker_process, patch_spec, publish, ready_pods,
-    signal_worker_process, spec_for, valid_in, wait_deployment_replicas, wait_pods,
-    wait_ready_count, wait_rows,
+    signal_worker_process, spec_for, valid_in, wait_pods, wait_ready_count, wait_rows,
 };
 
 use cluster::{
     Operator, OperatorOptions, apply_pipeline, call, describe_conditions, eventually, kubectl,
-    pipeline_object, wait_condition, wait_gone,
+    pipeline_object, wait_condition, wait_deployment_replicas, wait_gone,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,6 +100,7 @@ async fn scenario(client: &Client, namespace: &str, servers: &mut Servers) -> Re
     let pipelines: Api<SignalPipeline> = Api::namespaced(client.clone(), namespace);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let worker_deployment = format!("{name}-worker");
     let js = dataplane::jetstream_at(&servers.nats.url()).await;
     let subject = format!(
         "{}.signals.test",
@@ -242,7 +242,13 @@ async fn scenario(client: &Client, namespace: &str, servers: &mut Servers) -> Re
     let wave_start = 2 * WAVE + 1;
     publish(&js, &subject, wave_start, 30_000).await?;
     valid += valid_in(wave_start, 30_000);
-    wait_deployment_replicas(&deployments, name, 3, Duration::from_secs(120)).await?;
+    wait_deployment_replicas(
+        &deployments,
+        &worker_deployment,
+        3,
+        Duration::from_secs(120),
+    )
+    .await?;
     let autoscale_up = backlog.elapsed();
     let (_, _) = wait_ready_count(&pods, name, 2).await?;
     // The kubelet may have restarted the frozen container meanwhile (liveness): then none.
@@ -254,7 +260,13 @@ async fn scenario(client: &Client, namespace: &str, servers: &mut Servers) -> Re
         drained.as_secs_f64()
     );
     let low = Instant::now();
-    wait_deployment_replicas(&deployments, name, 1, Duration::from_secs(180)).await?;
+    wait_deployment_replicas(
+        &deployments,
+        &worker_deployment,
+        1,
+        Duration::from_secs(180),
+    )
+    .await?;
     wait_pods(&pods, name, 1).await?;
     eprintln!(
         "autoscale: back to 1 pod {:.1} s after the backlog was drained (stabilisation 20 s)",
@@ -280,7 +292,7 @@ async fn scenario(client: &Client, namespace: &str, servers: &mut Servers) -> Re
     valid += valid_in(wave_start, 10_000);
     let outage_scale = Instant::now();
     kubectl(&["-n", namespace, "scale", "sigp", name, "--replicas=2"])?;
-    wait_deployment_replicas(&deployments, name, 2, Duration::from_secs(90)).await?;
+    wait_deployment_replicas(&deployments, &worker_deployment, 2, Duration::from_secs(90)).await?;
     eprintln!(
         "ClickHouse stopped: kubectl scale sigp --replicas=2 reached the Deployment after {:.1} s",
         outage_scale.elapsed().as_secs_f64()

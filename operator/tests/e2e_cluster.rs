@@ -42,7 +42,8 @@ use signal_model::{DeletionPolicy, SignalPipeline, SignalPipelineSpec};
 
 use cluster::{
     FOLLOW_TIMEOUT, Operator, OperatorOptions, REQUEST_TIMEOUT, StandInKubelet, apply_pipeline,
-    call, condition, describe_conditions, eventually, pipeline_object, wait_condition, wait_gone,
+    call, condition, describe_conditions, eventually, pipeline_object, wait_condition,
+    wait_deployment_replicas, wait_gone,
 };
 
 /// What the lifecycle runs against.
@@ -53,27 +54,6 @@ struct Target {
     /// `kubectl` with the test control plane's kubeconfig.
     check_servers: bool,
     ready_timeout: Duration,
-}
-
-async fn wait_deployment_replicas(
-    deployments: &Api<Deployment>,
-    name: &str,
-    replicas: i32,
-) -> Result<()> {
-    eventually(
-        &format!("Deployment {name} following to {replicas} replicas"),
-        FOLLOW_TIMEOUT,
-        || async {
-            let deployment = call("reading the worker Deployment", deployments.get(name)).await?;
-            let current = deployment.spec.as_ref().and_then(|s| s.replicas);
-            Ok(if current == Some(replicas) {
-                Ok(())
-            } else {
-                Err(format!("spec.replicas {current:?}"))
-            })
-        },
-    )
-    .await
 }
 
 async fn lifecycle(client: &Client, target: &Target, name: &str) -> Result<()> {
@@ -234,7 +214,7 @@ async fn lifecycle(client: &Client, target: &Target, name: &str) -> Result<()> {
         ),
     )
     .await?;
-    wait_deployment_replicas(&deployments, &worker, 2).await?;
+    wait_deployment_replicas(&deployments, &worker, 2, FOLLOW_TIMEOUT).await?;
     let scale = call("reading the scale subresource", pipelines.get_scale(name)).await?;
     let scale_replicas = scale.spec.and_then(|s| s.replicas);
     ensure!(
@@ -256,7 +236,7 @@ async fn lifecycle(client: &Client, target: &Target, name: &str) -> Result<()> {
             "--namespace",
             namespace,
         ])?;
-        wait_deployment_replicas(&deployments, &worker, 4).await?;
+        wait_deployment_replicas(&deployments, &worker, 4, FOLLOW_TIMEOUT).await?;
     }
 
     call(
@@ -268,7 +248,7 @@ async fn lifecycle(client: &Client, target: &Target, name: &str) -> Result<()> {
         ),
     )
     .await?;
-    wait_deployment_replicas(&deployments, &worker, 3).await?;
+    wait_deployment_replicas(&deployments, &worker, 3, FOLLOW_TIMEOUT).await?;
 
     // A merge patch replaces the whole list: send every column plus the new one.
     let current = call("reading the pipeline", pipelines.get(name)).await?;

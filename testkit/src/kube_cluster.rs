@@ -531,7 +531,12 @@ fn log_files(log: &Path) -> Result<(std::fs::File, std::fs::File)> {
     Ok((out, err))
 }
 
-fn spawn_logged(binary: &Path, args: Vec<String>, log: &Path, dir: &Path) -> Result<Child> {
+pub(crate) fn spawn_logged(
+    binary: &Path,
+    args: Vec<String>,
+    log: &Path,
+    dir: &Path,
+) -> Result<Child> {
     let (out, err) = log_files(log)?;
     let mut command = Command::new(binary);
     command

@@ -704,19 +704,9 @@ fn node_is_ready(cluster: &KubeCluster) -> bool {
     ready && !tainted
 }
 
+/// The kube_cluster launcher, run from the node's directory.
 fn spawn_logged(binary: &Path, args: Vec<String>, log: &Path) -> Result<Child> {
-    let out = process::append_log(log)?;
-    let err = out
-        .try_clone()
-        .context(|| "duplicating the log file handle".to_string())?;
-    let mut command = Command::new(binary);
-    command
-        .args(args)
-        .current_dir(log.parent().unwrap_or(Path::new("/")))
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    process::spawn(command).context(|| format!("starting {}", binary.display()))
+    kube_cluster::spawn_logged(binary, args, log, log.parent().unwrap_or(Path::new("/")))
 }
 
 fn ctr_command(ctr: &Path, socket: &Path, args: &[&str]) -> Result<String> {

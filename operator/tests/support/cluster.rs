@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -468,6 +469,29 @@ pub fn kubectl(args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Waits until Deployment `name` asks for `replicas` pods.
+pub async fn wait_deployment_replicas(
+    deployments: &Api<Deployment>,
+    name: &str,
+    replicas: i32,
+    timeout: Duration,
+) -> Result<()> {
+    eventually(
+        &format!("Deployment {name} following to {replicas} replicas"),
+        timeout,
+        || async {
+            let deployment = call("reading the worker Deployment", deployments.get(name)).await?;
+            let current = deployment.spec.as_ref().and_then(|s| s.replicas);
+            Ok(if current == Some(replicas) {
+                Ok(())
+            } else {
+                Err(format!("spec.replicas {current:?}"))
+            })
+        },
+    )
+    .await
 }
 
 /// Runs `helm` against the control plane; returns its stdout and stderr, or an error with both.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use async_nats::jetstream;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -249,32 +248,6 @@ async fn wait_ready(
     )
     .await?;
     Ok((names, started.elapsed()))
-}
-
-pub async fn wait_deployment_replicas(
-    deployments: &Api<Deployment>,
-    name: &str,
-    replicas: i32,
-    timeout: Duration,
-) -> Result<()> {
-    eventually(
-        &format!("the Deployment at {replicas} replicas"),
-        timeout,
-        || async {
-            let deployment = call(
-                "reading the Deployment",
-                deployments.get(&format!("{name}-worker")),
-            )
-            .await?;
-            let current = deployment.spec.and_then(|s| s.replicas);
-            Ok(if current == Some(replicas) {
-                Ok(())
-            } else {
-                Err(format!("spec.replicas {current:?}"))
-            })
-        },
-    )
-    .await
 }
 
 pub async fn patch_spec(
