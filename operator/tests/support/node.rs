@@ -154,14 +154,16 @@ pub async fn wait_rows(
     since: Instant,
 ) -> Result<Duration> {
     eventually(
-        &format!("{rows} rows in ClickHouse"),
+        &format!("{rows} distinct sequences in ClickHouse"),
         Duration::from_secs(180),
         || async {
-            let (have, _) = table_counts(&servers.clickhouse, spec)?;
-            Ok(if have >= rows {
+            // Distinct, not all rows: after a kill, redelivered duplicates can reach the row
+            // count while some sequences are still on their way.
+            let (have, distinct) = table_counts(&servers.clickhouse, spec)?;
+            Ok(if distinct >= rows {
                 Ok(())
             } else {
-                Err(format!("{have} rows"))
+                Err(format!("{distinct} distinct sequences in {have} rows"))
             })
         },
     )
@@ -281,7 +283,20 @@ pub async fn check_exactly_once(
     cache_may_miss: u64,
 ) -> Result<()> {
     let (rows, distinct) = table_counts(&servers.clickhouse, spec)?;
-    let letters = dead_letters(js, spec).await?;
+    // Dead letters are published concurrently with the rows' inserts, so they may trail them.
+    let letters = eventually(
+        &format!("{poison} dead letters"),
+        Duration::from_secs(60),
+        || async {
+            let letters = dead_letters(js, spec).await?;
+            Ok(if letters >= poison {
+                Ok(letters)
+            } else {
+                Err(format!("{letters} dead letters"))
+            })
+        },
+    )
+    .await?;
     let keys = eventually(
         &format!("{valid} Redis keys"),
         Duration::from_secs(60),
