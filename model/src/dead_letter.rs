@@ -68,7 +68,8 @@ impl SignalPipelineSpec {
             max_bytes: settings.max_bytes,
             max_msgs: settings.max_msgs,
             max_msg_size: None,
-            replicas: settings.replicas,
+            replicas: settings.replicas.unwrap_or(self.stream.replicas),
+            placement: self.stream.placement.clone(),
             duplicate_window: Some(
                 settings
                     .duplicate_window
@@ -142,6 +143,17 @@ mod tests {
         assert_eq!(stream.duplicate_window, Some(HumanDuration::from_secs(120)));
         assert_eq!(stream.storage, StorageKind::File);
         assert_eq!(stream.replicas, 1);
+
+        // A replicated source stream has a replicated dead-letter stream, on the same servers.
+        let mut replicated = spec.clone();
+        replicated.stream.replicas = 3;
+        replicated.stream.placement = Some(crate::spec::StreamPlacement {
+            cluster: Some("east".into()),
+            tags: vec![],
+        });
+        let stream = replicated.dead_letter_stream();
+        assert_eq!(stream.replicas, 3);
+        assert_eq!(stream.placement, replicated.stream.placement);
 
         let mut durable = spec.clone();
         durable.consumer.durable_name = Some("writer".into());

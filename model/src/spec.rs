@@ -180,12 +180,28 @@ pub struct StreamSpec {
     /// Largest message the stream accepts, e.g. `1Mi` (server default when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_msg_size: Option<ByteSize>,
-    /// Number of stream replicas in a NATS cluster (1 to 5).
+    /// Number of stream replicas in a NATS cluster (1 to 5, at most the cluster's size; 3 keeps
+    /// a stream writable with one server down).
     #[serde(default = "default_stream_replicas")]
     pub replicas: u8,
+    /// Where the replicas go: a cluster of a super-cluster and server tags (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<StreamPlacement>,
     /// Window in which a repeated `Nats-Msg-Id` is dropped as a duplicate, e.g. `2m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_window: Option<HumanDuration>,
+}
+
+/// Which NATS servers hold a stream's replicas.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StreamPlacement {
+    /// The cluster (`cluster.name` of the servers) that holds the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Server tags (`server_tags`) every server holding a replica must have.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 fn default_stream_replicas() -> u8 {
@@ -494,9 +510,10 @@ pub struct DeadLetterStreamSpec {
     /// Most dead letters kept (unlimited when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_msgs: Option<i64>,
-    /// Number of stream replicas in a NATS cluster (1 to 5).
-    #[serde(default = "default_stream_replicas")]
-    pub replicas: u8,
+    /// Number of stream replicas in a NATS cluster (1 to 5; default `stream.replicas`). The
+    /// stream follows `stream.placement`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u8>,
     /// Window in which a dead letter republished after a worker crash (same `Nats-Msg-Id`) is
     /// dropped as a duplicate. At least `consumer.ackWait`; default the larger of `2m` and twice
     /// `consumer.ackWait`, within `maxAge`.
@@ -516,7 +533,7 @@ impl Default for DeadLetterStreamSpec {
             max_age: default_dead_letter_max_age(),
             max_bytes: None,
             max_msgs: None,
-            replicas: default_stream_replicas(),
+            replicas: None,
             duplicate_window: None,
         }
     }

@@ -75,6 +75,15 @@ pub struct StreamStatus {
     pub bytes: u64,
     /// Last stream sequence.
     pub last_sequence: u64,
+    /// In a NATS cluster: the server leading the stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// In a NATS cluster: replicas (leader included) that are online and current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_replicas: Option<u32>,
+    /// In a NATS cluster: servers holding a replica that are offline or behind the leader.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lagging_replicas: Vec<String>,
 }
 
 /// Consumer figures.

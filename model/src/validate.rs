@@ -206,6 +206,20 @@ impl SignalPipelineSpec {
             "spec.stream.replicas",
             || format!("{} is outside 1..=5", stream.replicas),
         );
+        if let Some(placement) = &stream.placement {
+            if let Some(cluster) = &placement.cluster {
+                c.check(is_valid_nats_name(cluster), "spec.stream.placement.cluster", || {
+                    format!("`{cluster}` must be letters, digits, `-` and `_`")
+                });
+            }
+            for (index, tag) in placement.tags.iter().enumerate() {
+                c.check(
+                    !tag.trim().is_empty(),
+                    &format!("spec.stream.placement.tags[{index}]"),
+                    || "a tag must not be empty".into(),
+                );
+            }
+        }
         if let Some(max) = stream.max_msgs {
             c.check(max >= -1, "spec.stream.maxMsgs", || {
                 format!("{max} must be -1 (unlimited) or more")

@@ -606,6 +606,7 @@ fn what_the_operator_writes_passes_the_schema() {
             messages: 1,
             bytes: 2,
             last_sequence: 3,
+            ..Default::default()
         }),
         consumer: Some(signal_model::ConsumerStatus {
             num_pending: 4,

@@ -1,4 +1,4 @@
-//! Real servers for tests: `nats-server` (JetStream), `clickhouse-server` and `redis-server`,
+//! Real servers for tests: `nats-server` (JetStream; alone or as a [`NatsCluster`]), `clickhouse-server` and `redis-server`,
 //! a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager; see
 //! [`KubeCluster`]) built from upstream Go modules by `scripts/build-kube.sh`, and a node on top
 //! of it (kube-scheduler, containerd and a kubelet; see [`KubeNode`]) that runs pods from images
@@ -32,6 +32,7 @@ mod https;
 mod kube_cluster;
 mod kube_node;
 mod nats;
+mod nats_cluster;
 mod oci_image;
 mod ports;
 mod process;
@@ -44,6 +45,7 @@ pub use kube_cluster::{
 };
 pub use kube_node::{KubeNode, PAUSE_IMAGE};
 pub use nats::NatsServer;
+pub use nats_cluster::NatsCluster;
 pub use oci_image::{ImageSpec, write_image_archive};
 pub use ports::{free_port, is_port_free};
 pub use process::{ChildProcess, workspace_bin};

@@ -5,6 +5,8 @@
 //! `"jetstream":true` *and* the JetStream API answers an account-info request, so a test can
 //! create streams right away. [`NatsServer::restart`] reuses the port and store directory, so
 //! JetStream data survives. The process is killed on drop and when the test process dies.
+//! The nodes of a [`NatsCluster`](crate::NatsCluster) are servers of this kind started with
+//! cluster arguments ([`NatsServer::start_member`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -31,6 +33,8 @@ pub struct NatsServer {
     host: Ipv4Addr,
     name: String,
     port: PortReservation,
+    /// Extra command-line arguments on every (re)start: a cluster member's routes.
+    extra_args: Vec<String>,
     process: ServerProcess,
     // Declared last so the process is gone before its directory is removed.
     dir: TempDir,
@@ -53,7 +57,7 @@ impl NatsServer {
             let port = reserve_port()?;
             let _ = std::fs::remove_file(log_path(dir.path()));
             let process = ServerProcess::start(
-                || launch(&binary, dir.path(), &name, host, port.port()),
+                || launch(&binary, dir.path(), &name, host, port.port(), &[]),
                 |child| wait_ready(child, dir.path(), &name, host, port.port()),
             )?;
             Ok((port, process))
@@ -63,9 +67,52 @@ impl NatsServer {
             host,
             name,
             port,
+            extra_args: Vec::new(),
             process,
             dir,
         })
+    }
+
+    /// Starts a cluster member named `name` on the reserved client `port` of 127.0.0.1 with
+    /// `extra_args` (its cluster port and routes), and returns once it listens: its JetStream
+    /// API answers only when a quorum of the cluster is up, which the cluster waits for. No
+    /// retry on a lost port race: the cluster retries as a whole.
+    pub(crate) fn start_member(
+        name: String,
+        port: PortReservation,
+        extra_args: Vec<String>,
+    ) -> Result<NatsServer> {
+        let binary = binary::NATS.locate()?;
+        let dir = process::server_dir("nats")?;
+        let host = Ipv4Addr::LOCALHOST;
+        let process = ServerProcess::start(
+            || launch(&binary, dir.path(), &name, host, port.port(), &extra_args),
+            |child| {
+                process::wait_until_ready(SERVER, child, START_TIMEOUT, &[log_path(dir.path())], || {
+                    server_info(host, port.port(), &name).is_ok_and(|info| info.is_some())
+                })
+            },
+        )?;
+        Ok(NatsServer {
+            binary,
+            host,
+            name,
+            port,
+            extra_args,
+            process,
+            dir,
+        })
+    }
+
+    /// The server's name (`server_name`, as stream and consumer cluster info names peers).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the server answers as itself and its JetStream API answers (in a cluster: a
+    /// meta leader is elected).
+    pub fn jetstream_ready(&self) -> bool {
+        jetstream_ready(self.host, self.port(), &self.name).unwrap_or(false)
     }
 
     /// `nats://HOST:PORT`, HOST being 127.0.0.1 unless started with [`Self::start_on`].
@@ -126,7 +173,7 @@ impl NatsServer {
         let (dir, name, host, port) = (self.dir.path(), &self.name, self.host, self.port.port());
         self.process.restart(
             STOP_GRACE,
-            || launch(&self.binary, dir, name, host, port),
+            || launch(&self.binary, dir, name, host, port, &self.extra_args),
             |child| wait_ready(child, dir, name, host, port),
         )
     }
@@ -142,7 +189,14 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("nats-server.log")
 }
 
-fn launch(binary: &Path, dir: &Path, name: &str, host: Ipv4Addr, port: u16) -> Result<Child> {
+fn launch(
+    binary: &Path,
+    dir: &Path,
+    name: &str,
+    host: Ipv4Addr,
+    port: u16,
+    extra_args: &[String],
+) -> Result<Child> {
     let log = process::append_log(&log_path(dir))?;
     let log_err = log
         .try_clone()
@@ -153,6 +207,7 @@ fn launch(binary: &Path, dir: &Path, name: &str, host: Ipv4Addr, port: u16) -> R
         .arg("-sd")
         .arg(dir.join("js"))
         .args(["-a", &host.to_string(), "-p", &port.to_string(), "-n", name])
+        .args(extra_args)
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log)
@@ -166,24 +221,32 @@ fn wait_ready(child: &mut Child, dir: &Path, name: &str, host: Ipv4Addr, port: u
     })
 }
 
-/// Connects, checks the INFO line is from the server named `name` with JetStream on, and that
-/// the JetStream API answers `$JS.API.INFO` without an error.
-fn jetstream_ready(host: Ipv4Addr, port: u16, name: &str) -> std::io::Result<bool> {
+/// A connection to the server named `name` whose INFO line says JetStream is on, or `None`
+/// when another server (or none) answers on the port.
+fn server_info(
+    host: Ipv4Addr,
+    port: u16,
+    name: &str,
+) -> std::io::Result<Option<(BufReader<TcpStream>, TcpStream)>> {
     let addr = SocketAddr::from((host, port));
     let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_millis(500)))?;
     stream.set_write_timeout(Some(Duration::from_millis(500)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-
     let mut info = String::new();
     reader.read_line(&mut info)?;
     let ours = info.starts_with("INFO ")
         && info.contains(&format!("\"server_name\":\"{name}\""))
         && info.contains("\"jetstream\":true");
-    if !ours {
+    Ok(ours.then_some((reader, stream)))
+}
+
+/// Connects, checks the INFO line is from the server named `name` with JetStream on, and that
+/// the JetStream API answers `$JS.API.INFO` without an error.
+fn jetstream_ready(host: Ipv4Addr, port: u16, name: &str) -> std::io::Result<bool> {
+    let Some((mut reader, mut writer)) = server_info(host, port, name)? else {
         return Ok(false);
-    }
+    };
 
     writer.write_all(
         b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"name\":\"signal-testkit\"}\r\n\
@@ -304,6 +367,7 @@ mod tests {
             "taken",
             Ipv4Addr::LOCALHOST,
             port.port(),
+            &[],
         )
         .unwrap();
         match wait_ready(

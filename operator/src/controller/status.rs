@@ -145,6 +145,7 @@ mod tests {
                 messages: 10,
                 bytes: 100,
                 last_sequence: 10,
+                ..Default::default()
             }),
             ..StatusFigures::default()
         };

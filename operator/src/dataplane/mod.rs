@@ -245,6 +245,7 @@ fn nats_connect_error(url: &str, error: signal_clients::connect::ConnectError) -
             url: url.to_string(),
             message,
         },
+        ConnectError::NatsUrl { .. } => DataPlaneError::InvalidSpec(message),
         ConnectError::Nats { source, .. } => match source.kind() {
             Kind::Authentication | Kind::AuthorizationViolation => {
                 DataPlaneError::AuthenticationFailed {

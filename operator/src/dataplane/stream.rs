@@ -4,12 +4,20 @@
 //! Updates start from the live config and overwrite only the fields the spec manages, so settings
 //! made by other tools survive while drift in managed fields is put back. The server's answer is
 //! compared again afterwards, because NATS 2.9 silently ignores options it does not know.
+//!
+//! In a NATS cluster the server decides what it can do with replicas and placement: 2.9 scales
+//! a stream up or down and moves it to other servers, but refuses a placement no server matches
+//! (more replicas than servers, an unknown cluster or tags) and a move and a scale in one update.
+//! The operator sends a scale and a move as two updates, reports a refusal as
+//! `PlacementImpossible` with the server's words, and reports replicas that are offline or behind
+//! the leader in the status (the stream stays usable while a quorum of its replicas is).
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use signal_model::{
-    DiscardKind, HumanDuration, RetentionKind, StorageKind, StreamSpec, StreamStatus,
+    DiscardKind, HumanDuration, RetentionKind, StorageKind, StreamPlacement, StreamSpec,
+    StreamStatus,
 };
 
 use super::{DataPlaneError, FieldChange, PART_TIMEOUT, PartReport, bounded, list_changes};
@@ -46,11 +54,46 @@ pub fn desired_stream_config(spec: &StreamSpec) -> stream::Config {
         max_messages_per_subject: -1,
         max_consumers: -1,
         num_replicas: usize::from(spec.replicas.max(1)),
+        placement: spec.placement.as_ref().map(nats_placement),
         duplicate_window: spec
             .duplicate_window
             .map_or(Duration::ZERO, HumanDuration::as_duration),
         ..Default::default()
     }
+}
+
+fn nats_placement(placement: &StreamPlacement) -> stream::Placement {
+    stream::Placement {
+        cluster: placement.cluster.clone(),
+        tags: placement.tags.clone(),
+    }
+}
+
+/// `cluster east, tags [ssd]`, or `any server`.
+fn placement_text(placement: Option<&stream::Placement>) -> String {
+    let mut parts = Vec::new();
+    if let Some(cluster) = placement.and_then(|p| p.cluster.as_deref()) {
+        parts.push(format!("cluster {cluster}"));
+    }
+    if let Some(placement) = placement.filter(|p| !p.tags.is_empty()) {
+        parts.push(format!("tags [{}]", placement.tags.join(", ")));
+    }
+    if parts.is_empty() {
+        "any server".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Whether two placements ask for the same servers (tag order does not matter).
+fn same_placement(a: Option<&stream::Placement>, b: Option<&stream::Placement>) -> bool {
+    let key = |p: Option<&stream::Placement>| {
+        (
+            p.and_then(|p| p.cluster.clone()).filter(|c| !c.is_empty()),
+            sorted(p.map_or(&[][..], |p| &p.tags)),
+        )
+    };
+    key(a) == key(b)
 }
 
 /// How a live stream differs from the desired one.
@@ -184,6 +227,17 @@ pub fn compare_stream_config(desired: &stream::Config, live: &stream::Config) ->
             desired.num_replicas.to_string(),
         );
     }
+    // Without a placement in the spec the servers choose, and a placement set by hand stays.
+    if desired.placement.is_some()
+        && !same_placement(desired.placement.as_ref(), live.placement.as_ref())
+    {
+        change(
+            true,
+            PLACEMENT,
+            placement_text(live.placement.as_ref()),
+            placement_text(desired.placement.as_ref()),
+        );
+    }
     if !desired.duplicate_window.is_zero() && desired.duplicate_window != live.duplicate_window {
         change(
             true,
@@ -206,6 +260,9 @@ pub fn merged_update(desired: &stream::Config, live: &stream::Config) -> stream:
     update.max_messages = desired.max_messages;
     update.max_message_size = desired.max_message_size;
     update.num_replicas = desired.num_replicas;
+    if desired.placement.is_some() {
+        update.placement = desired.placement.clone();
+    }
     if !desired.duplicate_window.is_zero() {
         update.duplicate_window = desired.duplicate_window;
     } else if !desired.max_age.is_zero() && update.duplicate_window > desired.max_age {
@@ -217,13 +274,89 @@ pub fn merged_update(desired: &stream::Config, live: &stream::Config) -> stream:
     update
 }
 
+/// The field name of a placement change.
+const PLACEMENT: &str = "placement";
+/// The field name of a replicas change.
+const REPLICAS: &str = "replicas";
+/// JetStream's error code for "no suitable peers for placement".
+const NO_SUITABLE_PEERS: jetstream::ErrorCode = jetstream::ErrorCode(10005);
+/// The reason of a replicas or placement change the cluster cannot carry out.
+pub const PLACEMENT_IMPOSSIBLE: &str = "PlacementImpossible";
+/// The reason of a stream that works while some of its replicas are offline or behind.
+pub const REPLICAS_DEGRADED: &str = "ReplicasDegraded";
+
+/// The updates that carry out `diff`: NATS 2.9 refuses to move and scale a stream in one update
+/// ("can not move and scale a stream in a single update"), so a change of both scales first
+/// (keeping the live placement) and moves second.
+pub fn planned_updates(
+    desired: &stream::Config,
+    live: &stream::Config,
+    diff: &StreamConfigDiff,
+) -> Vec<stream::Config> {
+    let update = merged_update(desired, live);
+    let changes = |field: &str| diff.mutable.iter().any(|c| c.field == field);
+    if changes(REPLICAS) && changes(PLACEMENT) {
+        let scale = stream::Config {
+            placement: live.placement.clone(),
+            ..update.clone()
+        };
+        vec![scale, update]
+    } else {
+        vec![update]
+    }
+}
+
+/// Servers holding a replica of the stream that are offline or not current with the leader
+/// (empty outside a cluster).
+fn lagging_replicas(info: &stream::Info) -> Vec<String> {
+    info.cluster.as_ref().map_or_else(Vec::new, |cluster| {
+        cluster
+            .replicas
+            .iter()
+            .filter(|peer| peer.offline || !peer.current)
+            .map(|peer| peer.name.clone())
+            .collect()
+    })
+}
+
 /// Stream figures for the pipeline status.
 pub fn stream_status(info: &stream::Info) -> StreamStatus {
+    let clustered = info.cluster.as_ref().filter(|c| c.leader.is_some());
+    let lagging = lagging_replicas(info);
     StreamStatus {
         messages: info.state.messages,
         bytes: info.state.bytes,
         last_sequence: info.state.last_sequence,
+        leader: clustered.and_then(|c| c.leader.clone()),
+        // The leader plus the followers that keep up.
+        current_replicas: clustered
+            .filter(|_| info.config.num_replicas > 1)
+            .map(|c| u32::try_from(1 + c.replicas.len() - lagging.len()).unwrap_or(u32::MAX)),
+        lagging_replicas: lagging,
     }
+}
+
+/// The ready report of a stream that matches the spec, saying so when replicas are missing: the
+/// stream keeps working while a quorum of them is current, with less safety.
+fn ready_report(reason: &str, message: String, info: &stream::Info) -> PartReport {
+    let lagging = lagging_replicas(info);
+    if lagging.is_empty() || info.config.num_replicas <= 1 {
+        return PartReport::ready(reason, message, Vec::new());
+    }
+    let replicas = info.config.num_replicas;
+    PartReport::ready(
+        REPLICAS_DEGRADED,
+        format!(
+            "{message}; {} of {replicas} replicas current: {} offline or behind the leader {}",
+            replicas.saturating_sub(lagging.len()),
+            lagging.join(", "),
+            info.cluster
+                .as_ref()
+                .and_then(|c| c.leader.as_deref())
+                .unwrap_or("(none)"),
+        ),
+        Vec::new(),
+    )
 }
 
 /// The result of reconciling the stream.
@@ -258,10 +391,28 @@ async fn apply_stream(
     let desired = desired_stream_config(spec);
     let name = &spec.name;
     let Some(live) = stream_info(js, name).await? else {
-        let created = js
-            .create_stream(desired.clone())
-            .await
-            .map_err(|error| create_error(&format!("create stream {name}"), error))?;
+        let created = match js.create_stream(desired.clone()).await {
+            Ok(created) => created,
+            Err(error) if is_no_suitable_peers(&error) => {
+                return Ok(StreamOutcome {
+                    report: PartReport::not_ready(
+                        PLACEMENT_IMPOSSIBLE,
+                        format!(
+                            "stream {name} was not created: the NATS cluster has no servers for \
+                             {} replicas on {} ({}); lower spec.stream.replicas to at most the \
+                             number of servers that match, or change spec.stream.placement",
+                            desired.num_replicas,
+                            placement_text(desired.placement.as_ref()),
+                            server_words(&error),
+                        ),
+                        Vec::new(),
+                    ),
+                    status: None,
+                    exists: false,
+                });
+            }
+            Err(error) => return Err(create_error(&format!("create stream {name}"), error)),
+        };
         let info = created.cached_info();
         let status = Some(stream_status(info));
         let change = vec![format!("created stream {name}")];
@@ -306,47 +457,43 @@ async fn apply_stream(
     }
     if diff.mutable.is_empty() {
         return Ok(StreamOutcome {
-            report: PartReport::ready(
+            report: ready_report(
                 "UpToDate",
                 format!("stream {name} matches the spec"),
-                vec![],
+                &live,
             ),
             status,
             exists: true,
         });
     }
 
-    let update = merged_update(&desired, &live.config);
-    let updated = match js.update_stream(&update).await {
-        Ok(info) => info,
-        Err(error) => {
-            let error = create_error(&format!("update stream {name}"), error);
-            let reason = match error {
-                DataPlaneError::NatsRefused { .. } => "UpdateRefused",
-                _ => error.reason(),
-            };
-            return Ok(StreamOutcome {
-                report: PartReport::not_ready(
-                    reason,
-                    format!("{error} (wanted: {})", list_changes(&diff.mutable)),
-                    Vec::new(),
-                ),
-                status,
-                exists: true,
-            });
-        }
-    };
+    let mut updated = live.clone();
+    for update in planned_updates(&desired, &live.config, &diff) {
+        updated = match js.update_stream(&update).await {
+            Ok(info) => info,
+            Err(error) => {
+                return Ok(StreamOutcome {
+                    report: update_refused(name, &diff, error, &updated.config, &update),
+                    status: Some(stream_status(&updated)),
+                    exists: true,
+                });
+            }
+        };
+    }
     let change = vec![format!(
         "updated stream {name}: {}",
         list_changes(&diff.mutable)
     )];
     let leftover = compare_stream_config(&desired, &updated.config);
     let report = if leftover.is_empty() {
-        PartReport::ready(
-            "Updated",
-            format!("stream {name} updated: {}", list_changes(&diff.mutable)),
-            change,
-        )
+        PartReport {
+            changes: change,
+            ..ready_report(
+                "Updated",
+                format!("stream {name} updated: {}", list_changes(&diff.mutable)),
+                &updated,
+            )
+        }
     } else {
         PartReport::not_ready(
             "UpdateIgnored",
@@ -362,6 +509,55 @@ async fn apply_stream(
         status: Some(stream_status(&updated)),
         exists: true,
     })
+}
+
+fn is_no_suitable_peers(error: &jetstream::context::CreateStreamError) -> bool {
+    matches!(error.kind(), jetstream::context::CreateStreamErrorKind::JetStream(api)
+        if api.error_code() == NO_SUITABLE_PEERS)
+}
+
+/// The server's description of an API refusal, or the error itself.
+fn server_words(error: &jetstream::context::CreateStreamError) -> String {
+    match error.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(api) => api.to_string(),
+        _ => error.to_string(),
+    }
+}
+
+/// The report of an update the server did not carry out; the live stream stays as it is.
+fn update_refused(
+    name: &str,
+    diff: &StreamConfigDiff,
+    error: jetstream::context::CreateStreamError,
+    live: &stream::Config,
+    update: &stream::Config,
+) -> PartReport {
+    if is_no_suitable_peers(&error) {
+        return PartReport::not_ready(
+            PLACEMENT_IMPOSSIBLE,
+            format!(
+                "stream {name} stays at {} replicas on {}: the NATS cluster has no servers for {} \
+                 replicas on {} ({}); lower spec.stream.replicas to at most the number of servers \
+                 that match, or change spec.stream.placement",
+                live.num_replicas,
+                placement_text(live.placement.as_ref()),
+                update.num_replicas,
+                placement_text(update.placement.as_ref()),
+                server_words(&error),
+            ),
+            Vec::new(),
+        );
+    }
+    let error = create_error(&format!("update stream {name}"), error);
+    let reason = match error {
+        DataPlaneError::NatsRefused { .. } => "UpdateRefused",
+        _ => error.reason(),
+    };
+    PartReport::not_ready(
+        reason,
+        format!("{error} (wanted: {})", list_changes(&diff.mutable)),
+        Vec::new(),
+    )
 }
 
 /// The stream's info, or `None` when it does not exist.
