@@ -68,7 +68,7 @@ impl SignalPipelineSpec {
             max_bytes: settings.max_bytes,
             max_msgs: settings.max_msgs,
             max_msg_size: None,
-            replicas: settings.replicas.unwrap_or(self.stream.replicas),
+            replicas: settings.replicas.unwrap_or(self.stream.replicas).max(1),
             placement: self.stream.placement.clone(),
             duplicate_window: Some(
                 settings

@@ -208,9 +208,11 @@ impl SignalPipelineSpec {
         );
         if let Some(placement) = &stream.placement {
             if let Some(cluster) = &placement.cluster {
-                c.check(is_valid_nats_name(cluster), "spec.stream.placement.cluster", || {
-                    format!("`{cluster}` must be letters, digits, `-` and `_`")
-                });
+                c.check(
+                    is_valid_nats_name(cluster),
+                    "spec.stream.placement.cluster",
+                    || format!("`{cluster}` must be letters, digits, `-` and `_`"),
+                );
             }
             for (index, tag) in placement.tags.iter().enumerate() {
                 c.check(
@@ -543,11 +545,14 @@ impl SignalPipelineSpec {
                 },
             );
         }
-        c.check(
-            (1..=5).contains(&stream.replicas),
-            "spec.deadLetter.stream.replicas",
-            || format!("{} is outside 1..=5", stream.replicas),
-        );
+        // Without its own value it follows spec.stream.replicas, checked above.
+        if let Some(replicas) = self.dead_letter.as_ref().and_then(|d| d.stream.replicas) {
+            c.check(
+                (1..=5).contains(&replicas),
+                "spec.deadLetter.stream.replicas",
+                || format!("{replicas} is outside 1..=5"),
+            );
+        }
         if let Some(max) = stream.max_msgs {
             c.check(max >= -1, "spec.deadLetter.stream.maxMsgs", || {
                 format!("{max} must be -1 (unlimited) or more")

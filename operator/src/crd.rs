@@ -207,6 +207,14 @@ fn field_rules() -> Vec<(&'static str, Value)> {
             json!({"x-kubernetes-validations": immutable("stream.storage")}),
         ),
         ("spec.stream.replicas", json!({"minimum": 1, "maximum": 5})),
+        (
+            "spec.stream.placement.cluster",
+            json!({"pattern": NATS_NAME_PATTERN, "maxLength": 255}),
+        ),
+        (
+            "spec.stream.placement.tags",
+            json!({"items": {"type": "string", "minLength": 1}}),
+        ),
         ("spec.stream.maxMsgs", json!({"minimum": -1})),
         (
             "spec.consumer.durableName",

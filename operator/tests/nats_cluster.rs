@@ -6,7 +6,7 @@
 //!   do (5 replicas on 3 servers, a cluster that does not exist) with `PlacementImpossible` and
 //!   the server's words, leaving the stream as it is.
 //! - A node lost mid-stream: with `stream.replicas: 3`, two `signal-worker` processes ingest
-//!   while the stream's leader is stopped and later restarted. Every stream sequence is stored,
+//!   while the stream's leader is killed (SIGKILL, a crash) and later restarted. Every stream sequence is stored,
 //!   duplicates are counted, and the longest stall of stored-row progress is printed; meanwhile
 //!   the operator's data-plane reconcile keeps the stream ready and names the missing replica.
 
@@ -16,7 +16,7 @@ mod support;
 mod worker_binary;
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,9 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use signal_model::credentials::NatsAuth;
 use signal_model::manifest::PipelineManifest;
 use signal_model::{ColumnSpec, HumanDuration, SignalPipelineSpec, StreamPlacement};
-use signal_operator::dataplane::stream::{PLACEMENT_IMPOSSIBLE, REPLICAS_DEGRADED, reconcile_stream};
+use signal_operator::dataplane::stream::{
+    PLACEMENT_IMPOSSIBLE, REPLICAS_DEGRADED, SCALED_BEFORE_MOVE, reconcile_stream,
+};
 use signal_operator::dataplane::{DataPlaneReport, reconcile_data_plane};
 use signal_testkit::{ChildProcess, NatsCluster};
 use support::{
@@ -33,9 +35,9 @@ use support::{
 };
 
 /// Signals published in the node-loss test, and how fast (the node is lost about a third in).
-const SIGNALS: u64 = 60_000;
-const CHUNK: u64 = 500;
-const CHUNK_PAUSE: Duration = Duration::from_millis(100);
+const SIGNALS: u64 = 30_000;
+const CHUNK: u64 = 1000;
+const CHUNK_PAUSE: Duration = Duration::from_millis(250);
 
 /// A JetStream context through the seed list, connected the way the operator and worker connect.
 async fn jetstream_on(urls: &str) -> jetstream::Context {
@@ -68,6 +70,28 @@ fn cluster_spec(name: &str, cluster: &NatsCluster, replicas: u8) -> SignalPipeli
     spec
 }
 
+/// Reconciles the stream until it is ready, as the controller's retries would (a request may go
+/// unanswered while a replica group forms); at most five times.
+async fn reconcile_ready(
+    js: &jetstream::Context,
+    spec: &signal_model::StreamSpec,
+) -> signal_operator::dataplane::stream::StreamOutcome {
+    let mut attempts = 0;
+    loop {
+        let outcome = reconcile_stream(js, spec).await;
+        attempts += 1;
+        if outcome.report.ready {
+            return outcome;
+        }
+        assert!(
+            attempts < 5,
+            "not ready after {attempts} reconciles: {:?}",
+            outcome.report
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_scale_up_in_place_and_impossible_placements_are_refused_with_a_reason() {
     let cluster = NatsCluster::start(3).expect("a three-node NATS cluster");
@@ -81,32 +105,41 @@ async fn replicas_scale_up_in_place_and_impossible_placements_are_refused_with_a
     assert_eq!(live.config.num_replicas, 1);
 
     // 1 → 3 together with a placement: NATS refuses a scale and a move in one update, so the
-    // operator sends two.
+    // operator scales in one reconcile and moves in the next.
     spec.replicas = 3;
     spec.placement = Some(StreamPlacement {
         cluster: Some(cluster.name().to_string()),
         tags: vec![],
     });
     let scaled = reconcile_stream(&js, &spec).await;
-    assert!(scaled.report.ready, "{:?}", scaled.report);
-    assert!(
-        scaled.report.changes[0].contains("replicas 1 → 3"),
+    assert_eq!(
+        scaled.report.reason, SCALED_BEFORE_MOVE,
         "{:?}",
         scaled.report
     );
+    assert_eq!(
+        scaled.report.changes,
+        [format!("scaled stream {}: replicas 1 → 3", spec.name)]
+    );
+    println!("replicas 1 → 3 with a placement: {}", scaled.report.message);
+    let moved = reconcile_ready(&js, &spec).await;
+    println!("then: {}", moved.report.message);
     let live = live_stream(&js, &spec.name).await.expect("still there");
     assert_eq!(live.config.num_replicas, 3);
     assert_eq!(
         live.config.placement.and_then(|p| p.cluster).as_deref(),
         Some(cluster.name())
     );
-    println!("replicas 1 → 3 with a placement: {}", scaled.report.message);
 
     // More replicas than servers: refused with the reason, the stream left at 3.
     spec.replicas = 5;
     let refused = reconcile_stream(&js, &spec).await;
     assert!(!refused.report.ready);
-    assert_eq!(refused.report.reason, PLACEMENT_IMPOSSIBLE, "{:?}", refused.report);
+    assert_eq!(
+        refused.report.reason, PLACEMENT_IMPOSSIBLE,
+        "{:?}",
+        refused.report
+    );
     assert!(
         refused.report.message.contains("5 replicas")
             && refused.report.message.contains("no suitable peers"),
@@ -125,13 +158,17 @@ async fn replicas_scale_up_in_place_and_impossible_placements_are_refused_with_a
         tags: vec!["ssd".to_string()],
     });
     let refused = reconcile_stream(&js, &elsewhere).await;
-    assert_eq!(refused.report.reason, PLACEMENT_IMPOSSIBLE, "{:?}", refused.report);
+    assert_eq!(
+        refused.report.reason, PLACEMENT_IMPOSSIBLE,
+        "{:?}",
+        refused.report
+    );
     assert!(!refused.exists);
     assert!(live_stream(&js, &elsewhere.name).await.is_none());
 
     // Back to what the cluster can do: 3 → 1 is carried out.
     spec.replicas = 1;
-    let down = reconcile_stream(&js, &spec).await;
+    let down = reconcile_ready(&js, &spec).await;
     assert!(down.report.ready, "{:?}", down.report);
     let live = live_stream(&js, &spec.name).await.expect("still there");
     assert_eq!(live.config.num_replicas, 1);
@@ -154,7 +191,7 @@ fn distinct_sequences(database: &str, table: &str) -> Option<u64> {
 /// Publishes `SIGNALS` messages `{"n": i}` in paced chunks, each with a `Nats-Msg-Id`, and
 /// republishes any whose ack did not come (a leader election under way): the stream's duplicate
 /// window stores each once.
-async fn publish_paced(js: jetstream::Context, subject: String) {
+async fn publish_paced(js: jetstream::Context, subject: String, published: Arc<AtomicU64>) {
     let mut next = 0;
     while next < SIGNALS {
         let mut pending: Vec<u64> = (next..(next + CHUNK).min(SIGNALS)).collect();
@@ -182,6 +219,7 @@ async fn publish_paced(js: jetstream::Context, subject: String) {
             pending = failed;
         }
         next = (next + CHUNK).min(SIGNALS);
+        published.store(next, Ordering::Relaxed);
         tokio::time::sleep(CHUNK_PAUSE).await;
     }
 }
@@ -282,12 +320,16 @@ async fn a_node_lost_mid_stream_loses_nothing_and_the_status_names_the_missing_r
     };
 
     let subject = format!("{name}.signals.tx");
-    let publisher = tokio::spawn(publish_paced(js.clone(), subject));
+    let published = Arc::new(AtomicU64::new(0));
+    let publisher = tokio::spawn(publish_paced(js.clone(), subject, published.clone()));
 
-    // Lose the stream's leader once a third is stored.
+    // Crash the stream's leader once a third is published and rows are being stored: the rest is
+    // published while it is down and after it returns.
     let (database, table) = (&spec.clickhouse.database, &spec.clickhouse.table);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while distinct_sequences(database, table).unwrap_or(0) < SIGNALS / 3 {
+    while published.load(Ordering::Relaxed) < SIGNALS / 3
+        || distinct_sequences(database, table).unwrap_or(0) == 0
+    {
         assert!(Instant::now() < deadline, "ingestion did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -301,8 +343,11 @@ async fn a_node_lost_mid_stream_loses_nothing_and_the_status_names_the_missing_r
         .position(|node| node.name() == leader)
         .expect("the leader is one of the nodes");
     let stopped_at = Instant::now();
-    cluster.node_mut(lost).stop();
-    println!("stopped {leader} (the stream's leader)");
+    cluster.node_mut(lost).kill();
+    println!(
+        "killed {leader} (the stream's leader) at {} published",
+        published.load(Ordering::Relaxed)
+    );
 
     // The operator's view while the node is down: the stream still works, and the status names
     // the missing replica.
@@ -332,11 +377,20 @@ async fn a_node_lost_mid_stream_loses_nothing_and_the_status_names_the_missing_r
         cluster.wait_ready().expect("the cluster answers");
     });
     let restarted_at = Instant::now();
-    println!("restarted {leader}");
+    println!(
+        "restarted {leader} at {} published",
+        published.load(Ordering::Relaxed)
+    );
 
-    tokio::time::timeout(Duration::from_secs(180), publisher)
+    tokio::time::timeout(Duration::from_secs(120), publisher)
         .await
-        .expect("publishing ends")
+        .unwrap_or_else(|_| {
+            panic!(
+                "publishing did not end: {} of {SIGNALS} acknowledged, {:?} stored",
+                published.load(Ordering::Relaxed),
+                distinct_sequences(database, table)
+            )
+        })
         .expect("the publisher does not panic");
     let deadline = Instant::now() + Duration::from_secs(120);
     while distinct_sequences(database, table).unwrap_or(0) < SIGNALS {
@@ -351,7 +405,10 @@ async fn a_node_lost_mid_stream_loses_nothing_and_the_status_names_the_missing_r
     sampler.join().expect("sampler");
 
     let stream = live_stream(&js, &spec.stream.name).await.expect("stream");
-    assert_eq!(stream.state.last_sequence, SIGNALS, "each signal stored once");
+    assert_eq!(
+        stream.state.last_sequence, SIGNALS,
+        "each signal stored once"
+    );
     let summary = clickhouse_query(&format!(
         "SELECT count(), uniqExact(seq), min(seq), max(seq) FROM `{database}`.`{table}`"
     ));
@@ -377,13 +434,19 @@ async fn a_node_lost_mid_stream_loses_nothing_and_the_status_names_the_missing_r
         }
     }
     let began = if longest.1 >= stopped_at {
-        format!("{:.1} s after the stop", (longest.1 - stopped_at).as_secs_f64())
+        format!(
+            "{:.1} s after the kill",
+            (longest.1 - stopped_at).as_secs_f64()
+        )
     } else {
-        format!("{:.1} s before the stop", (stopped_at - longest.1).as_secs_f64())
+        format!(
+            "{:.1} s before the kill",
+            (stopped_at - longest.1).as_secs_f64()
+        )
     };
     println!(
-        "node loss: {SIGNALS} signals, 3 replicas, 2 workers; longest stall of stored rows \
-         {:.1} s (began {began}); node down {:.1} s; {duplicates} duplicate rows",
+        "node loss (leader SIGKILLed): {SIGNALS} signals, 3 replicas, 2 workers; longest stall \
+         of stored rows {:.1} s (began {began}); node down {:.1} s; {duplicates} duplicate rows",
         longest.0.as_secs_f64(),
         (restarted_at - stopped_at).as_secs_f64(),
     );

@@ -88,9 +88,13 @@ impl NatsServer {
         let process = ServerProcess::start(
             || launch(&binary, dir.path(), &name, host, port.port(), &extra_args),
             |child| {
-                process::wait_until_ready(SERVER, child, START_TIMEOUT, &[log_path(dir.path())], || {
-                    server_info(host, port.port(), &name).is_ok_and(|info| info.is_some())
-                })
+                process::wait_until_ready(
+                    SERVER,
+                    child,
+                    START_TIMEOUT,
+                    &[log_path(dir.path())],
+                    || server_info(host, port.port(), &name).is_ok_and(|info| info.is_some()),
+                )
             },
         )?;
         Ok(NatsServer {

@@ -179,7 +179,11 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let info = request(port, "$JS.API.STREAM.INFO.R3", "");
-            if cluster.nodes().iter().all(|node| info.contains(node.name())) {
+            if cluster
+                .nodes()
+                .iter()
+                .all(|node| info.contains(node.name()))
+            {
                 break;
             }
             assert!(Instant::now() < deadline, "{info}");

@@ -8,7 +8,7 @@
 //! In a NATS cluster the server decides what it can do with replicas and placement: 2.9 scales
 //! a stream up or down and moves it to other servers, but refuses a placement no server matches
 //! (more replicas than servers, an unknown cluster or tags) and a move and a scale in one update.
-//! The operator sends a scale and a move as two updates, reports a refusal as
+//! The operator sends a scale and a move in two reconciles (scale first), reports a refusal as
 //! `PlacementImpossible` with the server's words, and reports replicas that are offline or behind
 //! the leader in the status (the stream stays usable while a quorum of its replicas is).
 
@@ -282,6 +282,8 @@ const REPLICAS: &str = "replicas";
 const NO_SUITABLE_PEERS: jetstream::ErrorCode = jetstream::ErrorCode(10005);
 /// The reason of a replicas or placement change the cluster cannot carry out.
 pub const PLACEMENT_IMPOSSIBLE: &str = "PlacementImpossible";
+/// The reason of a stream scaled by this reconcile whose placement change follows.
+pub const SCALED_BEFORE_MOVE: &str = "ScaledBeforeMove";
 /// The reason of a stream that works while some of its replicas are offline or behind.
 pub const REPLICAS_DEGRADED: &str = "ReplicasDegraded";
 
@@ -457,33 +459,50 @@ async fn apply_stream(
     }
     if diff.mutable.is_empty() {
         return Ok(StreamOutcome {
-            report: ready_report(
-                "UpToDate",
-                format!("stream {name} matches the spec"),
-                &live,
-            ),
+            report: ready_report("UpToDate", format!("stream {name} matches the spec"), &live),
             status,
             exists: true,
         });
     }
 
-    let mut updated = live.clone();
-    for update in planned_updates(&desired, &live.config, &diff) {
-        updated = match js.update_stream(&update).await {
-            Ok(info) => info,
-            Err(error) => {
-                return Ok(StreamOutcome {
-                    report: update_refused(name, &diff, error, &updated.config, &update),
-                    status: Some(stream_status(&updated)),
-                    exists: true,
-                });
-            }
-        };
-    }
+    let updates = planned_updates(&desired, &live.config, &diff);
+    let update = &updates[0];
+    let updated = match js.update_stream(update).await {
+        Ok(info) => info,
+        Err(error) => {
+            return Ok(StreamOutcome {
+                report: update_refused(name, &diff, error, &live.config, update),
+                status,
+                exists: true,
+            });
+        }
+    };
     let change = vec![format!(
         "updated stream {name}: {}",
         list_changes(&diff.mutable)
     )];
+    if updates.len() > 1 {
+        // The move waits for the next reconcile: right after a scale the stream's group is
+        // still forming and leaves a second update unanswered.
+        let left = compare_stream_config(&desired, &updated.config);
+        return Ok(StreamOutcome {
+            report: PartReport::not_ready(
+                SCALED_BEFORE_MOVE,
+                format!(
+                    "stream {name} scaled to {} replicas; {} follows on the next reconcile \
+                     (NATS moves and scales a stream in separate updates)",
+                    updated.config.num_replicas,
+                    list_changes(&left.mutable)
+                ),
+                vec![format!(
+                    "scaled stream {name}: replicas {} → {}",
+                    live.config.num_replicas, updated.config.num_replicas
+                )],
+            ),
+            status: Some(stream_status(&updated)),
+            exists: true,
+        });
+    }
     let leftover = compare_stream_config(&desired, &updated.config);
     let report = if leftover.is_empty() {
         PartReport {
