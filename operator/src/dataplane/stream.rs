@@ -402,7 +402,8 @@ async fn apply_stream(
                         format!(
                             "stream {name} was not created: the NATS cluster has no servers for \
                              {} replicas on {} ({}); lower spec.stream.replicas to at most the \
-                             number of servers that match, or change spec.stream.placement",
+                             number of servers that match, change spec.stream.placement, or lower \
+                             spec.stream.maxBytes when the servers lack storage",
                             desired.num_replicas,
                             placement_text(desired.placement.as_ref()),
                             server_words(&error),
@@ -557,7 +558,8 @@ fn update_refused(
             format!(
                 "stream {name} stays at {} replicas on {}: the NATS cluster has no servers for {} \
                  replicas on {} ({}); lower spec.stream.replicas to at most the number of servers \
-                 that match, or change spec.stream.placement",
+                 that match, change spec.stream.placement, or lower spec.stream.maxBytes when the \
+                 servers lack storage",
                 live.num_replicas,
                 placement_text(live.placement.as_ref()),
                 update.num_replicas,
