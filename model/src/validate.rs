@@ -614,6 +614,29 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
     }
 
     #[test]
+    fn a_placement_needs_a_valid_cluster_name_and_tags() {
+        let mut placed = spec(EXAMPLE);
+        placed.stream.placement = Some(crate::spec::StreamPlacement {
+            cluster: Some("east".into()),
+            tags: vec!["ssd".into()],
+        });
+        placed.validate("transactions").unwrap();
+        placed.stream.placement = Some(crate::spec::StreamPlacement {
+            cluster: Some("east coast".into()),
+            tags: vec![" ".into()],
+        });
+        let err = placed.validate("transactions").unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.stream.placement.cluster",
+                "spec.stream.placement.tags[0]"
+            ]
+        );
+    }
+
+    #[test]
     fn each_problem_names_its_field() {
         let mut bad = spec(EXAMPLE);
         bad.stream.replicas = 9;

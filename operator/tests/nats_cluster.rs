@@ -350,9 +350,11 @@ async fn a_node_lost_mid_stream_loses_nothing_and_the_status_names_the_missing_r
     );
 
     // The operator's view while the node is down: the stream still works, and the status names
-    // the missing replica.
+    // the missing replica. Until the groups the node led (the stream's, the consumer's) have
+    // elected a new leader, their requests time out and the part says `Unreachable`.
     let degraded = reconcile_until(&name, &spec, "the missing replica in the status", |r| {
-        r.stream.reason == REPLICAS_DEGRADED
+        r.all_ready()
+            && r.stream.reason == REPLICAS_DEGRADED
             && r.stream_status
                 .as_ref()
                 .is_some_and(|s| s.lagging_replicas == [leader.clone()])
@@ -368,7 +370,11 @@ async fn a_node_lost_mid_stream_loses_nothing_and_the_status_names_the_missing_r
     let status = degraded.stream_status.expect("stream figures");
     assert_eq!(status.current_replicas, Some(2));
     assert_ne!(status.leader.as_deref(), Some(leader.as_str()));
-    println!("during the outage: {}", degraded.stream.message);
+    println!(
+        "during the outage ({:.1} s after the kill, the data plane ready again): {}",
+        stopped_at.elapsed().as_secs_f64(),
+        degraded.stream.message
+    );
 
     // Back after a while, on its ports and store.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -287,9 +287,9 @@ pub const SCALED_BEFORE_MOVE: &str = "ScaledBeforeMove";
 /// The reason of a stream that works while some of its replicas are offline or behind.
 pub const REPLICAS_DEGRADED: &str = "ReplicasDegraded";
 
-/// The updates that carry out `diff`: NATS 2.9 refuses to move and scale a stream in one update
-/// ("can not move and scale a stream in a single update"), so a change of both scales first
-/// (keeping the live placement) and moves second.
+/// The updates that carry out `diff`, in order; a reconcile sends the first. NATS 2.9 refuses to
+/// move and scale a stream in one update ("can not move and scale a stream in a single update"),
+/// so a change of both scales first (keeping the live placement) and moves second.
 pub fn planned_updates(
     desired: &stream::Config,
     live: &stream::Config,
@@ -785,6 +785,64 @@ mod tests {
         assert!(update.deny_delete);
         assert_eq!(update.duplicate_window, Duration::from_secs(30));
         assert!(compare_stream_config(&desired, &update).is_empty());
+    }
+
+    fn placed(cluster: &str, tags: &[&str]) -> Option<StreamPlacement> {
+        Some(StreamPlacement {
+            cluster: Some(cluster.to_string()),
+            tags: tags.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    #[test]
+    fn a_placement_is_compared_only_when_the_spec_sets_one() {
+        let unplaced = desired_stream_config(&spec());
+        let live = stream::Config {
+            placement: Some(nats_placement(&placed("east", &["ssd"]).unwrap())),
+            ..unplaced.clone()
+        };
+        // Set by hand, not in the spec: kept.
+        assert!(compare_stream_config(&unplaced, &live).is_empty());
+        assert_eq!(merged_update(&unplaced, &live).placement, live.placement);
+
+        let same = desired_stream_config(&StreamSpec {
+            placement: placed("east", &["ssd"]),
+            ..spec()
+        });
+        assert!(compare_stream_config(&same, &live).is_empty());
+        let moved = desired_stream_config(&StreamSpec {
+            placement: placed("west", &[]),
+            ..spec()
+        });
+        let diff = compare_stream_config(&moved, &live);
+        let changes: Vec<String> = diff.mutable.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            changes,
+            ["placement cluster east, tags [ssd] → cluster west"]
+        );
+    }
+
+    #[test]
+    fn a_scale_and_a_move_are_two_updates_scale_first() {
+        let live = desired_stream_config(&spec());
+        let desired = desired_stream_config(&StreamSpec {
+            replicas: 3,
+            placement: placed("east", &[]),
+            ..spec()
+        });
+        let diff = compare_stream_config(&desired, &live);
+        let updates = planned_updates(&desired, &live, &diff);
+        assert_eq!(updates.len(), 2);
+        assert_eq!(updates[0].num_replicas, 3);
+        assert_eq!(updates[0].placement, None);
+        assert_eq!(updates[1].placement, desired.placement);
+
+        let scale_only = desired_stream_config(&StreamSpec {
+            replicas: 3,
+            ..spec()
+        });
+        let diff = compare_stream_config(&scale_only, &live);
+        assert_eq!(planned_updates(&scale_only, &live, &diff).len(), 1);
     }
 
     #[test]
