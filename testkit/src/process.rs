@@ -391,7 +391,10 @@ fn sweep_stale_dirs() {
             continue;
         };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let stale = matches!(kind, "nats" | "clickhouse" | "redis" | "kube" | "node")
+        let stale = matches!(
+            kind,
+            "nats" | "clickhouse" | "redis" | "zookeeper" | "kube" | "node"
+        )
             && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if stale {
             if kind == "node" {
