@@ -79,6 +79,7 @@ fn every_type_spec() -> ClickHouseSpec {
         partition_by: Some("toYYYYMM(event_time)".to_string()),
         order_by: vec!["wallet".to_string(), "event_time".to_string()],
         ttl: Some("toDateTime(event_time) + INTERVAL 90 DAY".to_string()),
+        cluster: None,
         columns: vec![
             ColumnSpec::from_field("event_time", "DateTime64(3, 'UTC')"),
             ColumnSpec::from_field("received", "DateTime64(6)"),
@@ -128,7 +129,7 @@ fn ddl_for_every_type_is_accepted_by_a_current_clickhouse() {
     let create = create_table_sql(&spec, version).unwrap();
     let added = ColumnSpec::from_field("severity", "LowCardinality(Nullable(String))");
     spec.columns.push(added.clone());
-    let add = add_column_sql(&spec.database, &spec.table, &added, version).unwrap();
+    let add = add_column_sql(&spec.database, &spec.table, &added, version, None).unwrap();
     assert!(add.contains("IF NOT EXISTS"), "{add}");
     let describe = "SELECT name, type FROM system.columns \
                     WHERE database = 'risksignal' AND table = 'transaction_signals' \
@@ -137,7 +138,7 @@ fn ddl_for_every_type_is_accepted_by_a_current_clickhouse() {
     let run = run_chdb(
         &scratch,
         &[
-            create_database_sql(&spec.database),
+            create_database_sql(&spec.database, None),
             create.clone(),
             // Twice: IF NOT EXISTS makes both statements safe to repeat.
             create,
@@ -172,7 +173,10 @@ fn ddl_for_every_type_is_accepted_by_a_current_clickhouse() {
         );
     }
 
-    let drop = run_chdb(&scratch, &[drop_table_sql(&spec.database, &spec.table)]);
+    let drop = run_chdb(
+        &scratch,
+        &[drop_table_sql(&spec.database, &spec.table, None)],
+    );
     assert!(drop.success, "{}", drop.stderr);
 }
 
@@ -208,7 +212,7 @@ fn a_bad_type_is_refused_by_chdb_with_its_message() {
         .unwrap()
         .replace("`n` Int32", "`n` Int33");
     assert!(sql.contains("Int33"));
-    let run = run_chdb(&scratch, &[create_database_sql("bad"), sql]);
+    let run = run_chdb(&scratch, &[create_database_sql("bad", None), sql]);
     assert!(!run.success, "chdb accepted an Int33 column");
     assert!(
         run.stderr.contains("Unknown data type family: Int33"),
@@ -245,7 +249,7 @@ fn a_repeated_batch_with_the_same_token_is_stored_once() {
     let run = run_chdb(
         &scratch,
         &[
-            create_database_sql("dedup"),
+            create_database_sql("dedup", None),
             create,
             insert("SIGNALS:1-3"),
             insert("SIGNALS:1-3"),

@@ -103,11 +103,7 @@ impl Program {
             return if path.is_file() {
                 Ok(path)
             } else {
-                Err(self.not_found(format!(
-                    "{}={} is not a file",
-                    self.env_var,
-                    path.display()
-                )))
+                Err(self.not_found(format!("{}={} is not a file", self.env_var, path.display())))
             };
         }
         JAVA_DIRS

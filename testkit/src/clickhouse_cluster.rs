@@ -81,7 +81,10 @@ impl ClickHouseCluster {
 
     /// Every replica's HTTP URL, in order.
     pub fn http_urls(&self) -> Vec<String> {
-        self.replicas.iter().map(ClickHouseServer::http_url).collect()
+        self.replicas
+            .iter()
+            .map(ClickHouseServer::http_url)
+            .collect()
     }
 
     /// The cluster's ZooKeeper.
@@ -146,12 +149,19 @@ mod tests {
                  ORDER BY id"
             ))
             .unwrap();
-        first.query("INSERT INTO default.r VALUES (1), (2)").unwrap();
+        first
+            .query("INSERT INTO default.r VALUES (1), (2)")
+            .unwrap();
         // An identical block is deduplicated by the replicated table.
-        first.query("INSERT INTO default.r VALUES (1), (2)").unwrap();
+        first
+            .query("INSERT INTO default.r VALUES (1), (2)")
+            .unwrap();
         let second = cluster.replica(1);
         second.query("SYSTEM SYNC REPLICA default.r").unwrap();
-        assert_eq!(second.query("SELECT count() FROM default.r").unwrap(), "2\n");
+        assert_eq!(
+            second.query("SELECT count() FROM default.r").unwrap(),
+            "2\n"
+        );
 
         cluster.replica_mut(1).stop();
         cluster
@@ -161,6 +171,9 @@ mod tests {
         cluster.replica_mut(1).restart().unwrap();
         let second = cluster.replica(1);
         second.query("SYSTEM SYNC REPLICA default.r").unwrap();
-        assert_eq!(second.query("SELECT count() FROM default.r").unwrap(), "3\n");
+        assert_eq!(
+            second.query("SELECT count() FROM default.r").unwrap(),
+            "3\n"
+        );
     }
 }

@@ -394,8 +394,7 @@ fn sweep_stale_dirs() {
         let stale = matches!(
             kind,
             "nats" | "clickhouse" | "redis" | "zookeeper" | "kube" | "node"
-        )
-            && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        ) && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if stale {
             if kind == "node" {
                 crate::kube_node::clean_up_stale(&entry.path());

@@ -3,7 +3,8 @@
 //! [`ZooKeeperServer::start`] runs the standalone server class of `/usr/share/java/zookeeper.jar`
 //! with the system `java`, a `zoo.cfg` of its own in a temporary directory (data there too), on a
 //! free port of 127.0.0.1, with the admin HTTP server off, and waits until the four-letter word
-//! `ruok` is answered `imok`. On drop it gets SIGTERM, then SIGKILL, and the directory is removed.
+//! `srvr` reports the server's version: `ruok` is answered `imok` before the server accepts
+//! sessions, and clickhouse-server 18.16 can crash on a ZooKeeper that closes its handshake. On drop it gets SIGTERM, then SIGKILL, and the directory is removed.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -66,6 +67,11 @@ impl ZooKeeperServer {
         self.port.port()
     }
 
+    /// The server's working directory (`zoo.cfg`, `data/`, `zookeeper.log`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The server process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()
@@ -114,18 +120,19 @@ fn launch(java: &Path, jar: &Path, dir: &Path) -> Result<Child> {
     process::spawn(command).context(|| format!("starting {} {MAIN_CLASS}", java.display()))
 }
 
-/// The four-letter word `ruok` is answered `imok` once the server serves clients.
+/// The four-letter word `srvr` reports the version once the server serves sessions (until then it
+/// says "This ZooKeeper instance is not currently serving requests").
 fn is_ready(port: u16) -> bool {
     let answer = || -> std::io::Result<String> {
         let mut stream =
             TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), PROBE_TIMEOUT)?;
         stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
-        stream.write_all(b"ruok")?;
+        stream.write_all(b"srvr")?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
         Ok(text)
     };
-    answer().is_ok_and(|text| text == "imok")
+    answer().is_ok_and(|text| text.starts_with("Zookeeper version"))
 }
 
 #[cfg(test)]
