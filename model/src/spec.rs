@@ -315,7 +315,7 @@ pub struct ClickHouseClusterSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DistributedTableSpec {
-    /// Its name, in the pipeline's database. Cannot change.
+    /// Its name, in the pipeline's database (a new name makes a new table; the old one stays).
     pub table: String,
     /// The sharding key expression, e.g. `cityHash64(wallet_address)`; `rand()` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
