@@ -11,7 +11,6 @@
 #[path = "support/cluster.rs"]
 mod cluster;
 #[path = "support/dataplane.rs"]
-#[allow(dead_code)]
 mod dataplane;
 
 use std::path::Path;
