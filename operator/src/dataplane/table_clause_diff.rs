@@ -473,4 +473,41 @@ mod tests {
         assert_eq!(live_order_by_shown("`a,b`"), "`a,b`");
         assert_eq!(live_order_by_shown("a, f(b)"), "(a, f(b))");
     }
+
+    #[test]
+    fn a_replicated_table_is_compared_without_replication_then_by_its_path_and_replica() {
+        let mut spec = signals_spec();
+        spec.engine = "ReplicatedMergeTree".to_string();
+        // The scratch table is the unreplicated engine, as 18.16 prints it.
+        let scratch = printed(
+            "MergeTree() PARTITION BY toYYYYMM(event_time) ORDER BY (wallet, event_time) \
+             SETTINGS index_granularity = 8192",
+            "toYYYYMM(event_time)",
+            "wallet, event_time",
+        );
+        let live = |engine: &str| {
+            printed(
+                &format!(
+                    "{engine} PARTITION BY toYYYYMM(event_time) ORDER BY (wallet, event_time) \
+                     SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192"
+                ),
+                "toYYYYMM(event_time)",
+                "wallet, event_time",
+            )
+        };
+        let created =
+            live("ReplicatedMergeTree('/clickhouse/tables/{shard}/db.signals', '{replica}')");
+        assert_eq!(diff_clauses(&spec, &created, &scratch), []);
+
+        let elsewhere = live("ReplicatedMergeTree('/other/{shard}/signals', '{replica}')");
+        let mismatches = diff_clauses(&spec, &elsewhere, &scratch);
+        assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+        assert_eq!(mismatches[0].clause, TableClause::Engine);
+        assert_eq!(mismatches[0].wanted, "ReplicatedMergeTree");
+
+        // A plain table where the spec wants a replicated one, and the other way round.
+        assert_eq!(diff_clauses(&spec, &live("MergeTree()"), &scratch).len(), 1);
+        spec.engine = "MergeTree".to_string();
+        assert_eq!(diff_clauses(&spec, &created, &scratch).len(), 1);
+    }
 }
