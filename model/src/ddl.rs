@@ -5,6 +5,12 @@
 //! `LowCardinality` is treated as unsupported before 19.0: on 18.x it exists only behind
 //! `allow_experimental_low_cardinality_type=1`, and an experimental setting is not something the
 //! operator should switch on for a production table by itself.
+//!
+//! On a cluster (`spec.clickhouse.cluster`) every statement carries `ON CLUSTER <name>`, so the
+//! servers' distributed DDL queue runs it on every replica, including one that is down now (it
+//! catches up when it returns). `Replicated…` engines get their ZooKeeper path and replica name
+//! as explicit arguments ([`replication_arguments`]): the only form 18.16 knows, and one current
+//! servers still accept.
 
 use std::fmt;
 
@@ -12,12 +18,31 @@ use crate::column_type::{ColumnType, TypeError};
 use crate::server_version::ServerVersion;
 use crate::spec::{ClickHouseSpec, ColumnSpec};
 
-/// Table engines the operator creates (optionally with arguments, e.g. `ReplacingMergeTree(version)`).
-pub const SUPPORTED_ENGINES: [&str; 2] = ["MergeTree", "ReplacingMergeTree"];
+/// Table engine families the operator creates (optionally with arguments, e.g.
+/// `ReplacingMergeTree(version)`), each also with the `Replicated` prefix.
+pub const SUPPORTED_ENGINES: [&str; 5] = [
+    "MergeTree",
+    "ReplacingMergeTree",
+    "SummingMergeTree",
+    "CollapsingMergeTree",
+    "VersionedCollapsingMergeTree",
+];
 
-/// How many recent insert blocks a non-replicated table remembers for deduplication. The workers'
-/// `insert_deduplication_token`s only take effect on a plain MergeTree table with this setting; a
-/// batch redelivered after a worker crash comes back within `ackWait`, far fewer blocks ago.
+/// The prefix of the engines whose tables replicate through ZooKeeper.
+pub const REPLICATED_PREFIX: &str = "Replicated";
+
+/// The ZooKeeper path of a replicated table when the spec names none: one path per shard
+/// (`{shard}` macro) and table, the layout ClickHouse's documentation uses.
+pub const DEFAULT_ZOOKEEPER_PATH: &str = "/clickhouse/tables/{shard}/{database}.{table}";
+
+/// The replica name of a replicated table when the spec names none: the servers' macro.
+pub const DEFAULT_REPLICA_NAME: &str = "{replica}";
+
+/// How many recent insert blocks a table remembers for deduplication. The workers'
+/// `insert_deduplication_token`s only take effect on a plain MergeTree table with this setting
+/// (`non_replicated_deduplication_window`); replicated tables deduplicate by themselves and get
+/// the same window (`replicated_deduplication_window`, 100 by default on 18.16). A batch retried
+/// after a lost answer comes back within seconds, far fewer blocks ago.
 pub const DEDUPLICATION_WINDOW_BLOCKS: u32 = 1000;
 
 /// A feature of the spec that the server is too old for.
@@ -49,8 +74,8 @@ pub enum DdlError {
     #[error("{what} must not be empty")]
     EmptyName { what: &'static str },
     #[error(
-        "engine `{engine}` is not supported: use {} (optionally with arguments)",
-        SUPPORTED_ENGINES.join(" or ")
+        "engine `{engine}` is not supported: use {}, optionally Replicated and with arguments",
+        SUPPORTED_ENGINES.join(", ")
     )]
     Engine { engine: String },
     #[error("{clause} expression `{expression}` {problem}")]
@@ -90,17 +115,123 @@ pub fn qualified_table(database: &str, table: &str) -> String {
     format!("{}.{}", quote_identifier(database), quote_identifier(table))
 }
 
-/// `CREATE DATABASE IF NOT EXISTS `db``.
-pub fn create_database_sql(database: &str) -> String {
+/// ` ON CLUSTER `name`` for a cluster, nothing otherwise.
+pub fn on_cluster(cluster: Option<&str>) -> String {
+    cluster.map_or_else(String::new, |name| {
+        format!(" ON CLUSTER {}", quote_identifier(name))
+    })
+}
+
+/// `CREATE DATABASE IF NOT EXISTS `db`` (` ON CLUSTER …` on a cluster).
+pub fn create_database_sql(database: &str, cluster: Option<&str>) -> String {
     format!(
-        "CREATE DATABASE IF NOT EXISTS {}",
-        quote_identifier(database)
+        "CREATE DATABASE IF NOT EXISTS {}{}",
+        quote_identifier(database),
+        on_cluster(cluster)
     )
 }
 
-/// `DROP TABLE IF EXISTS `db`.`table``.
-pub fn drop_table_sql(database: &str, table: &str) -> String {
-    format!("DROP TABLE IF EXISTS {}", qualified_table(database, table))
+/// `DROP TABLE IF EXISTS `db`.`table`` (` ON CLUSTER …` on a cluster).
+pub fn drop_table_sql(database: &str, table: &str, cluster: Option<&str>) -> String {
+    format!(
+        "DROP TABLE IF EXISTS {}{}",
+        qualified_table(database, table),
+        on_cluster(cluster)
+    )
+}
+
+/// Whether `engine` (as the spec or `system.tables` writes it) is a `Replicated…` engine.
+pub fn is_replicated_engine(engine: &str) -> bool {
+    engine.trim_start().starts_with(REPLICATED_PREFIX)
+}
+
+/// A replicated engine's arguments as written, split into its ZooKeeper path and replica name
+/// (when the first argument is a string literal, as both the spec's explicit form and
+/// `system.tables` write them) and the family's own arguments (`ver` of
+/// `ReplicatedReplacingMergeTree`). `None` for an engine that is not replicated.
+pub fn replication_arguments(engine: &str) -> Option<(Option<(String, String)>, String)> {
+    let engine = engine.trim();
+    let rest = engine.strip_prefix(REPLICATED_PREFIX)?;
+    let open = rest.find('(');
+    let Some(open) = open else {
+        return Some((None, String::new()));
+    };
+    let arguments = rest[open + 1..]
+        .strip_suffix(')')
+        .unwrap_or(&rest[open + 1..]);
+    let items = split_top_level(arguments);
+    match items.as_slice() {
+        [path, replica, family @ ..] if path.starts_with('\'') => Some((
+            Some((path.to_string(), replica.to_string())),
+            family.join(", "),
+        )),
+        _ => Some((None, items.join(", "))),
+    }
+}
+
+/// The engine without replication: `ReplicatedReplacingMergeTree('/p', '{replica}', ver)` is
+/// `ReplacingMergeTree(ver)`. What an engine stores and sorts does not depend on replication, so
+/// this is what the operator's scratch tables (which must not register in ZooKeeper) are made of.
+pub fn unreplicated_engine(engine: &str) -> String {
+    let engine = engine.trim();
+    let Some((_, family_arguments)) = replication_arguments(engine) else {
+        return engine.to_string();
+    };
+    let rest = &engine[REPLICATED_PREFIX.len()..];
+    let name: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    if family_arguments.is_empty() {
+        name
+    } else {
+        format!("{name}({family_arguments})")
+    }
+}
+
+/// Splits a comma-separated argument list at the commas outside parentheses and quotes.
+fn split_top_level(arguments: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let (mut depth, mut quote, mut escaped, mut start) = (0i32, None::<char>, false, 0);
+    for (index, c) in arguments.char_indices() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '`' | '"' => quote = Some(c),
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(arguments[start..index].trim().to_string());
+                start = index + 1;
+            }
+            _ => {}
+        }
+    }
+    let last = arguments[start..].trim();
+    if !last.is_empty() || !items.is_empty() {
+        items.push(last.to_string());
+    }
+    items
+}
+
+/// A string literal for ClickHouse.
+fn string_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The default ZooKeeper path of `database`.`table` (see [`DEFAULT_ZOOKEEPER_PATH`]).
+pub fn default_zookeeper_path(database: &str, table: &str) -> String {
+    DEFAULT_ZOOKEEPER_PATH
+        .replace("{database}", database)
+        .replace("{table}", table)
 }
 
 /// Parses a column's type text, naming the column when it is invalid or when ClickHouse would
@@ -180,10 +311,11 @@ pub fn create_table_sql(spec: &ClickHouseSpec, server: ServerVersion) -> Result<
     }
 
     let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {}\n(\n{}\n)\nENGINE = {}",
+        "CREATE TABLE IF NOT EXISTS {}{}\n(\n{}\n)\nENGINE = {}",
         qualified_table(&spec.database, &spec.table),
+        on_cluster(spec.cluster_name()),
         column_lines.join(",\n"),
-        engine_clause(&spec.engine)?
+        engine_sql(spec)?
     );
     if let Some(partition) = &spec.partition_by {
         check_expression("PARTITION BY", partition)?;
@@ -194,7 +326,11 @@ pub fn create_table_sql(spec: &ClickHouseSpec, server: ServerVersion) -> Result<
         check_expression("TTL", ttl)?;
         sql.push_str(&format!("\nTTL {}", ttl.trim()));
     }
-    if server.supports_insert_deduplication_token() {
+    if is_replicated_engine(&spec.engine) {
+        sql.push_str(&format!(
+            "\nSETTINGS replicated_deduplication_window = {DEDUPLICATION_WINDOW_BLOCKS}"
+        ));
+    } else if server.supports_insert_deduplication_token() {
         sql.push_str(&format!(
             "\nSETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW_BLOCKS}"
         ));
@@ -202,13 +338,53 @@ pub fn create_table_sql(spec: &ClickHouseSpec, server: ServerVersion) -> Result<
     Ok(sql)
 }
 
-/// `ALTER TABLE … ADD COLUMN` for one spec column. `IF NOT EXISTS` is added where the server knows
-/// it (not on 18.x), so a column added concurrently by someone else is not an error there.
+/// The `CREATE TABLE IF NOT EXISTS … ENGINE = Distributed(…)` of `spec.cluster.distributed`, with
+/// the spec's columns, over the local tables; `None` when the spec has no Distributed table.
+pub fn create_distributed_table_sql(spec: &ClickHouseSpec) -> Option<Result<String, DdlError>> {
+    let cluster = spec.cluster.as_ref()?;
+    let distributed = cluster.distributed.as_ref()?;
+    Some(distributed_sql(spec, &cluster.name, distributed))
+}
+
+fn distributed_sql(
+    spec: &ClickHouseSpec,
+    cluster: &str,
+    distributed: &crate::spec::DistributedTableSpec,
+) -> Result<String, DdlError> {
+    check_names(spec)?;
+    if distributed.table.is_empty() {
+        return Err(DdlError::EmptyName {
+            what: "distributed table",
+        });
+    }
+    let mut column_lines = Vec::with_capacity(spec.columns.len());
+    for column in &spec.columns {
+        let parsed = column_type(column)?;
+        column_lines.push(format!("    {} {parsed}", quote_identifier(&column.name)));
+    }
+    let sharding_key = distributed.sharding_key.as_deref().unwrap_or("rand()");
+    check_expression("sharding key", sharding_key)?;
+    Ok(format!(
+        "CREATE TABLE IF NOT EXISTS {}{}\n(\n{}\n)\nENGINE = Distributed({}, {}, {}, {})",
+        qualified_table(&spec.database, &distributed.table),
+        on_cluster(Some(cluster)),
+        column_lines.join(",\n"),
+        string_literal(cluster),
+        string_literal(&spec.database),
+        string_literal(&spec.table),
+        sharding_key.trim()
+    ))
+}
+
+/// `ALTER TABLE … ADD COLUMN` for one spec column (` ON CLUSTER …` on a cluster). `IF NOT EXISTS`
+/// is added where the server knows it (not on 18.x), so a column added concurrently by someone
+/// else is not an error there.
 pub fn add_column_sql(
     database: &str,
     table: &str,
     column: &ColumnSpec,
     server: ServerVersion,
+    cluster: Option<&str>,
 ) -> Result<String, DdlError> {
     if column.name.is_empty() {
         return Err(DdlError::EmptyName {
@@ -222,8 +398,9 @@ pub fn add_column_sql(
         ""
     };
     Ok(format!(
-        "ALTER TABLE {} ADD COLUMN {if_not_exists}{} {parsed}",
+        "ALTER TABLE {}{} ADD COLUMN {if_not_exists}{} {parsed}",
         qualified_table(database, table),
+        on_cluster(cluster),
         quote_identifier(&column.name)
     ))
 }
@@ -243,8 +420,31 @@ fn check_names(spec: &ClickHouseSpec) -> Result<(), DdlError> {
     Ok(())
 }
 
-/// `MergeTree()` or `ReplacingMergeTree(version)`: a supported engine name with balanced arguments.
-fn engine_clause(engine: &str) -> Result<String, DdlError> {
+/// The spec's `ENGINE` as `CREATE TABLE` writes it: `MergeTree()`, `ReplacingMergeTree(version)` or
+/// `ReplicatedMergeTree('/path', '{replica}')`: a supported engine name with balanced arguments; a
+/// replicated one without a ZooKeeper path gets the default path and replica name in front of its
+/// own arguments.
+pub fn engine_sql(spec: &ClickHouseSpec) -> Result<String, DdlError> {
+    let clause = plain_engine_clause(&spec.engine)?;
+    match replication_arguments(&clause) {
+        Some((None, family_arguments)) => {
+            let name = &clause[..clause.find('(').unwrap_or(clause.len())];
+            let mut arguments = vec![
+                string_literal(&default_zookeeper_path(&spec.database, &spec.table)),
+                string_literal(DEFAULT_REPLICA_NAME),
+            ];
+            if !family_arguments.is_empty() {
+                arguments.push(family_arguments);
+            }
+            Ok(format!("{name}({})", arguments.join(", ")))
+        }
+        _ => Ok(clause),
+    }
+}
+
+/// The engine name checked against [`SUPPORTED_ENGINES`] (with or without `Replicated`) and its
+/// arguments checked to be one balanced expression list.
+fn plain_engine_clause(engine: &str) -> Result<String, DdlError> {
     let engine = engine.trim();
     let refuse = || DdlError::Engine {
         engine: engine.to_string(),
@@ -259,7 +459,8 @@ fn engine_clause(engine: &str) -> Result<String, DdlError> {
     } else {
         name
     };
-    if !SUPPORTED_ENGINES.contains(&name) {
+    let family = name.strip_prefix(REPLICATED_PREFIX).unwrap_or(name);
+    if !SUPPORTED_ENGINES.contains(&family) {
         return Err(refuse());
     }
     let rest = rest.trim();
@@ -360,6 +561,7 @@ mod tests {
             order_by: Vec::new(),
             ttl: None,
             columns,
+            cluster: None,
         }
     }
 
@@ -410,26 +612,36 @@ mod tests {
     fn quotes_identifiers_that_would_break_out() {
         assert_eq!(quote_identifier("we`ird"), "`we\\`ird`");
         assert_eq!(
-            create_database_sql("db`; DROP"),
+            create_database_sql("db`; DROP", None),
             "CREATE DATABASE IF NOT EXISTS `db\\`; DROP`"
         );
-        assert_eq!(drop_table_sql("d", "t"), "DROP TABLE IF EXISTS `d`.`t`");
+        assert_eq!(
+            drop_table_sql("d", "t", None),
+            "DROP TABLE IF EXISTS `d`.`t`"
+        );
     }
 
     #[test]
     fn add_column_uses_if_not_exists_only_where_the_server_has_it() {
         let severity = ColumnSpec::from_field("severity", "UInt8");
         assert_eq!(
-            add_column_sql("risksignal", "transaction_signals", &severity, OLD).unwrap(),
+            add_column_sql("risksignal", "transaction_signals", &severity, OLD, None).unwrap(),
             "ALTER TABLE `risksignal`.`transaction_signals` ADD COLUMN `severity` UInt8"
         );
         assert_eq!(
-            add_column_sql("risksignal", "transaction_signals", &severity, CURRENT).unwrap(),
+            add_column_sql(
+                "risksignal",
+                "transaction_signals",
+                &severity,
+                CURRENT,
+                None
+            )
+            .unwrap(),
             "ALTER TABLE `risksignal`.`transaction_signals` ADD COLUMN IF NOT EXISTS `severity` UInt8"
         );
         let bad = ColumnSpec::from_field("x", "Int33");
         assert!(matches!(
-            add_column_sql("d", "t", &bad, CURRENT),
+            add_column_sql("d", "t", &bad, CURRENT, None),
             Err(DdlError::ColumnType { .. })
         ));
     }
@@ -518,5 +730,105 @@ mod tests {
             create_table_sql(&spec(Vec::new()), CURRENT),
             Err(DdlError::NoColumns)
         );
+    }
+
+    fn cluster_spec(engine: &str) -> ClickHouseSpec {
+        let mut table = spec(vec![
+            ColumnSpec::from_field("id", "UInt64"),
+            ColumnSpec::from_field("seen_at", "DateTime"),
+        ]);
+        table.engine = engine.to_string();
+        table.order_by = vec!["id".to_string()];
+        table.cluster = Some(crate::spec::ClickHouseClusterSpec {
+            name: "signals".to_string(),
+            distributed: Some(crate::spec::DistributedTableSpec {
+                table: "transaction_signals_all".to_string(),
+                sharding_key: Some("cityHash64(id)".to_string()),
+            }),
+            ..Default::default()
+        });
+        table
+    }
+
+    #[test]
+    fn replicated_engines_get_the_default_path_and_every_statement_runs_on_the_cluster() {
+        let table = cluster_spec("ReplicatedReplacingMergeTree(seen_at)");
+        let sql = create_table_sql(&table, OLD).unwrap();
+        assert_eq!(
+            sql,
+            "CREATE TABLE IF NOT EXISTS `risksignal`.`transaction_signals` ON CLUSTER `signals`\n\
+             (\n    `id` UInt64,\n    `seen_at` DateTime\n)\nENGINE = ReplicatedReplacingMergeTree(\
+             '/clickhouse/tables/{shard}/risksignal.transaction_signals', '{replica}', seen_at)\n\
+             ORDER BY `id`\nSETTINGS replicated_deduplication_window = 1000"
+        );
+        // Current servers get the same explicit arguments and no non-replicated window.
+        assert_eq!(create_table_sql(&table, CURRENT).unwrap(), sql);
+
+        let bare = cluster_spec("ReplicatedMergeTree");
+        assert!(create_table_sql(&bare, OLD).unwrap().contains(
+            "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/risksignal.\
+                 transaction_signals', '{replica}')\n"
+        ));
+        // An explicit path and replica are kept as written.
+        let explicit = cluster_spec("ReplicatedMergeTree('/ch/{shard}/tx', '{replica}')");
+        assert!(
+            create_table_sql(&explicit, OLD)
+                .unwrap()
+                .contains("ENGINE = ReplicatedMergeTree('/ch/{shard}/tx', '{replica}')\n")
+        );
+
+        assert_eq!(
+            create_database_sql("risksignal", table.cluster_name()),
+            "CREATE DATABASE IF NOT EXISTS `risksignal` ON CLUSTER `signals`"
+        );
+        assert_eq!(
+            drop_table_sql("risksignal", "t", table.cluster_name()),
+            "DROP TABLE IF EXISTS `risksignal`.`t` ON CLUSTER `signals`"
+        );
+        let added = ColumnSpec::from_field("severity", "UInt8");
+        assert_eq!(
+            add_column_sql("risksignal", "t", &added, OLD, table.cluster_name()).unwrap(),
+            "ALTER TABLE `risksignal`.`t` ON CLUSTER `signals` ADD COLUMN `severity` UInt8"
+        );
+        assert_eq!(
+            create_distributed_table_sql(&table).unwrap().unwrap(),
+            "CREATE TABLE IF NOT EXISTS `risksignal`.`transaction_signals_all` ON CLUSTER \
+             `signals`\n(\n    `id` UInt64,\n    `seen_at` DateTime\n)\nENGINE = \
+             Distributed('signals', 'risksignal', 'transaction_signals', cityHash64(id))"
+        );
+        assert!(create_distributed_table_sql(&spec(Vec::new())).is_none());
+
+        let mut unknown = cluster_spec("ReplicatedLog");
+        assert!(matches!(
+            create_table_sql(&unknown, OLD),
+            Err(DdlError::Engine { .. })
+        ));
+        unknown.engine = "ReplicatedAggregatingMergeTree".to_string();
+        assert!(create_table_sql(&unknown, OLD).is_err());
+    }
+
+    #[test]
+    fn replication_is_stripped_for_scratch_tables_and_read_back_from_system_tables() {
+        assert_eq!(
+            unreplicated_engine(
+                "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/d.t', '{replica}', ver)"
+            ),
+            "ReplacingMergeTree(ver)"
+        );
+        assert_eq!(unreplicated_engine("ReplicatedMergeTree"), "MergeTree");
+        assert_eq!(
+            unreplicated_engine("ReplicatedCollapsingMergeTree(sign)"),
+            "CollapsingMergeTree(sign)"
+        );
+        assert_eq!(unreplicated_engine("MergeTree()"), "MergeTree()");
+        assert_eq!(
+            replication_arguments("ReplicatedMergeTree('/a,b', '{replica}')"),
+            Some((
+                Some(("'/a,b'".to_string(), "'{replica}'".to_string())),
+                String::new()
+            ))
+        );
+        assert_eq!(replication_arguments("MergeTree"), None);
+        assert!(is_replicated_engine(" ReplicatedMergeTree") && !is_replicated_engine("MergeTree"));
     }
 }

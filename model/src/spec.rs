@@ -279,7 +279,12 @@ pub struct ClickHouseSpec {
     /// Credentials for ClickHouse (Secret keys `user`, `password`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
-    /// Table engine: `MergeTree` or `ReplacingMergeTree`, optionally with arguments.
+    /// Table engine, optionally with arguments: `MergeTree`, `ReplacingMergeTree`,
+    /// `SummingMergeTree`, `CollapsingMergeTree`, `VersionedCollapsingMergeTree`, or any of them
+    /// `Replicated` (`ReplicatedMergeTree`, `ReplicatedReplacingMergeTree(version)`, …). A
+    /// Replicated engine without a ZooKeeper path gets `'/clickhouse/tables/{shard}/<database>.<table>',
+    /// '{replica}'` in front of its arguments (the servers' `{shard}`/`{replica}` macros); write
+    /// both yourself to choose another path.
     #[serde(default = "default_engine")]
     pub engine: String,
     /// PARTITION BY expression, e.g. `toYYYYMM(event_time)`.
@@ -293,6 +298,83 @@ pub struct ClickHouseSpec {
     pub ttl: Option<String>,
     /// The table's columns and where each value comes from.
     pub columns: Vec<ColumnSpec>,
+    /// The ClickHouse cluster the table lives on: every statement the operator runs (database,
+    /// table, added columns, drops) runs `ON CLUSTER`, and the workers fail over between its
+    /// replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClickHouseClusterSpec>,
+}
+
+/// A ClickHouse cluster, as the servers' `remote_servers` define it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClickHouseClusterSpec {
+    /// The cluster's name in the servers' `remote_servers` (and `system.clusters`).
+    pub name: String,
+    /// HTTP URLs of the other replicas of `url`'s shard, tried in order when the one in use does
+    /// not answer, by the workers (an insert retried on another replica of a Replicated table is
+    /// deduplicated there) and by the operator. Requires a `Replicated…` engine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_urls: Vec<String>,
+    /// A `Distributed` table over the local tables, created `ON CLUSTER` next to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedTableSpec>,
+    /// The table the workers insert into: `local` (default: the replicated table on the replica
+    /// they reach, the one whose answer means the rows are stored and deduplicated) or
+    /// `distributed` (the Distributed table, inserting synchronously, which spreads rows over
+    /// several shards).
+    #[serde(default)]
+    pub write_to: WriteTarget,
+}
+
+/// A `Distributed` table over the pipeline's local tables.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DistributedTableSpec {
+    /// Its name, in the pipeline's database (a new name makes a new table; the old one stays).
+    pub table: String,
+    /// The sharding key expression, e.g. `cityHash64(wallet_address)`; `rand()` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharding_key: Option<String>,
+}
+
+/// Which table the workers insert into on a cluster.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum WriteTarget {
+    /// The local (replicated) table on the replica a worker reaches.
+    #[default]
+    Local,
+    /// The `Distributed` table (`cluster.distributed` must be set).
+    Distributed,
+}
+
+impl ClickHouseSpec {
+    /// The cluster's name, for `ON CLUSTER`.
+    pub fn cluster_name(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|cluster| cluster.name.as_str())
+    }
+
+    /// Every replica URL the workers and the operator may use, `url` first.
+    pub fn urls(&self) -> Vec<&str> {
+        let mut urls = vec![self.url.as_str()];
+        if let Some(cluster) = &self.cluster {
+            urls.extend(cluster.replica_urls.iter().map(String::as_str));
+        }
+        urls
+    }
+
+    /// The table the workers insert into (see [`WriteTarget`]).
+    pub fn write_table(&self) -> &str {
+        match &self.cluster {
+            Some(ClickHouseClusterSpec {
+                write_to: WriteTarget::Distributed,
+                distributed: Some(distributed),
+                ..
+            }) => &distributed.table,
+            _ => &self.table,
+        }
+    }
 }
 
 fn default_engine() -> String {

@@ -306,6 +306,62 @@ impl SignalPipelineSpec {
             "spec.clickhouse.engine",
             || format!("`{}` is not a MergeTree-family engine", ch.engine),
         );
+        if let Some(cluster) = &ch.cluster {
+            c.check(
+                !cluster.name.is_empty()
+                    && cluster
+                        .name
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '-' | '.')),
+                "spec.clickhouse.cluster.name",
+                || {
+                    format!(
+                        "`{}` must be a cluster name of the servers' remote_servers: letters, \
+                         digits, `_`, `-`, `.`",
+                        cluster.name
+                    )
+                },
+            );
+            for (index, url) in cluster.replica_urls.iter().enumerate() {
+                c.check(
+                    url_with_scheme(url, &["http", "https"]),
+                    &format!("spec.clickhouse.cluster.replicaUrls[{index}]"),
+                    || format!("`{url}` must be an HTTP URL such as http://clickhouse-1:8123"),
+                );
+            }
+            c.check(
+                cluster.replica_urls.is_empty() || crate::ddl::is_replicated_engine(&ch.engine),
+                "spec.clickhouse.cluster.replicaUrls",
+                || {
+                    format!(
+                        "failing over to another replica needs a Replicated engine (`{}` keeps \
+                         each server's rows apart, so a retry there could store a batch twice): \
+                         use Replicated{}",
+                        ch.engine,
+                        ch.engine.trim()
+                    )
+                },
+            );
+            if let Some(distributed) = &cluster.distributed {
+                c.check(
+                    is_valid_identifier(&distributed.table) && distributed.table != ch.table,
+                    "spec.clickhouse.cluster.distributed.table",
+                    || {
+                        format!(
+                            "`{}` must be letters, digits and `_`, not starting with a digit, \
+                             and differ from spec.clickhouse.table",
+                            distributed.table
+                        )
+                    },
+                );
+            }
+            c.check(
+                cluster.write_to != crate::spec::WriteTarget::Distributed
+                    || cluster.distributed.is_some(),
+                "spec.clickhouse.cluster.writeTo",
+                || "`distributed` needs spec.clickhouse.cluster.distributed.table".to_string(),
+            );
+        }
         c.check(!ch.columns.is_empty(), "spec.clickhouse.columns", || {
             "at least one column is required".into()
         });
@@ -811,5 +867,47 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
         spec.workers.batch.max_wait = HumanDuration(std::time::Duration::from_millis(10_001));
         assert_eq!(fields(&spec), ["spec.workers.batch.maxWait"]);
         assert!(messages(&spec).contains("must be at most a third of spec.consumer.ackWait (30s)"));
+    }
+
+    #[test]
+    fn a_cluster_needs_a_name_http_replicas_of_a_replicated_engine_and_its_write_target() {
+        let mut spec = spec(EXAMPLE);
+        spec.clickhouse.engine = "ReplicatedMergeTree".into();
+        spec.clickhouse.cluster = Some(crate::spec::ClickHouseClusterSpec {
+            name: "signals".into(),
+            replica_urls: vec!["http://ch-1:8123".into()],
+            ..Default::default()
+        });
+        assert_eq!(fields(&spec), Vec::<String>::new());
+
+        let cluster = spec.clickhouse.cluster.as_mut().unwrap();
+        cluster.name = "no spaces".into();
+        cluster.replica_urls.push("ch-2:8123".into());
+        cluster.write_to = crate::spec::WriteTarget::Distributed;
+        assert_eq!(
+            fields(&spec),
+            [
+                "spec.clickhouse.cluster.name",
+                "spec.clickhouse.cluster.replicaUrls[1]",
+                "spec.clickhouse.cluster.writeTo"
+            ]
+        );
+
+        let cluster = spec.clickhouse.cluster.as_mut().unwrap();
+        cluster.name = "signals".into();
+        cluster.replica_urls.pop();
+        cluster.distributed = Some(crate::spec::DistributedTableSpec {
+            table: spec.clickhouse.table.clone(),
+            sharding_key: None,
+        });
+        spec.clickhouse.engine = "MergeTree".into();
+        assert_eq!(
+            fields(&spec),
+            [
+                "spec.clickhouse.cluster.replicaUrls",
+                "spec.clickhouse.cluster.distributed.table"
+            ]
+        );
+        assert!(messages(&spec).contains("use ReplicatedMergeTree"));
     }
 }

@@ -4,12 +4,24 @@
 //! Python library, PyPI `chdb-core`) through `scripts/chdb_sql.py`. The table's columns are read back
 //! from `system.columns` and compared as parsed types, which also proves that the way the operator
 //! compares live types survives the server's normalised spelling.
+//!
+//! The cluster DDL (Replicated engines, Distributed tables, `ON CLUSTER`) runs in a chdb session
+//! configured with ZooKeeper (testkit's, Debian's `zookeeper`), `{shard}`/`{replica}` macros and a
+//! `remote_servers` cluster: the replicated table is really created (and registered in
+//! ZooKeeper); `ON CLUSTER`, which needs a server's distributed DDL queue that chdb does not run,
+//! is checked by the current parser (`formatQuery`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use signal_model::ddl::{add_column_sql, create_database_sql, create_table_sql, drop_table_sql};
-use signal_model::{ClickHouseSpec, ColumnSpec, ColumnType, ServerVersion};
+use signal_model::ddl::{
+    add_column_sql, create_database_sql, create_distributed_table_sql, create_table_sql,
+    drop_table_sql, on_cluster,
+};
+use signal_model::{
+    ClickHouseClusterSpec, ClickHouseSpec, ColumnSpec, ColumnType, DistributedTableSpec,
+    ServerVersion,
+};
 
 /// A scratch directory removed when dropped.
 struct Scratch(PathBuf);
@@ -42,6 +54,11 @@ struct ChdbRun {
 
 /// Runs each statement in one chdb session kept in `scratch`.
 fn run_chdb(scratch: &Scratch, statements: &[String]) -> ChdbRun {
+    run_chdb_configured(scratch, None, statements)
+}
+
+/// Like [`run_chdb`], with a server configuration file (ZooKeeper, macros, clusters).
+fn run_chdb_configured(scratch: &Scratch, config: Option<&Path>, statements: &[String]) -> ChdbRun {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/chdb_sql.py");
     let mut files = Vec::new();
     for (index, statement) in statements.iter().enumerate() {
@@ -49,9 +66,13 @@ fn run_chdb(scratch: &Scratch, statements: &[String]) -> ChdbRun {
         std::fs::write(&file, statement).unwrap();
         files.push(file);
     }
+    let mut session = scratch.0.join("session").display().to_string();
+    if let Some(config) = config {
+        session.push_str(&format!("?config-file={}", config.display()));
+    }
     let output = Command::new("python3")
         .arg(&script)
-        .arg(scratch.0.join("session"))
+        .arg(session)
         .args(&files)
         .output()
         .expect("python3 must be installed to run the chdb DDL check");
@@ -79,6 +100,7 @@ fn every_type_spec() -> ClickHouseSpec {
         partition_by: Some("toYYYYMM(event_time)".to_string()),
         order_by: vec!["wallet".to_string(), "event_time".to_string()],
         ttl: Some("toDateTime(event_time) + INTERVAL 90 DAY".to_string()),
+        cluster: None,
         columns: vec![
             ColumnSpec::from_field("event_time", "DateTime64(3, 'UTC')"),
             ColumnSpec::from_field("received", "DateTime64(6)"),
@@ -128,7 +150,7 @@ fn ddl_for_every_type_is_accepted_by_a_current_clickhouse() {
     let create = create_table_sql(&spec, version).unwrap();
     let added = ColumnSpec::from_field("severity", "LowCardinality(Nullable(String))");
     spec.columns.push(added.clone());
-    let add = add_column_sql(&spec.database, &spec.table, &added, version).unwrap();
+    let add = add_column_sql(&spec.database, &spec.table, &added, version, None).unwrap();
     assert!(add.contains("IF NOT EXISTS"), "{add}");
     let describe = "SELECT name, type FROM system.columns \
                     WHERE database = 'risksignal' AND table = 'transaction_signals' \
@@ -137,7 +159,7 @@ fn ddl_for_every_type_is_accepted_by_a_current_clickhouse() {
     let run = run_chdb(
         &scratch,
         &[
-            create_database_sql(&spec.database),
+            create_database_sql(&spec.database, None),
             create.clone(),
             // Twice: IF NOT EXISTS makes both statements safe to repeat.
             create,
@@ -172,7 +194,10 @@ fn ddl_for_every_type_is_accepted_by_a_current_clickhouse() {
         );
     }
 
-    let drop = run_chdb(&scratch, &[drop_table_sql(&spec.database, &spec.table)]);
+    let drop = run_chdb(
+        &scratch,
+        &[drop_table_sql(&spec.database, &spec.table, None)],
+    );
     assert!(drop.success, "{}", drop.stderr);
 }
 
@@ -208,7 +233,7 @@ fn a_bad_type_is_refused_by_chdb_with_its_message() {
         .unwrap()
         .replace("`n` Int32", "`n` Int33");
     assert!(sql.contains("Int33"));
-    let run = run_chdb(&scratch, &[create_database_sql("bad"), sql]);
+    let run = run_chdb(&scratch, &[create_database_sql("bad", None), sql]);
     assert!(!run.success, "chdb accepted an Int33 column");
     assert!(
         run.stderr.contains("Unknown data type family: Int33"),
@@ -245,7 +270,7 @@ fn a_repeated_batch_with_the_same_token_is_stored_once() {
     let run = run_chdb(
         &scratch,
         &[
-            create_database_sql("dedup"),
+            create_database_sql("dedup", None),
             create,
             insert("SIGNALS:1-3"),
             insert("SIGNALS:1-3"),
@@ -265,4 +290,108 @@ fn a_repeated_batch_with_the_same_token_is_stored_once() {
         .trim()
         .to_string();
     assert_eq!(count, "6", "{}", run.stdout);
+}
+
+#[test]
+fn the_cluster_ddl_is_accepted_by_a_current_server_with_zookeeper() {
+    let zookeeper = signal_testkit::ZooKeeperServer::start().expect("zookeeper");
+    let scratch = Scratch::new("cluster");
+    let version = chdb_version(&scratch);
+    let config = scratch.0.join("cluster.xml");
+    // The cluster's server is never contacted: chdb runs no distributed DDL.
+    std::fs::write(
+        &config,
+        format!(
+            "<clickhouse><zookeeper><node><host>127.0.0.1</host><port>{}</port></node>\
+             </zookeeper><macros><shard>01</shard><replica>replica_1</replica></macros>\
+             <remote_servers><signals><shard><internal_replication>true</internal_replication>\
+             <replica><host>127.0.0.1</host><port>9000</port></replica></shard></signals>\
+             </remote_servers></clickhouse>",
+            zookeeper.port()
+        ),
+    )
+    .unwrap();
+
+    let spec = ClickHouseSpec {
+        engine: "ReplicatedReplacingMergeTree(event_time)".to_string(),
+        cluster: Some(ClickHouseClusterSpec {
+            name: "signals".to_string(),
+            distributed: Some(DistributedTableSpec {
+                table: "transaction_signals_all".to_string(),
+                sharding_key: Some("cityHash64(wallet)".to_string()),
+            }),
+            ..Default::default()
+        }),
+        ..every_type_spec()
+    };
+    let cluster = spec.cluster_name();
+    let added = ColumnSpec::from_field("severity", "UInt8");
+    let statements = [
+        create_database_sql(&spec.database, cluster),
+        create_table_sql(&spec, version).unwrap(),
+        create_distributed_table_sql(&spec).unwrap().unwrap(),
+        add_column_sql(&spec.database, &spec.table, &added, version, cluster).unwrap(),
+        drop_table_sql(&spec.database, "transaction_signals_all", cluster),
+        drop_table_sql(&spec.database, &spec.table, cluster),
+    ];
+    // The current parser takes every ON CLUSTER statement.
+    let formatted: Vec<String> = statements
+        .iter()
+        .map(|sql| {
+            format!(
+                "SELECT formatQuery('{}')",
+                sql.replace('\\', "\\\\").replace('\'', "\\'")
+            )
+        })
+        .collect();
+    let run = run_chdb(&scratch, &formatted);
+    assert!(run.success, "chdb refused: {}", run.stderr);
+    assert_eq!(
+        run.stdout.matches("ON CLUSTER signals").count(),
+        statements.len(),
+        "{}",
+        run.stdout
+    );
+
+    // And runs them on this server alone: the replicated table registers in ZooKeeper.
+    let local = |sql: &String| sql.replace(&on_cluster(cluster), "");
+    let run = run_chdb_configured(
+        &scratch,
+        Some(&config),
+        &[
+            local(&statements[0]),
+            local(&statements[1]),
+            local(&statements[2]),
+            format!(
+                "SELECT name, engine_full FROM system.tables WHERE database = '{}' ORDER BY name \
+                 FORMAT TabSeparatedRaw",
+                spec.database
+            ),
+            local(&statements[4]),
+            local(&statements[5]),
+        ],
+    );
+    assert!(run.success, "chdb refused: {}", run.stderr);
+    assert!(
+        run.stdout.contains(
+            "transaction_signals\tReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/\
+             risksignal.transaction_signals', '{replica}', event_time) PARTITION BY"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("replicated_deduplication_window = 1000"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(
+            "transaction_signals_all\tDistributed('signals', 'risksignal', \
+             'transaction_signals', cityHash64(wallet))"
+        ),
+        "{}",
+        run.stdout
+    );
 }

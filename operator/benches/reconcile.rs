@@ -108,6 +108,7 @@ fn pipeline_spec(servers: &Servers, name: &str) -> SignalPipelineSpec {
             partition_by: Some("toYYYYMM(event_time)".to_string()),
             order_by: vec!["wallet_address".to_string(), "event_time".to_string()],
             ttl: None,
+            cluster: None,
             columns: vec![
                 ColumnSpec::new("event_time", "DateTime", "$.event_time"),
                 ColumnSpec::new("source_id", "String", "$.source_id"),

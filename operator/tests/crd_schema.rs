@@ -422,7 +422,7 @@ fn example(relative: &str) -> Value {
 
 fn example_files() -> Vec<String> {
     let mut files = Vec::new();
-    for dir in ["", "local"] {
+    for dir in ["", "local", "production"] {
         let full = workspace_root().join("examples").join(dir);
         for entry in std::fs::read_dir(&full).expect("examples directory") {
             let path = entry.expect("directory entry").path();

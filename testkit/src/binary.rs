@@ -43,6 +43,20 @@ pub(crate) const REDIS: Program = Program {
     install: "apt-get install -y redis-server",
 };
 
+/// The JVM ZooKeeper runs on (`zookeeper` depends on `default-jre`; headless is enough).
+pub(crate) const JAVA: Program = Program {
+    name: "java",
+    env_var: "SIGNAL_TEST_JAVA",
+    install: "apt-get install -y --no-install-recommends zookeeper default-jre-headless",
+};
+
+/// ZooKeeper's server classes: a jar, found like a binary but only required to be a file.
+pub(crate) const ZOOKEEPER_JAR: Program = Program {
+    name: "zookeeper.jar",
+    env_var: "SIGNAL_TEST_ZOOKEEPER_JAR",
+    install: "apt-get install -y --no-install-recommends zookeeper default-jre-headless",
+};
+
 pub(crate) const KUBECTL: Program = Program {
     name: "kubectl",
     env_var: "SIGNAL_TEST_KUBECTL",
@@ -78,6 +92,25 @@ impl Program {
             .map(|dir| dir.join(self.name))
             .find(|candidate| is_executable(candidate))
             .ok_or_else(|| self.not_found(format!("searched PATH and {}", EXTRA_DIRS.join(", "))))
+    }
+
+    /// Finds a file that is not run itself (a jar): the override variable if set, else the
+    /// usual Java library directory of Debian.
+    pub(crate) fn locate_file(&self) -> Result<PathBuf> {
+        const JAVA_DIRS: &[&str] = &["/usr/share/java", "/usr/local/share/java"];
+        if let Some(value) = env::var_os(self.env_var).filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(&value);
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(self.not_found(format!("{}={} is not a file", self.env_var, path.display())))
+            };
+        }
+        JAVA_DIRS
+            .iter()
+            .map(|dir| Path::new(dir).join(self.name))
+            .find(|candidate| candidate.is_file())
+            .ok_or_else(|| self.not_found(format!("searched {}", JAVA_DIRS.join(", "))))
     }
 
     fn not_found(&self, searched: String) -> Error {

@@ -34,14 +34,19 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The three ports a ClickHouse server listens on.
 #[derive(Debug)]
-struct Ports {
+pub(crate) struct Ports {
     http: PortReservation,
     tcp: PortReservation,
     interserver: PortReservation,
 }
 
 impl Ports {
-    fn reserve() -> Result<Ports> {
+    /// The native protocol port, which a cluster's `remote_servers` names.
+    pub(crate) fn tcp(&self) -> u16 {
+        self.tcp.port()
+    }
+
+    pub(crate) fn reserve() -> Result<Ports> {
         Ok(Ports {
             http: reserve_port()?,
             tcp: reserve_port()?,
@@ -83,7 +88,7 @@ impl ClickHouseServer {
         write_users(dir.path())?;
         let (ports, process) = process::start_retrying(SERVER, || {
             let ports = Ports::reserve()?;
-            write_config(dir.path(), &name, &ports, host)?;
+            write_config(dir.path(), &name, &ports, host, "")?;
             for log in log_paths(dir.path()) {
                 let _ = std::fs::remove_file(log);
             }
@@ -93,6 +98,35 @@ impl ClickHouseServer {
             )?;
             Ok((ports, process))
         })?;
+        Ok(ClickHouseServer {
+            binary,
+            host,
+            name,
+            ports,
+            process,
+            dir,
+        })
+    }
+
+    /// Starts a server on ports reserved by the caller, with `extra_config` (XML elements such
+    /// as `<remote_servers>`, `<zookeeper>`, `<macros>`) added to its `config.xml`: one replica of
+    /// a [`ClickHouseCluster`](crate::ClickHouseCluster), whose members must know each other's
+    /// ports before any starts. A lost race for a port is returned, not retried.
+    pub(crate) fn start_configured(ports: Ports, extra_config: &str) -> Result<ClickHouseServer> {
+        let binary = binary::CLICKHOUSE.locate()?;
+        let dir = process::server_dir("clickhouse")?;
+        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+            std::fs::create_dir_all(dir.path().join(sub))
+                .context(|| format!("creating {}", dir.path().join(sub).display()))?;
+        }
+        let name = process::unique_name("signal-test-clickhouse");
+        let host = Ipv4Addr::LOCALHOST;
+        write_users(dir.path())?;
+        write_config(dir.path(), &name, &ports, host, extra_config)?;
+        let process = ServerProcess::start(
+            || launch(&binary, dir.path()),
+            |child| wait_ready(child, dir.path(), &name, ports.http.port()),
+        )?;
         Ok(ClickHouseServer {
             binary,
             host,
@@ -251,7 +285,13 @@ const CONFIG_TEMPLATE: &str = include_str!("../clickhouse/config.xml.in");
 /// The users file (passwordless `default` on loopback), shared with `scripts/demo.sh`.
 const USERS: &str = include_str!("../clickhouse/users.xml");
 
-fn write_config(dir: &Path, name: &str, ports: &Ports, host: Ipv4Addr) -> Result<()> {
+fn write_config(
+    dir: &Path,
+    name: &str,
+    ports: &Ports,
+    host: Ipv4Addr,
+    extra_config: &str,
+) -> Result<()> {
     // A fixed time zone makes DateTime text deterministic; only set it when the zone database
     // is installed (clickhouse-server does not depend on tzdata and refuses unknown zones).
     let timezone = if Path::new("/usr/share/zoneinfo/UTC").exists() {
@@ -275,6 +315,7 @@ fn write_config(dir: &Path, name: &str, ports: &Ports, host: Ipv4Addr) -> Result
             &format!("{loopback}<listen_host>{host}</listen_host>"),
         )
     };
+    let config = config.replace("</yandex>", &format!("{extra_config}\n</yandex>"));
     let path = dir.join("config.xml");
     std::fs::write(&path, config).context(|| format!("writing {}", path.display()))
 }
@@ -365,7 +406,7 @@ mod tests {
         let ports = Ports::reserve().unwrap();
         let _taken = std::net::TcpListener::bind(("127.0.0.1", ports.tcp.port())).unwrap();
         write_users(dir.path()).unwrap();
-        write_config(dir.path(), "taken", &ports, Ipv4Addr::LOCALHOST).unwrap();
+        write_config(dir.path(), "taken", &ports, Ipv4Addr::LOCALHOST, "").unwrap();
         let binary = binary::CLICKHOUSE.locate().unwrap();
         let mut child = launch(&binary, dir.path()).unwrap();
         match wait_ready(&mut child, dir.path(), "taken", ports.http.port()) {

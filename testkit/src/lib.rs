@@ -1,4 +1,6 @@
-//! Real servers for tests: `nats-server` (JetStream; alone or as a [`NatsCluster`]), `clickhouse-server` and `redis-server`,
+//! Real servers for tests: `nats-server` (JetStream; alone or as a [`NatsCluster`]),
+//! `clickhouse-server` (alone, or as a replicated [`ClickHouseCluster`] with its
+//! [`ZooKeeperServer`]) and `redis-server`,
 //! a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager; see
 //! [`KubeCluster`]) built from upstream Go modules by `scripts/build-kube.sh`, and a node on top
 //! of it (kube-scheduler, containerd and a kubelet; see [`KubeNode`]) that runs pods from images
@@ -26,6 +28,7 @@
 mod binary;
 pub mod certs;
 mod clickhouse;
+mod clickhouse_cluster;
 mod error;
 mod http;
 mod https;
@@ -37,8 +40,10 @@ mod oci_image;
 mod ports;
 mod process;
 mod redis;
+mod zookeeper;
 
 pub use clickhouse::ClickHouseServer;
+pub use clickhouse_cluster::{CLUSTER_NAME as CLICKHOUSE_CLUSTER_NAME, ClickHouseCluster};
 pub use error::{Error, Result};
 pub use kube_cluster::{
     BINARY_ENV_VAR as KUBE_BINARY_ENV_VAR, KUBERNETES_VERSION, KubeCluster, NODE_NAME,
@@ -50,3 +55,4 @@ pub use oci_image::{ImageSpec, write_image_archive};
 pub use ports::{free_port, is_port_free};
 pub use process::{ChildProcess, workspace_bin};
 pub use redis::RedisServer;
+pub use zookeeper::ZooKeeperServer;

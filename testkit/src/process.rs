@@ -391,8 +391,10 @@ fn sweep_stale_dirs() {
             continue;
         };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let stale = matches!(kind, "nats" | "clickhouse" | "redis" | "kube" | "node")
-            && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        let stale = matches!(
+            kind,
+            "nats" | "clickhouse" | "redis" | "zookeeper" | "kube" | "node"
+        ) && pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
         if stale {
             if kind == "node" {
                 crate::kube_node::clean_up_stale(&entry.path());

@@ -3,7 +3,7 @@
 //! This file holds a single test because it changes the process environment, which would race
 //! with other tests of the same binary.
 
-use signal_testkit::{ClickHouseServer, Error, NatsServer, RedisServer};
+use signal_testkit::{ClickHouseCluster, ClickHouseServer, Error, NatsServer, RedisServer};
 
 #[test]
 fn missing_binaries_name_the_install_command() {
@@ -13,6 +13,7 @@ fn missing_binaries_name_the_install_command() {
         std::env::set_var("SIGNAL_TEST_NATS_SERVER", missing);
         std::env::set_var("SIGNAL_TEST_CLICKHOUSE_SERVER", missing);
         std::env::set_var("SIGNAL_TEST_REDIS_SERVER", missing);
+        std::env::set_var("SIGNAL_TEST_JAVA", missing);
     }
     let errors = [
         ("apt-get install -y nats-server", NatsServer::start().err()),
@@ -23,6 +24,10 @@ fn missing_binaries_name_the_install_command() {
         (
             "apt-get install -y redis-server",
             RedisServer::start().err(),
+        ),
+        (
+            "apt-get install -y --no-install-recommends zookeeper default-jre-headless",
+            ClickHouseCluster::start(2).err(),
         ),
     ];
     for (install, error) in errors {

@@ -440,7 +440,7 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
     let valid = messages - poisoned;
     let manifest = bench_manifest(&nats.url(), &clickhouse.http_url());
     manifest.spec.validate("bench")?;
-    clickhouse.query(&ddl::create_database_sql(DATABASE))?;
+    clickhouse.query(&ddl::create_database_sql(DATABASE, None))?;
     clickhouse.query(&format!("DROP TABLE IF EXISTS {DATABASE}.{TABLE}"))?;
     clickhouse.query(&ddl::create_table_sql(
         &manifest.spec.clickhouse,

@@ -5,9 +5,22 @@
 //! ones are reported (`InsertRejected`) and retried slowly until a person fixes the cause. The
 //! live table's column types are compared with the manifest's at start and after any insert
 //! error; a mismatch (`SchemaMismatch`) blocks writing until it is resolved.
+//!
+//! A retry resends the very same block: the sealed batch's RowBinary bytes (same rows, same
+//! order, one INSERT, which the server cuts into the same blocks and parts) and, where it knows
+//! it (22.2+), the same `insert_deduplication_token`. A replicated table stores a block once per
+//! checksum (or token) within `replicated_deduplication_window`, so a batch whose first attempt
+//! was stored but whose answer was lost is not stored twice, on whichever replica the retry
+//! lands: the deduplication log lives in ZooKeeper, shared by the shard's replicas.
+//!
+//! On a cluster the sink knows every replica URL of the spec (`url`, then
+//! `cluster.replicaUrls`) and stays on one while it answers; an insert that fails to reach it
+//! (connection refused, no answer) is retried on the next. It writes to the local replicated
+//! table by default, or to the Distributed table (`cluster.writeTo: distributed`) with
+//! `insert_distributed_sync=1`, so an answer still means the rows reached their shards.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use signal_clients::clickhouse::server_version;
@@ -38,9 +51,14 @@ pub enum SinkError {
     },
 }
 
-/// The table and the client that writes to it.
+/// The table and the clients that write to it, one per replica URL.
 pub struct ClickHouseSink {
-    client: clickhouse::Client,
+    /// `(url, client)` of each replica, the spec's `url` first.
+    replicas: Vec<(String, clickhouse::Client)>,
+    /// The index in `replicas` of the one in use.
+    current: AtomicUsize,
+    /// Extra settings of every insert (`insert_distributed_sync` for a Distributed table).
+    insert_settings: Vec<(&'static str, &'static str)>,
     database: String,
     table: String,
     insert_sql: String,
@@ -59,7 +77,10 @@ pub struct ClickHouseSink {
 /// Where a sink writes and what it tells about its rows.
 pub struct SinkTarget<'a> {
     pub database: &'a str,
+    /// The table inserted into: the local one, or the Distributed one over it.
     pub table: &'a str,
+    /// Whether `table` is a Distributed table (inserted into synchronously).
+    pub distributed: bool,
     pub columns: &'a [ColumnSpec],
     pub column_list: &'a str,
     pub stream: &'a str,
@@ -68,8 +89,9 @@ pub struct SinkTarget<'a> {
 }
 
 impl ClickHouseSink {
+    /// A sink writing through `replicas` (`(url, client)`, at least one; the first is used first).
     pub fn new(
-        client: clickhouse::Client,
+        replicas: Vec<(String, clickhouse::Client)>,
         target: SinkTarget<'_>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -79,13 +101,22 @@ impl ClickHouseSink {
         let SinkTarget {
             database,
             table,
+            distributed,
             columns,
             column_list,
             stream,
             stream_created_unix_nanos,
         } = target;
         Self {
-            client,
+            replicas,
+            current: AtomicUsize::new(0),
+            // Synchronous: the answer then means the rows reached a replica of their shard, not
+            // just a queue on the server that was asked.
+            insert_settings: if distributed {
+                vec![("insert_distributed_sync", "1")]
+            } else {
+                Vec::new()
+            },
             database: database.to_string(),
             table: table.to_string(),
             insert_sql: format!(
@@ -102,10 +133,27 @@ impl ClickHouseSink {
         }
     }
 
+    /// The client of the replica in use.
+    fn client(&self) -> &clickhouse::Client {
+        let index = self.current.load(Ordering::Relaxed) % self.replicas.len();
+        &self.replicas[index].1
+    }
+
+    /// Moves on to the next replica URL (after one did not answer); returns its URL, or `None`
+    /// when there is only one.
+    fn fail_over(&self) -> Option<&str> {
+        if self.replicas.len() < 2 {
+            return None;
+        }
+        let next = (self.current.fetch_add(1, Ordering::Relaxed) + 1) % self.replicas.len();
+        Some(self.replicas[next].0.as_str())
+    }
+
     /// Checks the server once: reachable, whether it honours deduplication tokens, and whether
-    /// the live table's columns match the manifest's.
+    /// the live table's columns match the manifest's. A replica that does not answer hands over
+    /// to the next one for the following probe.
     pub async fn probe(&self) -> bool {
-        match server_version(&self.client).await {
+        match server_version(self.client()).await {
             Ok(version) => {
                 let tokens = version.supports_insert_deduplication_token();
                 self.deduplication_tokens.store(tokens, Ordering::Relaxed);
@@ -116,6 +164,9 @@ impl ClickHouseSink {
             }
             Err(_) => {
                 self.healthy.store(false, Ordering::Relaxed);
+                if let Some(next) = self.fail_over() {
+                    tracing::warn!(next = %next, "ClickHouse replica unreachable; trying the next");
+                }
                 false
             }
         }
@@ -127,7 +178,7 @@ impl ClickHouseSink {
     async fn check_schema(&self) -> bool {
         const SQL: &str = "SELECT name, type FROM system.columns WHERE database = ? AND table = ?";
         let live = match self
-            .client
+            .client()
             .query(SQL)
             .bind(self.database.as_str())
             .bind(self.table.as_str())
@@ -164,9 +215,12 @@ impl ClickHouseSink {
 
     async fn insert_once(&self, batch: &SealedBatch) -> Result<(), clickhouse::error::Error> {
         let mut insert = self
-            .client
+            .client()
             .insert_formatted_with(self.insert_sql.clone())
             .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+        for (name, value) in &self.insert_settings {
+            insert = insert.with_setting(*name, *value);
+        }
         if self.deduplication_tokens.load(Ordering::Relaxed) {
             insert = insert.with_setting(
                 "insert_deduplication_token",
@@ -253,7 +307,14 @@ impl ClickHouseSink {
                 self.health
                     .set(HealthReason::InsertRejected, &message, &self.metrics);
             }
-            InsertFailure::Transient(_) => self.healthy.store(false, Ordering::Relaxed),
+            InsertFailure::Transient(_) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                // The same bytes on another replica are deduplicated there if the first attempt
+                // was stored after all (see the module's documentation).
+                if let Some(next) = self.fail_over() {
+                    tracing::warn!(next = %next, "insert did not reach ClickHouse; failing over");
+                }
+            }
         }
         self.check_schema().await;
         self.dead_letter_last_deliveries(batch, error).await;

@@ -241,12 +241,21 @@ pub async fn run(
     };
     let router_task = tokio::spawn(router.run(letter_receiver, shutdown.clone()));
 
-    let clickhouse = connect::clickhouse(&spec.clickhouse.url, &credentials.clickhouse);
+    let replicas = spec
+        .clickhouse
+        .urls()
+        .into_iter()
+        .map(|url| {
+            let client = connect::clickhouse(url, &credentials.clickhouse);
+            (url.to_string(), client)
+        })
+        .collect();
     let sink = ClickHouseSink::new(
-        clickhouse,
+        replicas,
         SinkTarget {
             database: &spec.clickhouse.database,
-            table: &spec.clickhouse.table,
+            table: spec.clickhouse.write_table(),
+            distributed: spec.clickhouse.write_table() != spec.clickhouse.table,
             columns: &spec.clickhouse.columns,
             column_list: &encoder.column_list(),
             stream: &spec.stream.name,

@@ -235,7 +235,7 @@ fn a_message_on_its_last_delivery_whose_insert_fails_is_dead_lettered_as_max_del
     env.provision(&manifest);
     let dead_letters = create_stream(&env, "EXHAUSTED_DLQ", "dlq.exhausted");
     // ClickHouse refuses every insert: the table is gone.
-    env.query(&ddl::drop_table_sql(common::DATABASE, "exhausted"));
+    env.query(&ddl::drop_table_sql(common::DATABASE, "exhausted", None));
     env.publish_all(
         "exhausted.in",
         (0..GOOD).map(|i| format!(r#"{{"severity":{}}}"#, i % 6).into_bytes()),

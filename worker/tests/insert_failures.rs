@@ -26,7 +26,7 @@ fn a_refused_insert_blocks_and_is_reported_until_it_clears() {
         ],
     );
     env.provision(&manifest);
-    env.query(&ddl::drop_table_sql(common::DATABASE, "refused"));
+    env.query(&ddl::drop_table_sql(common::DATABASE, "refused", None));
     let worker = env.start_worker(&manifest);
     env.publish_all(
         "refused.in",

@@ -4,6 +4,12 @@
 //!
 //! Nothing is ever dropped, retyped or rebuilt here: a column's data outlives a spec edit. The one
 //! destructive statement, [`drop_table`], runs only on pipeline deletion with policy `Delete`.
+//!
+//! On a cluster (`spec.clickhouse.cluster`) the operator talks to the first replica of `url` and
+//! `cluster.replicaUrls` that answers, every statement runs `ON CLUSTER` (so a replica that is down
+//! runs it from the distributed DDL queue when it returns), and the drift check reads every
+//! replica the servers' `system.clusters` lists (through `remote()`, which 18.16 has; it lacks
+//! `clusterAllReplicas`), naming the replica that differs.
 
 use clickhouse::Client;
 use signal_model::ClickHouseSpec;
@@ -26,20 +32,46 @@ pub struct TableOutcome {
 
 /// Brings the table in line with `spec` as far as adding things allows.
 pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> TableOutcome {
-    let client = signal_clients::connect::clickhouse(&spec.url, auth);
     bounded(
         format!(
             "reconciling table {}",
             ddl::qualified_table(&spec.database, &spec.table)
         ),
         PART_TIMEOUT,
-        apply_table(&client, spec),
+        async {
+            let (client, url, version) = connect_reachable(spec, auth).await?;
+            apply_table(&client, &url, version, spec, auth).await
+        },
     )
     .await
     .unwrap_or_else(|error| TableOutcome {
         report: PartReport::from_error(&name_the_server(error, &spec.url)),
         schema_drift: None,
     })
+}
+
+/// The first of the spec's replica URLs (`url`, then `cluster.replicaUrls`) whose server answers,
+/// with its release. When none answers, the error of the first.
+async fn connect_reachable(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+) -> Result<(Client, String, ServerVersion), DataPlaneError> {
+    let mut first_error = None;
+    for url in spec.urls() {
+        let client = signal_clients::connect::clickhouse(url, auth);
+        match server_version(&client, url).await {
+            Ok(version) => return Ok((client, url.to_string(), version)),
+            Err(
+                error @ (DataPlaneError::ClickHouseUnreachable { .. }
+                | DataPlaneError::TimedOut { .. }),
+            ) => {
+                tracing::debug!(%url, %error, "ClickHouse replica unreachable; trying the next");
+                first_error.get_or_insert(error);
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Err(first_error.unwrap_or_else(|| DataPlaneError::InvalidSpec("no ClickHouse URL".into())))
 }
 
 /// A step that timed out becomes ClickHouse not answering, so the condition names the server a
@@ -56,13 +88,15 @@ fn name_the_server(error: DataPlaneError, url: &str) -> DataPlaneError {
 
 async fn apply_table(
     client: &Client,
+    url: &str,
+    version: ServerVersion,
     spec: &ClickHouseSpec,
+    auth: &UserPassword,
 ) -> Result<TableOutcome, DataPlaneError> {
     let name = format!("{}.{}", spec.database, spec.table);
     for column in &spec.columns {
         ddl::column_type(column).map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
     }
-    let version = server_version(client, &spec.url).await?;
     let unsupported = ddl::unsupported_features(spec, version);
     if !unsupported.is_empty() {
         let features: Vec<String> = unsupported.iter().map(ToString::to_string).collect();
@@ -75,22 +109,39 @@ async fn apply_table(
             schema_drift: None,
         });
     }
+    let cluster = spec.cluster_name();
+    // Statements some replica has not run yet (it runs them from the queue when it returns).
+    let mut queued = Vec::new();
 
     let mut changes = Vec::new();
-    if !database_exists(client, &spec.url, &spec.database).await? {
-        execute(client, &spec.url, &ddl::create_database_sql(&spec.database)).await?;
+    if !database_exists(client, url, &spec.database).await? {
+        let sql = ddl::create_database_sql(&spec.database, cluster);
+        execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!("created database {}", spec.database));
     }
-    let live_clauses = table_clauses(client, &spec.url, &spec.database, &spec.table).await?;
+    let live_clauses = table_clauses(client, url, &spec.database, &spec.table).await?;
     let created = live_clauses.is_none();
     if created {
         let sql = ddl::create_table_sql(spec, version)
             .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
-        execute(client, &spec.url, &sql).await?;
+        execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!("created table {name}"));
     }
+    if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {
+        let exists = table_clauses(client, url, &spec.database, &distributed.table)
+            .await?
+            .is_some();
+        if !exists && let Some(sql) = ddl::create_distributed_table_sql(spec) {
+            let sql = sql.map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
+            execute_ddl(client, url, &sql, &mut queued).await?;
+            changes.push(format!(
+                "created Distributed table {}.{}",
+                spec.database, distributed.table
+            ));
+        }
+    }
 
-    let live = live_columns(client, &spec.url, &spec.database, &spec.table).await?;
+    let live = live_columns(client, url, &spec.database, &spec.table).await?;
     let mut diff = diff_schema(&spec.columns, &live);
     // A table just created from the spec has the spec's clauses.
     if let Some(live_clauses) = &live_clauses {
@@ -106,9 +157,9 @@ async fn apply_table(
         }
     }
     for column in &diff.missing {
-        let sql = ddl::add_column_sql(&spec.database, &spec.table, column, version)
+        let sql = ddl::add_column_sql(&spec.database, &spec.table, column, version, cluster)
             .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
-        execute(client, &spec.url, &sql).await?;
+        execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!(
             "added column {} {} to {name}",
             column.name,
@@ -118,7 +169,72 @@ async fn apply_table(
         ));
     }
 
-    let schema_drift = diff.drift_message();
+    if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {
+        // Servers refuse `ALTER … ON CLUSTER` of a table that is not replicated (the Distributed
+        // one) on a cluster that replicates internally, so it is altered on each replica URL of
+        // the spec by itself.
+        for replica_url in spec.urls() {
+            let replica = signal_clients::connect::clickhouse(replica_url, auth);
+            let live = match live_columns(&replica, replica_url, &spec.database, &distributed.table)
+                .await
+            {
+                Ok(live) => live,
+                Err(error) => {
+                    queued.push(format!(
+                        "columns of {}.{} on {replica_url} ({error})",
+                        spec.database, distributed.table
+                    ));
+                    continue;
+                }
+            };
+            for column in diff_schema(&spec.columns, &live).missing {
+                let sql =
+                    ddl::add_column_sql(&spec.database, &distributed.table, &column, version, None)
+                        .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
+                execute(&replica, replica_url, &sql).await?;
+                changes.push(format!(
+                    "added column {} to {}.{} on {replica_url}",
+                    column.name, spec.database, distributed.table
+                ));
+            }
+        }
+    }
+
+    let mut drift_parts: Vec<String> = diff.drift_message().into_iter().collect();
+    if let Some(cluster) = cluster {
+        let own = diff.drift_message();
+        let replicas = replica_drift(client, url, spec, cluster, auth, version)
+            .await?
+            .into_iter()
+            .map(|(replica, mut message)| {
+                // Clauses that could not be compared here were not compared there either.
+                if let (Some(note), Some(own_message)) = (&diff.clauses_not_compared, &own)
+                    && message.is_none()
+                    && own_message.contains(note.as_str())
+                {
+                    message = own.clone();
+                }
+                (replica, message)
+            });
+        drift_parts.extend(
+            replicas
+                .into_iter()
+                .filter(|(_, message)| *message != own)
+                .map(|(replica, message)| {
+                    format!(
+                        "replica {replica}: {}",
+                        message.unwrap_or_else(|| "matches the spec".to_string())
+                    )
+                }),
+        );
+    }
+    let schema_drift = (!drift_parts.is_empty()).then(|| drift_parts.join("; "));
+    if !queued.is_empty() {
+        changes.push(format!(
+            "left to replicas that did not answer in time, which run it when they return: {}",
+            queued.join("; ")
+        ));
+    }
 
     let report = match &schema_drift {
         Some(message) if diff.blocks_writes() => PartReport::not_ready(
@@ -324,15 +440,159 @@ pub async fn live_columns(
         .collect())
 }
 
-/// Drops the table (a missing table is fine). The database is kept: other tables may live in it.
+/// Drops the table, and the Distributed table over it, `ON CLUSTER` on a cluster (a missing table
+/// is fine). The database is kept: other tables may live in it.
 pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<(), DataPlaneError> {
-    let client = signal_clients::connect::clickhouse(&spec.url, auth);
-    execute(
-        &client,
-        &spec.url,
-        &ddl::drop_table_sql(&spec.database, &spec.table),
-    )
-    .await
+    let (client, url, _) = connect_reachable(spec, auth).await?;
+    let cluster = spec.cluster_name();
+    let mut queued = Vec::new();
+    if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {
+        let sql = ddl::drop_table_sql(&spec.database, &distributed.table, cluster);
+        execute_ddl(&client, &url, &sql, &mut queued).await?;
+    }
+    let sql = ddl::drop_table_sql(&spec.database, &spec.table, cluster);
+    execute_ddl(&client, &url, &sql, &mut queued).await
+}
+
+/// How long an `ON CLUSTER` statement waits for every replica: less than [`REQUEST_TIMEOUT`], so
+/// the server's own answer, that some replica has not run it yet, comes first.
+const DISTRIBUTED_DDL_TIMEOUT_SECONDS: u64 = REQUEST_TIMEOUT.as_secs().saturating_sub(2);
+
+/// ClickHouse's TIMEOUT_EXCEEDED for an `ON CLUSTER` statement that some replica has not run within
+/// `distributed_ddl_task_timeout`; the statement stays in the queue for it.
+const DDL_TASK_TIMEOUT_CODE: u32 = 159;
+
+/// Runs one statement built from the spec. An `ON CLUSTER` one that a replica has not run within
+/// [`DISTRIBUTED_DDL_TIMEOUT_SECONDS`] (down or slow: it runs it from the queue when it returns) is
+/// noted in `queued`, not failed: the replicas that answered have it, and the drift check names a
+/// replica that is still behind.
+async fn execute_ddl(
+    client: &Client,
+    url: &str,
+    sql: &str,
+    queued: &mut Vec<String>,
+) -> Result<(), DataPlaneError> {
+    if !sql.contains(" ON CLUSTER ") {
+        return execute(client, url, sql).await;
+    }
+    let client = client.clone().with_setting(
+        "distributed_ddl_task_timeout",
+        DISTRIBUTED_DDL_TIMEOUT_SECONDS.to_string(),
+    );
+    match execute(&client, url, sql).await {
+        Err(DataPlaneError::ClickHouseRefused { message, .. })
+            if clickhouse_error_code(&message) == Some(DDL_TASK_TIMEOUT_CODE) =>
+        {
+            tracing::warn!(%url, %sql, %message, "a replica has not run the statement yet");
+            queued.push(sql.lines().next().unwrap_or(sql).to_string());
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// One replica of the cluster as `system.clusters` lists it: `host:port` (native protocol).
+type ReplicaAddress = String;
+
+/// Each replica's drift (as [`super::table_schema_diff::SchemaDiff::drift_message`] words it,
+/// `None` when it matches the spec), read through `remote()` from the server at `url`. A replica
+/// that does not answer is reported as such, not as drift of its table.
+async fn replica_drift(
+    client: &Client,
+    url: &str,
+    spec: &ClickHouseSpec,
+    cluster: &str,
+    auth: &UserPassword,
+    version: ServerVersion,
+) -> Result<Vec<(ReplicaAddress, Option<String>)>, DataPlaneError> {
+    const REPLICAS_SQL: &str = "SELECT host_name, port FROM system.clusters WHERE cluster = ? ORDER BY shard_num, replica_num";
+    let replicas = bounded("listing the cluster's replicas", REQUEST_TIMEOUT, async {
+        client
+            .query(REPLICAS_SQL)
+            .bind(cluster)
+            .fetch_all::<(String, u16)>()
+            .await
+            .map_err(|error| query_error(url, REPLICAS_SQL, error))
+    })
+    .await?;
+    if replicas.is_empty() {
+        return Err(DataPlaneError::InvalidSpec(format!(
+            "spec.clickhouse.cluster.name: the server at {url} has no cluster `{cluster}` in its \
+             remote_servers"
+        )));
+    }
+    let spec_printed = printed_spec_clauses(client, spec, version).await.ok();
+    let (user, password) = (
+        auth.user.clone().unwrap_or_else(|| "default".to_string()),
+        auth.password.clone().unwrap_or_default(),
+    );
+    let mut found = Vec::with_capacity(replicas.len());
+    for (host, port) in replicas {
+        let address = format!("{host}:{port}");
+        let read = async {
+            let columns_sql = "SELECT name, type FROM remote(?, system.columns, ?, ?) \
+                               WHERE database = ? AND table = ?";
+            let columns = client
+                .query(columns_sql)
+                .bind(address.as_str())
+                .bind(user.as_str())
+                .bind(password.as_str())
+                .bind(spec.database.as_str())
+                .bind(spec.table.as_str())
+                .fetch_all::<(String, String)>()
+                .await?;
+            let tables_sql = "SELECT engine_full, partition_key, sorting_key FROM \
+                              remote(?, system.tables, ?, ?) WHERE database = ? AND name = ?";
+            let clauses = client
+                .query(tables_sql)
+                .bind(address.as_str())
+                .bind(user.as_str())
+                .bind(password.as_str())
+                .bind(spec.database.as_str())
+                .bind(spec.table.as_str())
+                .fetch_all::<(String, String, String)>()
+                .await?;
+            Ok::<_, clickhouse::error::Error>((columns, clauses))
+        };
+        let message = match tokio::time::timeout(REQUEST_TIMEOUT, read).await {
+            Ok(Ok((_, clauses))) if clauses.is_empty() => {
+                Some(format!("table {}.{} is missing", spec.database, spec.table))
+            }
+            Ok(Ok((columns, clauses))) => {
+                let live: Vec<LiveColumn> = columns
+                    .into_iter()
+                    .map(|(name, type_text)| LiveColumn { name, type_text })
+                    .collect();
+                let mut diff = diff_schema(&spec.columns, &live);
+                if let (Some(spec_printed), Some((engine_full, partition_key, sorting_key))) =
+                    (&spec_printed, clauses.into_iter().next())
+                {
+                    let live_clauses = PrintedClauses {
+                        engine_full,
+                        partition_key,
+                        sorting_key,
+                    };
+                    diff.clause_mismatches = diff_clauses(spec, &live_clauses, spec_printed);
+                }
+                let missing = diff
+                    .missing
+                    .iter()
+                    .map(|column| format!("column {} is missing", column.name));
+                let parts: Vec<String> = missing.chain(diff.drift_message()).collect();
+                (!parts.is_empty()).then(|| parts.join("; "))
+            }
+            Ok(Err(error)) => Some(format!(
+                "not checked, it did not answer: {}",
+                with_causes(&error)
+            )),
+            Err(_) => Some(format!(
+                "not checked, it did not answer within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            )),
+        };
+        found.push((address, message));
+    }
+    Ok(found)
 }
 
 #[cfg(test)]

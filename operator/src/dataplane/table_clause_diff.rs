@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use signal_model::ClickHouseSpec;
+use signal_model::{ClickHouseSpec, ddl};
 
 /// A table's clauses as `system.tables` prints them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub fn diff_clauses(
     let live_parts = split_engine_full(&live.engine_full);
     let wanted_parts = split_engine_full(&spec_printed.engine_full);
 
-    if live_parts.engine != wanted_parts.engine {
+    if engine_differs(spec, live_parts.engine, wanted_parts.engine) {
         let wanted_engine = spec.engine.trim();
         mismatches.push(ClauseMismatch {
             clause: TableClause::Engine,
@@ -123,6 +123,25 @@ pub fn diff_clauses(
         });
     }
     mismatches
+}
+
+/// Whether the live engine differs from the spec's. The scratch table the spec was printed from is
+/// never replicated (it must not register in ZooKeeper), so the engines are compared without
+/// replication, and the replication itself (replicated or not, ZooKeeper path and replica name,
+/// which the server prints as written) is compared with the spec's text.
+fn engine_differs(spec: &ClickHouseSpec, live: &str, printed_unreplicated: &str) -> bool {
+    // 18.16 prints `MergeTree()`, current servers `MergeTree`.
+    let bare = |engine: String| engine.trim().trim_end_matches("()").to_string();
+    if bare(ddl::unreplicated_engine(live)) != bare(printed_unreplicated.to_string()) {
+        return true;
+    }
+    let wanted_replication = ddl::engine_sql(spec)
+        .ok()
+        .and_then(|engine| ddl::replication_arguments(&engine))
+        .map(|(path_and_replica, _)| path_and_replica);
+    let live_replication =
+        ddl::replication_arguments(live).map(|(path_and_replica, _)| path_and_replica);
+    wanted_replication != live_replication
 }
 
 fn shown_or_absent(text: &str) -> String {
@@ -256,6 +275,7 @@ mod tests {
             partition_by: Some("toYYYYMM(event_time)".to_string()),
             order_by: vec!["wallet".to_string(), "event_time".to_string()],
             ttl: None,
+            cluster: None,
             columns: vec![
                 ColumnSpec::from_field("event_time", "DateTime"),
                 ColumnSpec::from_field("wallet", "String"),
@@ -452,5 +472,42 @@ mod tests {
         assert_eq!(live_order_by_shown("f(a, b)"), "f(a, b)");
         assert_eq!(live_order_by_shown("`a,b`"), "`a,b`");
         assert_eq!(live_order_by_shown("a, f(b)"), "(a, f(b))");
+    }
+
+    #[test]
+    fn a_replicated_table_is_compared_without_replication_then_by_its_path_and_replica() {
+        let mut spec = signals_spec();
+        spec.engine = "ReplicatedMergeTree".to_string();
+        // The scratch table is the unreplicated engine, as 18.16 prints it.
+        let scratch = printed(
+            "MergeTree() PARTITION BY toYYYYMM(event_time) ORDER BY (wallet, event_time) \
+             SETTINGS index_granularity = 8192",
+            "toYYYYMM(event_time)",
+            "wallet, event_time",
+        );
+        let live = |engine: &str| {
+            printed(
+                &format!(
+                    "{engine} PARTITION BY toYYYYMM(event_time) ORDER BY (wallet, event_time) \
+                     SETTINGS replicated_deduplication_window = 1000, index_granularity = 8192"
+                ),
+                "toYYYYMM(event_time)",
+                "wallet, event_time",
+            )
+        };
+        let created =
+            live("ReplicatedMergeTree('/clickhouse/tables/{shard}/db.signals', '{replica}')");
+        assert_eq!(diff_clauses(&spec, &created, &scratch), []);
+
+        let elsewhere = live("ReplicatedMergeTree('/other/{shard}/signals', '{replica}')");
+        let mismatches = diff_clauses(&spec, &elsewhere, &scratch);
+        assert_eq!(mismatches.len(), 1, "{mismatches:?}");
+        assert_eq!(mismatches[0].clause, TableClause::Engine);
+        assert_eq!(mismatches[0].wanted, "ReplicatedMergeTree");
+
+        // A plain table where the spec wants a replicated one, and the other way round.
+        assert_eq!(diff_clauses(&spec, &live("MergeTree()"), &scratch).len(), 1);
+        spec.engine = "MergeTree".to_string();
+        assert_eq!(diff_clauses(&spec, &created, &scratch).len(), 1);
     }
 }

@@ -71,7 +71,7 @@ pub async fn printed_spec_clauses(
     execute(
         client,
         &spec.url,
-        &ddl::create_database_sql(SCRATCH_DATABASE),
+        &ddl::create_database_sql(SCRATCH_DATABASE, None),
     )
     .await?;
     drop_leftovers(client, &spec.url).await;
@@ -110,7 +110,9 @@ fn lock_cache() -> std::sync::MutexGuard<'static, HashMap<CacheKey, PrintedClaus
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The spec's `CREATE TABLE`, aimed at `SCRATCH_DATABASE.name`.
+/// The spec's `CREATE TABLE`, aimed at `SCRATCH_DATABASE.name` on this server alone and without
+/// replication: a scratch table must not run on the cluster nor register in ZooKeeper (the clause
+/// diff compares replication apart, see [`super::table_clause_diff`]).
 fn scratch_table_sql(
     spec: &ClickHouseSpec,
     name: &str,
@@ -119,6 +121,8 @@ fn scratch_table_sql(
     let scratch = ClickHouseSpec {
         database: SCRATCH_DATABASE.to_string(),
         table: name.to_string(),
+        engine: ddl::unreplicated_engine(&spec.engine),
+        cluster: None,
         ..spec.clone()
     };
     ddl::create_table_sql(&scratch, version)
@@ -165,8 +169,12 @@ async fn drop_leftovers(client: &Client, url: &str) {
         }
     };
     for name in names {
-        if let Err(error) =
-            execute(client, url, &ddl::drop_table_sql(SCRATCH_DATABASE, &name)).await
+        if let Err(error) = execute(
+            client,
+            url,
+            &ddl::drop_table_sql(SCRATCH_DATABASE, &name, None),
+        )
+        .await
         {
             tracing::warn!(%url, %name, %error, "could not drop a leftover scratch table");
         }
@@ -186,7 +194,7 @@ impl ScratchTable {
         Self {
             client: client.clone(),
             url: url.to_string(),
-            drop_sql: ddl::drop_table_sql(SCRATCH_DATABASE, name),
+            drop_sql: ddl::drop_table_sql(SCRATCH_DATABASE, name, None),
             dropped: false,
         }
     }

@@ -75,6 +75,7 @@ pub fn pipeline_spec(name: &str, nats_url: &str, clickhouse_url: &str) -> Signal
             partition_by: Some("toYYYYMM(event_time)".to_string()),
             order_by: vec!["wallet".to_string(), "event_time".to_string()],
             ttl: None,
+            cluster: None,
             columns: vec![
                 ColumnSpec::from_field("event_time", "DateTime"),
                 ColumnSpec::from_field("wallet", "String"),

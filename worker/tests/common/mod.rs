@@ -125,7 +125,7 @@ impl TestEnv {
             jetstream::new(client.clone())
         };
         clickhouse
-            .query(&ddl::create_database_sql(DATABASE))
+            .query(&ddl::create_database_sql(DATABASE, None))
             .expect("create database");
         TestEnv {
             runtime,
