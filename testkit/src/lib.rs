@@ -36,6 +36,7 @@ mod oci_image;
 mod ports;
 mod process;
 mod redis;
+mod server_tls;
 
 pub use clickhouse::ClickHouseServer;
 pub use error::{Error, Result};
@@ -48,3 +49,4 @@ pub use oci_image::{ImageSpec, write_image_archive};
 pub use ports::{free_port, is_port_free};
 pub use process::{ChildProcess, workspace_bin};
 pub use redis::RedisServer;
+pub use server_tls::ServerTls;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use signal_clients::clickhouse::server_version;
+use signal_clients::clickhouse::{VersionError, server_version};
 use signal_clients::retry::Backoff;
 use signal_model::ColumnSpec;
 use signal_model::live_schema::wire_mismatches;
@@ -41,6 +41,8 @@ pub enum SinkError {
 /// The table and the client that writes to it.
 pub struct ClickHouseSink {
     client: clickhouse::Client,
+    /// The server's URL, named in errors.
+    url: String,
     database: String,
     table: String,
     insert_sql: String,
@@ -58,6 +60,8 @@ pub struct ClickHouseSink {
 
 /// Where a sink writes and what it tells about its rows.
 pub struct SinkTarget<'a> {
+    /// The server's URL (`spec.clickhouse.url`), named in errors.
+    pub url: &'a str,
     pub database: &'a str,
     pub table: &'a str,
     pub columns: &'a [ColumnSpec],
@@ -77,6 +81,7 @@ impl ClickHouseSink {
         healthy: Arc<AtomicBool>,
     ) -> Self {
         let SinkTarget {
+            url,
             database,
             table,
             columns,
@@ -86,6 +91,7 @@ impl ClickHouseSink {
         } = target;
         Self {
             client,
+            url: url.to_string(),
             database: database.to_string(),
             table: table.to_string(),
             insert_sql: format!(
@@ -104,7 +110,7 @@ impl ClickHouseSink {
 
     /// Checks the server once: reachable, whether it honours deduplication tokens, and whether
     /// the live table's columns match the manifest's.
-    pub async fn probe(&self) -> bool {
+    pub async fn probe(&self) -> Result<(), String> {
         match server_version(&self.client).await {
             Ok(version) => {
                 let tokens = version.supports_insert_deduplication_token();
@@ -112,11 +118,14 @@ impl ClickHouseSink {
                 self.healthy.store(true, Ordering::Relaxed);
                 tracing::info!(%version, deduplication_tokens = tokens, "ClickHouse reachable");
                 self.check_schema().await;
-                true
+                Ok(())
             }
-            Err(_) => {
+            Err(error) => {
                 self.healthy.store(false, Ordering::Relaxed);
-                false
+                Err(match error {
+                    VersionError::Query(error) => self.describe(&error),
+                    other => other.to_string(),
+                })
             }
         }
     }
@@ -160,6 +169,14 @@ impl ClickHouseSink {
         self.health
             .set(HealthReason::SchemaMismatch, &message, &self.metrics);
         false
+    }
+
+    /// An insert error in one line; a failed TLS handshake says which server and why.
+    fn describe(&self, error: &clickhouse::error::Error) -> String {
+        match signal_clients::connect::clickhouse_tls_failure(&self.url, error) {
+            Some(tls) => tls.to_string(),
+            None => error.to_string(),
+        }
     }
 
     async fn insert_once(&self, batch: &SealedBatch) -> Result<(), clickhouse::error::Error> {
@@ -209,7 +226,10 @@ impl ClickHouseSink {
                                 .clear(HealthReason::InsertRejected, &self.metrics);
                             return Ok(());
                         }
-                        Err(error) => self.after_insert_error(batch, &error.to_string()).await,
+                        Err(error) => {
+                            let text = self.describe(&error);
+                            self.after_insert_error(batch, &text).await
+                        }
                     }
                 };
             if batch.is_empty() {

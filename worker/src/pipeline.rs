@@ -170,7 +170,12 @@ pub async fn run(
 
     let client_name = format!("signal-worker {pipeline}");
     let Some(nats) = until_ok("NATS unreachable; retrying", &shutdown, || {
-        connect::nats(&spec.nats.url, &client_name, &credentials.nats)
+        connect::nats(
+            &spec.nats.url,
+            &client_name,
+            &credentials.nats,
+            credentials.tls.nats.as_ref(),
+        )
     })
     .await
     else {
@@ -241,10 +246,15 @@ pub async fn run(
     };
     let router_task = tokio::spawn(router.run(letter_receiver, shutdown.clone()));
 
-    let clickhouse = connect::clickhouse(&spec.clickhouse.url, &credentials.clickhouse);
+    let clickhouse = connect::clickhouse(
+        &spec.clickhouse.url,
+        &credentials.clickhouse,
+        credentials.tls.clickhouse.as_ref(),
+    )?;
     let sink = ClickHouseSink::new(
         clickhouse,
         SinkTarget {
+            url: &spec.clickhouse.url,
             database: &spec.clickhouse.database,
             table: &spec.clickhouse.table,
             columns: &spec.clickhouse.columns,
@@ -258,12 +268,8 @@ pub async fn run(
         clickhouse_healthy,
     );
 
-    if until_ok("ClickHouse unreachable; retrying", &shutdown, || async {
-        if sink.probe().await {
-            Ok(())
-        } else {
-            Err("no answer to SELECT version()")
-        }
+    if until_ok("ClickHouse unreachable; retrying", &shutdown, || {
+        sink.probe()
     })
     .await
     .is_none()
@@ -274,7 +280,13 @@ pub async fn run(
     }
 
     let cache_queue: Option<(CacheQueue, tokio::task::JoinHandle<()>)> = match &spec.cache {
-        Some(cache_spec) => match cache::start(cache_spec, &credentials.redis, metrics.clone()) {
+        Some(cache_spec) => match cache::start(
+            cache_spec,
+            &credentials.redis,
+            credentials.tls.redis.as_ref(),
+            metrics.clone(),
+            health.clone(),
+        ) {
             Ok(started) => Some(started),
             Err(error) => return Err(WorkerError::Cache(format!("redis.url: {error}"))),
         },

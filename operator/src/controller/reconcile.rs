@@ -106,8 +106,10 @@ pub(super) fn kube_error(action: impl Into<String>) -> impl FnOnce(kube::Error) 
 fn secret_reason(error: &SecretError) -> &'static str {
     match error {
         SecretError::Missing { .. } => "SecretMissing",
-        SecretError::Api { .. } => "SecretUnreadable",
+        SecretError::MissingConfigMap { .. } => "ConfigMapMissing",
+        SecretError::Api { .. } | SecretError::ConfigMapApi { .. } => "SecretUnreadable",
         SecretError::NotText { .. } | SecretError::Credentials(_) => "InvalidCredentials",
+        SecretError::Tls(_) => "InvalidTlsMaterial",
     }
 }
 

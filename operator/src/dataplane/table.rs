@@ -10,6 +10,7 @@ use signal_model::ClickHouseSpec;
 use signal_model::ServerVersion;
 use signal_model::credentials::UserPassword;
 use signal_model::ddl;
+use signal_model::tls::TlsMaterial;
 
 use super::table_clause_diff::{PrintedClauses, diff_clauses};
 use super::table_schema_diff::{LiveColumn, diff_schema};
@@ -25,8 +26,20 @@ pub struct TableOutcome {
 }
 
 /// Brings the table in line with `spec` as far as adding things allows.
-pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> TableOutcome {
-    let client = signal_clients::connect::clickhouse(&spec.url, auth);
+pub async fn reconcile_table(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> TableOutcome {
+    let client = match client(spec, auth, tls) {
+        Ok(client) => client,
+        Err(error) => {
+            return TableOutcome {
+                report: PartReport::from_error(&error),
+                schema_drift: None,
+            };
+        }
+    };
     bounded(
         format!(
             "reconciling table {}",
@@ -40,6 +53,16 @@ pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Tabl
         report: PartReport::from_error(&name_the_server(error, &spec.url)),
         schema_drift: None,
     })
+}
+
+/// The client for the table's server; unusable TLS material is a [`DataPlaneError::Tls`].
+fn client(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> Result<Client, DataPlaneError> {
+    signal_clients::connect::clickhouse(&spec.url, auth, tls)
+        .map_err(|error| DataPlaneError::Tls(error.to_string()))
 }
 
 /// A step that timed out becomes ClickHouse not answering, so the condition names the server a
@@ -155,6 +178,9 @@ async fn apply_table(
 /// Maps a client error: transport problems mean unreachable, anything else is the server's
 /// refusal of `statement`.
 fn query_error(url: &str, statement: &str, error: clickhouse::error::Error) -> DataPlaneError {
+    if let Some(tls) = signal_clients::connect::clickhouse_tls_failure(url, &error) {
+        return DataPlaneError::Tls(tls.to_string());
+    }
     match error {
         clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => {
             DataPlaneError::ClickHouseUnreachable {
@@ -325,8 +351,12 @@ pub async fn live_columns(
 }
 
 /// Drops the table (a missing table is fine). The database is kept: other tables may live in it.
-pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<(), DataPlaneError> {
-    let client = signal_clients::connect::clickhouse(&spec.url, auth);
+pub async fn drop_table(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> Result<(), DataPlaneError> {
+    let client = client(spec, auth, tls)?;
     execute(
         &client,
         &spec.url,
