@@ -325,6 +325,27 @@ pub fn scheme_problem(server: TlsServer, url: &str, has_tls: bool) -> Option<(St
     None
 }
 
+/// The warning for `tls` blocks with `insecureSkipVerify: true`, naming their servers; `None`
+/// when every TLS connection is verified. The operator emits it as a Warning event (reason
+/// `InsecureTls`) and log line, the worker and local mode log it at start.
+pub fn insecure_tls_warning(spec: &SignalPipelineSpec) -> Option<String> {
+    let fields: Vec<&str> = TlsServer::ALL
+        .into_iter()
+        .filter(|server| {
+            server
+                .spec(spec)
+                .is_some_and(|tls| tls.insecure_skip_verify)
+        })
+        .map(TlsServer::field)
+        .collect();
+    (!fields.is_empty()).then(|| {
+        format!(
+            "insecureSkipVerify is on for {}: those connections are encrypted but the server is not authenticated; for development only",
+            fields.join(", ")
+        )
+    })
+}
+
 /// `SourceLabel` of a PEM source for messages: `Secret ca-bundle key ca.crt`.
 pub fn describe_source(source: &PemSource) -> String {
     match (&source.secret_key_ref, &source.config_map_key_ref) {

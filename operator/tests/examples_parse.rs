@@ -216,6 +216,27 @@ fn production_examples_parse_validate_and_have_a_table_on_old_clickhouse() {
     }
 }
 
+/// The README shows `examples/production/tls.yaml` verbatim under "### TLS".
+#[test]
+fn the_readme_shows_the_tls_example_as_it_is() {
+    let readme = std::fs::read_to_string(examples_dir().join("../README.md")).expect("README.md");
+    let example = std::fs::read_to_string(examples_dir().join("production/tls.yaml"))
+        .expect("examples/production/tls.yaml");
+    let section = readme
+        .split_once("\n### TLS\n")
+        .expect("README has a ### TLS section")
+        .1;
+    let block = section
+        .split_once("```yaml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the TLS section has a yaml block")
+        .0;
+    assert_eq!(
+        block, example,
+        "README's TLS manifest differs from the file"
+    );
+}
+
 #[test]
 fn a_misspelt_field_in_an_example_would_be_refused() {
     let path = examples_dir().join("transactions.yaml");

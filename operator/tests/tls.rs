@@ -110,8 +110,17 @@ fn unique(label: &str) -> String {
     )
 }
 
-/// A pipeline over TLS to the shared servers, with `fault` (if any) on `broken`'s connection.
+/// A pipeline over TLS to the shared servers, with `fault` (if any) on one server's connection.
 fn scenario(label: &str, fault: Option<(TlsServer, Fault)>) -> Scenario {
+    scenario_with(label, fault, None)
+}
+
+/// Like [`scenario`], with `insecureSkipVerify: true` (and no CA) for the `insecure` server.
+fn scenario_with(
+    label: &str,
+    fault: Option<(TlsServer, Fault)>,
+    insecure: Option<TlsServer>,
+) -> Scenario {
     let servers = servers();
     let name = unique(label);
     let dir = tempfile::tempdir().unwrap();
@@ -173,7 +182,11 @@ fn scenario(label: &str, fault: Option<(TlsServer, Fault)>) -> Scenario {
              key: {secretKeyRef: {name: signal-client, key: tls.key}}"
                 .to_string()
         };
-        format!("{{ca: {{configMapKeyRef: {{name: signal-ca, key: ca.crt}}}}{client}}}")
+        if insecure == Some(server) {
+            format!("{{insecureSkipVerify: true{client}}}")
+        } else {
+            format!("{{ca: {{configMapKeyRef: {{name: signal-ca, key: ca.crt}}}}{client}}}")
+        }
     };
     let text = format!(
         r#"apiVersion: signals.dev/v1alpha1
@@ -464,6 +477,32 @@ fn redis_fault_in_health_and_worker_log(fault: Fault) {
     };
     assert_eq!(reason, "CacheTlsFailed");
     assert!(message.contains(&format!("Redis at {url}")), "{message}");
+}
+
+#[test]
+fn insecure_skip_verify_reaches_an_expired_server_and_says_so() {
+    let scenario = scenario_with(
+        "tls_insecure",
+        Some((TlsServer::Redis, Fault::ExpiredCertificate)),
+        Some(TlsServer::Redis),
+    );
+    let report = reconcile(&scenario);
+    assert!(report.stream.ready && report.table.ready, "{report:?}");
+    let worker = scenario.start_worker();
+    worker.wait_for_line(&["WARN", "insecureSkipVerify is on for spec.cache.redis.tls"]);
+    scenario.publish(5);
+    wait_for(
+        "cache keys on the expired server",
+        || {
+            let keys = servers()
+                .expired_redis
+                .command::<Vec<String>>(&["KEYS", &format!("{}:*", scenario.name)])
+                .map(|keys| keys.len())
+                .unwrap_or(0);
+            (keys > 0).then_some(())
+        },
+        || worker.log(),
+    );
 }
 
 #[test]

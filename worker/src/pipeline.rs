@@ -168,6 +168,9 @@ pub async fn run(
         let _ = bound.send(addr);
     }
 
+    if let Some(warning) = signal_model::tls::insecure_tls_warning(spec) {
+        tracing::warn!(pipeline, "{warning}");
+    }
     let client_name = format!("signal-worker {pipeline}");
     let Some(nats) = until_ok("NATS unreachable; retrying", &shutdown, || {
         connect::nats(
