@@ -345,12 +345,3 @@ pub fn insecure_tls_warning(spec: &SignalPipelineSpec) -> Option<String> {
         )
     })
 }
-
-/// `SourceLabel` of a PEM source for messages: `Secret ca-bundle key ca.crt`.
-pub fn describe_source(source: &PemSource) -> String {
-    match (&source.secret_key_ref, &source.config_map_key_ref) {
-        (Some(r), _) => format!("Secret {} key {}", r.name, r.key),
-        (None, Some(r)) => format!("ConfigMap {} key {}", r.name, r.key),
-        (None, None) => "nothing".to_string(),
-    }
-}
