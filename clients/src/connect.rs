@@ -4,10 +4,17 @@
 //! demo connect the same way. Clients reconnect by themselves: async-nats retries forever with
 //! backoff, the ClickHouse client opens a new HTTP connection per request, and a Redis client
 //! connects when asked for a connection.
+//!
+//! TLS, when a server's material is given, is rustls for all three ([`crate::tls`]): async-nats
+//! takes the configuration as is, ClickHouse gets a hyper client with a rustls connector, and
+//! Redis gets the PEM text (its own rustls configuration, same provider).
 
 use std::time::Duration;
 
 use signal_model::credentials::{NatsAuth, UserPassword};
+use signal_model::tls::TlsMaterial;
+
+use crate::tls::{TlsConfigError, client_config, failure_cause};
 
 /// Why a client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -21,14 +28,35 @@ pub enum ConnectError {
         url: String,
         source: async_nats::ConnectError,
     },
+    /// The TLS handshake with the server failed; `cause` says why in plain words.
+    #[error("{server} at {url}: {cause}")]
+    Tls {
+        server: &'static str,
+        url: String,
+        cause: String,
+    },
+    #[error(transparent)]
+    TlsConfig(#[from] TlsConfigError),
+    /// The Redis client refused the URL or the TLS settings (only with the `redis` feature).
+    #[error("invalid Redis URL or TLS settings for {url}: {message}")]
+    Redis { url: String, message: String },
 }
 
 /// Options shared by every NATS connection we open.
-fn nats_options(name: &str, auth: &NatsAuth) -> Result<async_nats::ConnectOptions, ConnectError> {
-    let options = async_nats::ConnectOptions::new()
+fn nats_options(
+    name: &str,
+    auth: &NatsAuth,
+    tls: Option<&TlsMaterial>,
+) -> Result<async_nats::ConnectOptions, ConnectError> {
+    let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None);
+    if let Some(tls) = tls {
+        options = options
+            .require_tls(true)
+            .tls_client_config(client_config(tls)?);
+    }
     Ok(match auth {
         NatsAuth::None => options,
         NatsAuth::Token(token) => options.token(token.clone()),
@@ -64,43 +92,96 @@ pub fn nats_server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, Conne
 }
 
 /// Connects to NATS at `url` (one server or a comma-separated seed list), failing when no first
-/// connection can be made (the caller retries).
+/// connection can be made (the caller retries). A failed TLS handshake is [`ConnectError::Tls`].
 pub async fn nats(
     url: &str,
     client_name: &str,
     auth: &NatsAuth,
+    tls: Option<&TlsMaterial>,
 ) -> Result<async_nats::Client, ConnectError> {
     let servers = nats_server_addrs(url)?;
-    nats_options(client_name, auth)?
+    nats_options(client_name, auth, tls)?
         .connect(servers)
         .await
-        .map_err(|source| ConnectError::Nats {
-            url: url.to_string(),
-            source,
+        .map_err(|source| match failure_cause(&source) {
+            Some(cause) => ConnectError::Tls {
+                server: "NATS",
+                url: url.to_string(),
+                cause,
+            },
+            None => ConnectError::Nats {
+                url: url.to_string(),
+                source,
+            },
         })
 }
 
+/// How long an idle pooled ClickHouse connection is kept: below the server's keep-alive timeout
+/// (3 s on 18.x), as the crate's own client does.
+const CLICKHOUSE_POOL_IDLE: Duration = Duration::from_secs(2);
+
 /// A ClickHouse client for `url`. Validation is off: it relies on `RowBinaryWithNamesAndTypes`,
-/// which 18.x servers lack, and we encode rows ourselves anyway.
-pub fn clickhouse(url: &str, auth: &UserPassword) -> clickhouse::Client {
-    let mut client = clickhouse::Client::default()
-        .with_url(url)
-        .with_validation(false);
+/// which 18.x servers lack, and we encode rows ourselves anyway. With TLS material the client
+/// speaks HTTPS through rustls; it fails only when the material is unusable.
+pub fn clickhouse(
+    url: &str,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> Result<clickhouse::Client, ConnectError> {
+    let client = match tls {
+        None => clickhouse::Client::default(),
+        Some(tls) => {
+            use hyper_util::client::legacy::Client as HyperClient;
+            use hyper_util::client::legacy::connect::HttpConnector;
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            http.set_keepalive(Some(Duration::from_secs(60)));
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(client_config(tls)?)
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            let hyper = HyperClient::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(CLICKHOUSE_POOL_IDLE)
+                .build(https);
+            clickhouse::Client::with_http_client(hyper)
+        }
+    };
+    let mut client = client.with_url(url).with_validation(false);
     if let Some(user) = &auth.user {
         client = client.with_user(user);
     }
     if let Some(password) = &auth.password {
         client = client.with_password(password);
     }
-    client
+    Ok(client)
+}
+
+/// The plain-words TLS cause of a failed ClickHouse request, as [`ConnectError::Tls`]; `None`
+/// when the failure was not TLS.
+pub fn clickhouse_tls_failure(url: &str, error: &clickhouse::error::Error) -> Option<ConnectError> {
+    failure_cause(error).map(|cause| ConnectError::Tls {
+        server: "ClickHouse",
+        url: url.to_string(),
+        cause,
+    })
 }
 
 /// A Redis client for `url` that authenticates with `auth`; it connects when asked for a
-/// connection. Fails only on a malformed URL.
+/// connection. Fails only on a malformed URL or unusable TLS material. With TLS material (and a
+/// `rediss://` URL) it trusts the given CA and presents the client certificate.
 #[cfg(feature = "redis")]
-pub fn redis(url: &str, auth: &UserPassword) -> redis::RedisResult<redis::Client> {
+pub fn redis(
+    url: &str,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> Result<redis::Client, ConnectError> {
     use redis::IntoConnectionInfo;
-    let mut info = url.into_connection_info()?;
+    let invalid = |error: redis::RedisError| ConnectError::Redis {
+        url: url.to_string(),
+        message: error.to_string(),
+    };
+    let mut info = url.into_connection_info().map_err(invalid)?;
     let mut settings = info.redis_settings().clone();
     if let Some(user) = &auth.user {
         settings = settings.set_username(user);
@@ -109,7 +190,47 @@ pub fn redis(url: &str, auth: &UserPassword) -> redis::RedisResult<redis::Client
         settings = settings.set_password(password);
     }
     info = info.set_redis_settings(settings);
-    redis::Client::open(info)
+    let Some(tls) = tls else {
+        return redis::Client::open(info).map_err(invalid);
+    };
+    // redis builds its own rustls configuration with the process-wide provider.
+    crate::tls::install_default_provider();
+    if tls.insecure_skip_verify
+        && let redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            tls_params,
+            ..
+        } = info.addr().clone()
+    {
+        info = info.set_addr(redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: true,
+            tls_params,
+        });
+    }
+    // Parse the material ourselves first, so a bad PEM is reported like for NATS and ClickHouse.
+    client_config(tls)?;
+    let certificates = redis::TlsCertificates {
+        client_tls: tls.client.as_ref().map(|identity| redis::ClientTlsConfig {
+            client_cert: identity.cert_pem.clone().into_bytes(),
+            client_key: identity.key_pem.clone().into_bytes(),
+        }),
+        root_cert: tls.ca_pem.clone().map(String::into_bytes),
+    };
+    redis::Client::build_with_tls(info, certificates).map_err(invalid)
+}
+
+/// The plain-words TLS cause of a failed Redis connection, as [`ConnectError::Tls`]; `None` when
+/// the failure was not TLS.
+#[cfg(feature = "redis")]
+pub fn redis_tls_failure(url: &str, error: &redis::RedisError) -> Option<ConnectError> {
+    failure_cause(error).map(|cause| ConnectError::Tls {
+        server: "Redis",
+        url: url.to_string(),
+        cause,
+    })
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ fn run(command: Command) -> Result<()> {
     let manifest = signal_clients::manifest::load(file)
         .with_context(|| format!("invalid pipeline {}", file.display()))?
         .manifest;
-    let credentials = signal_clients::credentials::from_env()
+    let credentials = signal_clients::credentials::from_env(&manifest.spec)
         .context("invalid credentials in the environment")?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match command {

@@ -51,13 +51,21 @@ pub async fn publish(
     options: &PublishOptions,
 ) -> Result<(), DemoError> {
     let spec = &manifest.spec;
-    let client =
-        signal_clients::connect::nats(&spec.nats.url, "signal-demo publish", &credentials.nats)
-            .await
-            .map_err(nats_error)?;
+    let client = signal_clients::connect::nats(
+        &spec.nats.url,
+        "signal-demo publish",
+        &credentials.nats,
+        credentials.tls.nats.as_ref(),
+    )
+    .await
+    .map_err(nats_error)?;
     let js = jetstream::new(client);
-    let clickhouse =
-        signal_clients::connect::clickhouse(&spec.clickhouse.url, &credentials.clickhouse);
+    let clickhouse = signal_clients::connect::clickhouse(
+        &spec.clickhouse.url,
+        &credentials.clickhouse,
+        credentials.tls.clickhouse.as_ref(),
+    )
+    .map_err(clickhouse_error)?;
     let count_sql = format!(
         "SELECT count() FROM {}.{}",
         spec.clickhouse.database, spec.clickhouse.table

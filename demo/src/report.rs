@@ -33,8 +33,12 @@ async fn report_clickhouse(
     group_by: &str,
 ) -> Result<(), DemoError> {
     let table = format!("{}.{}", spec.clickhouse.database, spec.clickhouse.table);
-    let clickhouse =
-        signal_clients::connect::clickhouse(&spec.clickhouse.url, &credentials.clickhouse);
+    let clickhouse = signal_clients::connect::clickhouse(
+        &spec.clickhouse.url,
+        &credentials.clickhouse,
+        credentials.tls.clickhouse.as_ref(),
+    )
+    .map_err(clickhouse_error)?;
     let rows: Vec<(String, u64)> = clickhouse
         .query(&format!(
             "SELECT toString({group_by}) AS value, count() FROM {table} GROUP BY value ORDER BY value"
@@ -59,8 +63,12 @@ async fn report_redis(
         println!("\n== Redis: the pipeline has no cache section ==");
         return Ok(());
     };
-    let client = signal_clients::connect::redis(&cache.redis.url, &credentials.redis)
-        .map_err(redis_error)?;
+    let client = signal_clients::connect::redis(
+        &cache.redis.url,
+        &credentials.redis,
+        credentials.tls.redis.as_ref(),
+    )
+    .map_err(redis_error)?;
     let mut connection = client
         .get_multiplexed_async_connection()
         .await
@@ -144,10 +152,14 @@ async fn report_dead_letters(
         );
         return Ok(());
     }
-    let client =
-        signal_clients::connect::nats(&spec.nats.url, "signal-demo report", &credentials.nats)
-            .await
-            .map_err(nats_error)?;
+    let client = signal_clients::connect::nats(
+        &spec.nats.url,
+        "signal-demo report",
+        &credentials.nats,
+        credentials.tls.nats.as_ref(),
+    )
+    .await
+    .map_err(nats_error)?;
     let js = jetstream::new(client);
     let stream = js
         .get_stream(&dead_letter_stream.name)

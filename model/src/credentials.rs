@@ -69,6 +69,9 @@ pub struct PipelineCredentials {
     pub nats: NatsAuth,
     pub clickhouse: UserPassword,
     pub redis: UserPassword,
+    /// TLS material of the servers reached over TLS (filled by the loaders from the spec's
+    /// `tls` blocks; [`Self::from_lookup`] leaves it empty).
+    pub tls: crate::tls::PipelineTls,
 }
 
 /// Why credentials could not be assembled.
@@ -111,6 +114,7 @@ impl PipelineCredentials {
                 user: get(ENV_REDIS_USER),
                 password: get(ENV_REDIS_PASSWORD),
             },
+            tls: crate::tls::PipelineTls::default(),
         })
     }
 }
@@ -141,6 +145,7 @@ impl fmt::Debug for PipelineCredentials {
             .field("nats", &self.nats)
             .field("clickhouse", &self.clickhouse)
             .field("redis", &self.redis)
+            .field("tls", &self.tls)
             .finish()
     }
 }

@@ -556,6 +556,7 @@ mod tests {
             database: "risksignal".to_string(),
             table: "transaction_signals".to_string(),
             auth: None,
+            tls: None,
             engine: "MergeTree".to_string(),
             partition_by: None,
             order_by: Vec::new(),

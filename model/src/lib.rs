@@ -5,9 +5,10 @@
 //! the variables that carry them ([`credentials`]), ClickHouse column types ([`column_type`]) and
 //! whether a live table matches them ([`live_schema`]), how a message becomes a RowBinary row
 //! ([`row_encoder`]), the DDL the operator runs ([`ddl`]), the Redis cache key template
-//! ([`cache_key`]), the dead-letter defaults ([`dead_letter`]) and the worker health report
-//! ([`worker_health`]). No I/O happens in this crate: reading files and the environment, and
-//! talking to servers, is `signal-clients`' part.
+//! ([`cache_key`]), the dead-letter defaults ([`dead_letter`]), the worker health report
+//! ([`worker_health`]) and which TLS material reaches which server ([`tls`]). No I/O happens in
+//! this crate: reading files and the environment, and talking to servers, is `signal-clients`'
+//! part.
 
 pub mod cache_key;
 pub mod column_type;
@@ -21,6 +22,7 @@ pub mod row_encoder;
 pub mod server_version;
 pub mod spec;
 pub mod status;
+pub mod tls;
 pub mod validate;
 pub mod value_source;
 pub mod worker_health;

@@ -105,6 +105,51 @@ pub struct AuthSpec {
     pub secret_ref: SecretRef,
 }
 
+/// One key of a Secret or a ConfigMap in the pipeline's namespace, holding PEM text. Exactly one
+/// of the two references is set.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PemSource {
+    /// A key of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+    /// A key of a ConfigMap (not for private keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+}
+
+/// A key of a named Secret or ConfigMap.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyRef {
+    /// Name of the Secret or ConfigMap.
+    pub name: String,
+    /// The key whose value is used, e.g. `ca.crt`.
+    pub key: String,
+}
+
+/// TLS to a server: whom to trust and, for mutual TLS, which certificate to present. Certificates
+/// and keys are referenced, never written inline; workers get them as read-only mounted files.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsSpec {
+    /// The CA certificates (PEM bundle) the server's certificate must chain to. When absent, the
+    /// system's trust store (e.g. for a managed service with a public certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PemSource>,
+    /// The client certificate (PEM, leaf first) for mutual TLS; requires `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PemSource>,
+    /// The client certificate's private key (PEM; a Secret only); requires `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PemSource>,
+    /// Accept any server certificate, unverified. For development only: the connection is
+    /// encrypted but not authenticated. Off by default; when on, the pipeline's status says so
+    /// (condition `InsecureTls`) and a Warning event and log line are emitted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
 /// How to reach NATS.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -114,6 +159,10 @@ pub struct NatsSpec {
     /// Credentials for NATS (optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+    /// TLS to NATS (required by `tls://` URLs; with `nats://` URLs the connection is upgraded
+    /// and TLS is required of the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// Where JetStream keeps the stream's data. Cannot change after creation.
@@ -270,7 +319,8 @@ fn default_max_ack_pending() -> i64 {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClickHouseSpec {
-    /// ClickHouse HTTP URL, e.g. `http://clickhouse.signals.svc:8123`.
+    /// ClickHouse HTTP URL, e.g. `http://clickhouse.signals.svc:8123`, or
+    /// `https://clickhouse.signals.svc:8443` with `tls`.
     pub url: String,
     /// Database name. Cannot change.
     pub database: String,
@@ -279,6 +329,9 @@ pub struct ClickHouseSpec {
     /// Credentials for ClickHouse (Secret keys `user`, `password`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+    /// TLS to ClickHouse; set exactly when `url` is `https://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Table engine, optionally with arguments: `MergeTree`, `ReplacingMergeTree`,
     /// `SummingMergeTree`, `CollapsingMergeTree`, `VersionedCollapsingMergeTree`, or any of them
     /// `Replicated` (`ReplicatedMergeTree`, `ReplicatedReplacingMergeTree(version)`, …). A
@@ -646,11 +699,15 @@ pub struct CacheSpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisSpec {
-    /// Redis URL, e.g. `redis://redis.signals.svc:6379`.
+    /// Redis URL, e.g. `redis://redis.signals.svc:6379`, or `rediss://redis.signals.svc:6380`
+    /// with `tls`.
     pub url: String,
     /// Credentials for Redis (Secret key `password`, optionally `user`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
+    /// TLS to Redis; set exactly when `url` is `rediss://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// What deleting the pipeline does to the stream, consumer and table.

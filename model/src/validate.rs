@@ -172,6 +172,32 @@ pub fn redelivery_problems(spec: &SignalPipelineSpec) -> Vec<FieldError> {
 }
 
 impl SignalPipelineSpec {
+    /// The `tls` blocks and their URL schemes (see [`crate::tls`] for the rules).
+    fn check_tls(&self, c: &mut Checker) {
+        use crate::tls::{TlsServer, scheme_problem, tls_block_problems};
+        for server in TlsServer::ALL {
+            let block = server.spec(self);
+            if let Some(block) = block {
+                for (field, message) in tls_block_problems(server, block) {
+                    c.push(&field, message);
+                }
+            }
+            let urls: Vec<&str> = match server {
+                TlsServer::Nats => self.nats.url.split(',').collect(),
+                TlsServer::ClickHouse => vec![self.clickhouse.url.as_str()],
+                TlsServer::Redis => match &self.cache {
+                    Some(cache) => vec![cache.redis.url.as_str()],
+                    None => Vec::new(),
+                },
+            };
+            for url in urls {
+                if let Some((field, message)) = scheme_problem(server, url, block.is_some()) {
+                    c.push(&field, message);
+                }
+            }
+        }
+    }
+
     /// Checks the whole spec of the pipeline called `pipeline_name`.
     pub fn validate(&self, pipeline_name: &str) -> Result<(), ValidationError> {
         let mut c = Checker { errors: Vec::new() };
@@ -441,6 +467,7 @@ impl SignalPipelineSpec {
         }
 
         self.check_dead_letter(pipeline_name, &mut c);
+        self.check_tls(&mut c);
 
         c.errors.extend(redelivery_problems(self));
 
@@ -690,6 +717,66 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
                 "spec.stream.placement.tags[0]"
             ]
         );
+    }
+
+    #[test]
+    fn tls_blocks_and_url_schemes_are_checked_naming_the_field() {
+        let secured = EXAMPLE
+            .replace(
+                r#"nats: {url: "nats://127.0.0.1:4222"}"#,
+                r#"nats: {url: "tls://127.0.0.1:4222", tls: {ca: {configMapKeyRef: {name: ca, key: ca.crt}}, cert: {secretKeyRef: {name: c, key: tls.crt}}, key: {secretKeyRef: {name: c, key: tls.key}}}}"#,
+            )
+            .replace(
+                "url: http://127.0.0.1:8123",
+                "url: https://127.0.0.1:8443\n  tls: {}",
+            )
+            .replace(
+                r#"{url: "redis://127.0.0.1:6379"}"#,
+                r#"{url: "rediss://127.0.0.1:6380", tls: {insecureSkipVerify: true}}"#,
+            );
+        spec(&secured).validate("transactions").unwrap();
+
+        let mut bad = spec(&secured);
+        let nats_tls = bad.nats.tls.as_mut().unwrap();
+        nats_tls.key = None;
+        nats_tls.ca.as_mut().unwrap().secret_key_ref =
+            nats_tls.cert.clone().unwrap().secret_key_ref;
+        bad.clickhouse.tls = None;
+        let redis = &mut bad.cache.as_mut().unwrap().redis;
+        redis.url = "redis://127.0.0.1:6379".into();
+        redis.tls.as_mut().unwrap().key = Some(crate::spec::PemSource {
+            secret_key_ref: None,
+            config_map_key_ref: Some(crate::spec::KeyRef {
+                name: "k".into(),
+                key: "tls.key".into(),
+            }),
+        });
+        let err = bad.validate("transactions").unwrap_err();
+        let found: Vec<(&str, &str)> = err
+            .errors
+            .iter()
+            .map(|e| (e.field.as_str(), e.message.as_str()))
+            .collect();
+        let has =
+            |field: &str, words: &str| found.iter().any(|(f, m)| *f == field && m.contains(words));
+        assert!(has("spec.nats.tls.ca", "exactly one of"), "{err}");
+        assert!(has("spec.nats.tls.key", "without its private key"), "{err}");
+        assert!(
+            has(
+                "spec.clickhouse.tls",
+                "https:// but spec.clickhouse.tls is not set"
+            ),
+            "{err}"
+        );
+        assert!(
+            has("spec.cache.redis.tls.key", "must come from a Secret"),
+            "{err}"
+        );
+        assert!(
+            has("spec.cache.redis.tls.cert", "without a certificate"),
+            "{err}"
+        );
+        assert!(has("spec.cache.redis.url", "use rediss://"), "{err}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub enum HealthReason {
     SchemaMismatch,
     /// No JetStream stream captures the dead-letter subject, so poison stays unacknowledged.
     DeadLetterUnroutable,
+    /// The TLS handshake with the Redis cache fails (wrong CA, expired or missing certificate):
+    /// rows are still stored, but the cache is not updated.
+    CacheTlsFailed,
 }
 
 /// One worker's state, published on change and every [`HEALTH_REPORT_INTERVAL_SECS`].

@@ -96,6 +96,7 @@ fn every_type_spec() -> ClickHouseSpec {
         database: "risksignal".to_string(),
         table: "transaction_signals".to_string(),
         auth: None,
+        tls: None,
         engine: "ReplacingMergeTree(event_time)".to_string(),
         partition_by: Some("toYYYYMM(event_time)".to_string()),
         order_by: vec!["wallet".to_string(), "event_time".to_string()],

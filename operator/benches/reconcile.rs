@@ -87,6 +87,7 @@ fn pipeline_spec(servers: &Servers, name: &str) -> SignalPipelineSpec {
         nats: NatsSpec {
             url: servers.nats.clone(),
             auth: None,
+            tls: None,
         },
         stream: StreamSpec {
             name: name.to_uppercase(),
@@ -104,6 +105,7 @@ fn pipeline_spec(servers: &Servers, name: &str) -> SignalPipelineSpec {
             database: "bench".to_string(),
             table: name.replace('-', "_"),
             auth: None,
+            tls: None,
             engine: "MergeTree".to_string(),
             partition_by: Some("toYYYYMM(event_time)".to_string()),
             order_by: vec!["wallet_address".to_string(), "event_time".to_string()],

@@ -18,7 +18,7 @@ use support::{STEP_TIMEOUT, no_credentials, pipeline_spec, unique};
 async fn reconcile(spec: &ClickHouseSpec) -> TableOutcome {
     tokio::time::timeout(
         STEP_TIMEOUT,
-        reconcile_table(spec, &no_credentials().clickhouse),
+        reconcile_table(spec, &no_credentials().clickhouse, None),
     )
     .await
     .expect("reconcile_table is bounded")
@@ -191,7 +191,7 @@ async fn creates_alters_checks_and_drops_the_table_on_every_replica() {
     );
 
     // Deletion drops both tables on both replicas.
-    drop_table(&spec, &no_credentials().clickhouse)
+    drop_table(&spec, &no_credentials().clickhouse, None)
         .await
         .expect("drop");
     for replica in cluster.replicas() {

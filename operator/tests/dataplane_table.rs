@@ -18,7 +18,7 @@ use support::{
 async fn reconcile(spec: &ClickHouseSpec) -> TableOutcome {
     tokio::time::timeout(
         STEP_TIMEOUT,
-        reconcile_table(spec, &no_credentials().clickhouse),
+        reconcile_table(spec, &no_credentials().clickhouse, None),
     )
     .await
     .expect("reconcile_table is bounded")

@@ -1,4 +1,5 @@
-//! Every example in `examples/` (and `examples/local/`) is a SignalPipeline the operator accepts:
+//! Every example in `examples/` (and `examples/local/`, `examples/production/`) is a SignalPipeline
+//! the operator accepts:
 //! it parses as a manifest (apiVersion, kind, metadata, spec) into `signal_model::SignalPipelineSpec`
 //! with unknown fields refused, passes `validate`, and its table's CREATE statement can be written
 //! for the ClickHouse it targets: a current server in-cluster, 18.16 for the local example. The
@@ -200,6 +201,40 @@ fn local_example_runs_on_old_clickhouse_at_default_ports() {
         }
         create_table(path, spec, OLD_CLICKHOUSE);
     }
+}
+
+/// `examples/production/` (the README's "Production servers" manifests, which the tests apply to
+/// the testkit's 18.16 servers).
+#[test]
+fn production_examples_parse_validate_and_have_a_table_on_old_clickhouse() {
+    let files = yaml_files(&examples_dir().join("production"));
+    assert!(!files.is_empty(), "examples/production has pipelines");
+    for path in &files {
+        let manifest = load(path);
+        create_table(path, &manifest.spec, CURRENT_CLICKHOUSE);
+        create_table(path, &manifest.spec, OLD_CLICKHOUSE);
+    }
+}
+
+/// The README shows `examples/production/tls.yaml` verbatim under "### TLS".
+#[test]
+fn the_readme_shows_the_tls_example_as_it_is() {
+    let readme = std::fs::read_to_string(examples_dir().join("../README.md")).expect("README.md");
+    let example = std::fs::read_to_string(examples_dir().join("production/tls.yaml"))
+        .expect("examples/production/tls.yaml");
+    let section = readme
+        .split_once("\n### TLS\n")
+        .expect("README has a ### TLS section")
+        .1;
+    let block = section
+        .split_once("```yaml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the TLS section has a yaml block")
+        .0;
+    assert_eq!(
+        block, example,
+        "README's TLS manifest differs from the file"
+    );
 }
 
 #[test]

@@ -43,7 +43,7 @@ const CHUNK_PAUSE: Duration = Duration::from_millis(250);
 async fn jetstream_on(urls: &str) -> jetstream::Context {
     let client = tokio::time::timeout(
         STEP_TIMEOUT,
-        signal_clients::connect::nats(urls, "nats-cluster-test", &NatsAuth::None),
+        signal_clients::connect::nats(urls, "nats-cluster-test", &NatsAuth::None, None),
     )
     .await
     .expect("connecting in time")

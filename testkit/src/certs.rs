@@ -94,20 +94,20 @@ impl CertificateAuthority {
         dns_names: &[&str],
         ips: &[IpAddr],
     ) -> Result<IssuedCertificate> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name(common_name, &[]);
-        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
-        for dns in dns_names {
-            let dns = (*dns)
-                .try_into()
-                .map_err(certificate_error("a DNS subject alternative name"))?;
-            params.subject_alt_names.push(SanType::DnsName(dns));
-        }
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(server_params(common_name, dns_names, ips)?)
+    }
+
+    /// Like [`Self::issue_server`], but valid only during the year 2000: an expired certificate,
+    /// for tests of what clients say about one.
+    pub fn issue_expired_server(
+        &self,
+        common_name: &str,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+    ) -> Result<IssuedCertificate> {
+        let mut params = server_params(common_name, dns_names, ips)?;
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
         self.sign(params)
     }
 
@@ -176,6 +176,28 @@ pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
         .context(|| format!("creating {}", path.display()))?;
     file.write_all(contents.as_bytes())
         .context(|| format!("writing {}", path.display()))
+}
+
+fn server_params(
+    common_name: &str,
+    dns_names: &[&str],
+    ips: &[IpAddr],
+) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name, &[]);
+    params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+    for dns in dns_names {
+        let dns = (*dns)
+            .try_into()
+            .map_err(certificate_error("a DNS subject alternative name"))?;
+        params.subject_alt_names.push(SanType::DnsName(dns));
+    }
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok(params)
 }
 
 fn name(common_name: &str, organizations: &[&str]) -> DistinguishedName {

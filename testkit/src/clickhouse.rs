@@ -7,6 +7,11 @@
 //! waits until `GET /ping` answers `Ok.` and a query comes back from *this* server (checked by a
 //! unique `display_name`). A lost race for a port is retried with a new port set.
 //!
+//! [`ClickHouseServer::start_with_tls`] also serves HTTPS on its own port (`<https_port>`, and
+//! `<openSSL><server>` with `verificationMode` `strict` when client certificates are required);
+//! Debian's 18.16 build links OpenSSL and serves it, mutual TLS included. The plain HTTP port
+//! stays open for the testkit's own queries.
+//!
 //! [`ClickHouseServer::query`] posts SQL over plain HTTP and returns the response body.
 //! [`ClickHouseServer::restart`] keeps the ports and the data directory, so tables survive. On
 //! drop the server gets SIGTERM, then SIGKILL after a short grace, and the directory is removed.
@@ -23,6 +28,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::http;
 use crate::ports::{PortReservation, reserve_port};
 use crate::process::{self, ServerProcess};
+use crate::server_tls::{ServerTls, ServerTlsFiles};
 
 const SERVER: &str = "clickhouse-server";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -38,6 +44,7 @@ pub(crate) struct Ports {
     http: PortReservation,
     tcp: PortReservation,
     interserver: PortReservation,
+    https: Option<PortReservation>,
 }
 
 impl Ports {
@@ -46,11 +53,12 @@ impl Ports {
         self.tcp.port()
     }
 
-    pub(crate) fn reserve() -> Result<Ports> {
+    pub(crate) fn reserve(https: bool) -> Result<Ports> {
         Ok(Ports {
             http: reserve_port()?,
             tcp: reserve_port()?,
             interserver: reserve_port()?,
+            https: if https { Some(reserve_port()?) } else { None },
         })
     }
 }
@@ -64,6 +72,7 @@ pub struct ClickHouseServer {
     name: String,
     ports: Ports,
     process: ServerProcess,
+    tls: Option<ServerTls>,
     // Declared last so the process is gone before its directory is removed.
     dir: TempDir,
 }
@@ -78,6 +87,16 @@ impl ClickHouseServer {
     /// [`KubeNode`](crate::KubeNode)'s bridge address, so pods reach it); [`Self::http_url`]
     /// names `host`.
     pub fn start_on(host: Ipv4Addr) -> Result<ClickHouseServer> {
+        ClickHouseServer::start_with(host, None)
+    }
+
+    /// Like [`ClickHouseServer::start`], also serving HTTPS with `tls`'s certificate on
+    /// [`Self::https_port`] ([`Self::https_url`]).
+    pub fn start_with_tls(tls: ServerTls) -> Result<ClickHouseServer> {
+        ClickHouseServer::start_with(Ipv4Addr::LOCALHOST, Some(tls))
+    }
+
+    fn start_with(host: Ipv4Addr, tls: Option<ServerTls>) -> Result<ClickHouseServer> {
         let binary = binary::CLICKHOUSE.locate()?;
         let dir = process::server_dir("clickhouse")?;
         for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
@@ -86,15 +105,31 @@ impl ClickHouseServer {
         }
         let name = process::unique_name("signal-test-clickhouse");
         write_users(dir.path())?;
+        let tls_files = match &tls {
+            Some(tls) => Some(tls.write(dir.path())?),
+            None => None,
+        };
         let (ports, process) = process::start_retrying(SERVER, || {
-            let ports = Ports::reserve()?;
+            let ports = Ports::reserve(tls.is_some())?;
             write_config(dir.path(), &name, &ports, host, "")?;
+            if let (Some(tls), Some(files), Some(https)) = (&tls, &tls_files, &ports.https) {
+                add_https(dir.path(), https.port(), tls, files)?;
+            }
             for log in log_paths(dir.path()) {
                 let _ = std::fs::remove_file(log);
             }
+            let https = ports.https.as_ref().map(PortReservation::port);
             let process = ServerProcess::start(
                 || launch(&binary, dir.path()),
-                |child| wait_ready(child, dir.path(), &name, ports.http.port()),
+                |child| {
+                    wait_ready(
+                        child,
+                        dir.path(),
+                        &name,
+                        ports.http.port(),
+                        tls.as_ref().zip(https),
+                    )
+                },
             )?;
             Ok((ports, process))
         })?;
@@ -104,6 +139,7 @@ impl ClickHouseServer {
             name,
             ports,
             process,
+            tls,
             dir,
         })
     }
@@ -125,7 +161,7 @@ impl ClickHouseServer {
         write_config(dir.path(), &name, &ports, host, extra_config)?;
         let process = ServerProcess::start(
             || launch(&binary, dir.path()),
-            |child| wait_ready(child, dir.path(), &name, ports.http.port()),
+            |child| wait_ready(child, dir.path(), &name, ports.http.port(), None),
         )?;
         Ok(ClickHouseServer {
             binary,
@@ -133,8 +169,20 @@ impl ClickHouseServer {
             name,
             ports,
             process,
+            tls: None,
             dir,
         })
+    }
+
+    /// `https://127.0.0.1:PORT` when started with [`Self::start_with_tls`].
+    pub fn https_url(&self) -> Option<String> {
+        self.https_port()
+            .map(|port| format!("https://127.0.0.1:{port}"))
+    }
+
+    /// The HTTPS port when started with [`Self::start_with_tls`].
+    pub fn https_port(&self) -> Option<u16> {
+        self.ports.https.as_ref().map(PortReservation::port)
     }
 
     /// `http://HOST:PORT`, HOST being 127.0.0.1 unless started with [`Self::start_on`].
@@ -192,10 +240,11 @@ impl ClickHouseServer {
     /// Stops the server if it runs, then starts it again with the same ports and data.
     pub fn restart(&mut self) -> Result<()> {
         let (dir, name, http_port) = (self.dir.path(), &self.name, self.ports.http.port());
+        let tls = self.tls.as_ref().zip(self.https_port());
         self.process.restart(
             STOP_GRACE,
             || launch(&self.binary, dir),
-            |child| wait_ready(child, dir, name, http_port),
+            |child| wait_ready(child, dir, name, http_port, tls),
         )
     }
 
@@ -261,12 +310,44 @@ fn launch(binary: &Path, dir: &Path) -> Result<Child> {
     process::spawn(command).context(|| format!("starting {}", binary.display()))
 }
 
-fn wait_ready(child: &mut Child, dir: &Path, name: &str, http_port: u16) -> Result<()> {
+fn wait_ready(
+    child: &mut Child,
+    dir: &Path,
+    name: &str,
+    http_port: u16,
+    tls: Option<(&ServerTls, u16)>,
+) -> Result<()> {
     // Only the error log and stdout: the main log is long and would bury the cause.
     let logs = &log_paths(dir)[..2];
     process::wait_until_ready(SERVER, child, START_TIMEOUT, logs, || {
         is_ready(http_port, name)
+            && tls.is_none_or(|(tls, https_port)| tls.handshake_succeeds(https_port))
     })
+}
+
+/// Adds the HTTPS port and the server's OpenSSL settings to the written `config.xml`.
+fn add_https(dir: &Path, port: u16, tls: &ServerTls, files: &ServerTlsFiles) -> Result<()> {
+    let path = dir.join("config.xml");
+    let config =
+        std::fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
+    let verification = if tls.requires_client_certificate() {
+        "strict"
+    } else {
+        "none"
+    };
+    let https = format!(
+        "    <https_port>{port}</https_port>\n    <openSSL><server>\
+         <certificateFile>{cert}</certificateFile><privateKeyFile>{key}</privateKeyFile>\
+         <caConfig>{ca}</caConfig><verificationMode>{verification}</verificationMode>\
+         <loadDefaultCAFile>false</loadDefaultCAFile><cacheSessions>true</cacheSessions>\
+         <disableProtocols>sslv2,sslv3</disableProtocols><preferServerCiphers>true</preferServerCiphers>\
+         </server></openSSL>\n</yandex>",
+        cert = files.cert.display(),
+        key = files.key.display(),
+        ca = files.ca.display(),
+    );
+    let config = config.replacen("</yandex>", &https, 1);
+    std::fs::write(&path, config).context(|| format!("writing {}", path.display()))
 }
 
 /// `/ping` answers `Ok.`, and a query is answered by the server with our display name (not some
@@ -403,13 +484,13 @@ mod tests {
         for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        let ports = Ports::reserve().unwrap();
+        let ports = Ports::reserve(false).unwrap();
         let _taken = std::net::TcpListener::bind(("127.0.0.1", ports.tcp.port())).unwrap();
         write_users(dir.path()).unwrap();
         write_config(dir.path(), "taken", &ports, Ipv4Addr::LOCALHOST, "").unwrap();
         let binary = binary::CLICKHOUSE.locate().unwrap();
         let mut child = launch(&binary, dir.path()).unwrap();
-        match wait_ready(&mut child, dir.path(), "taken", ports.http.port()) {
+        match wait_ready(&mut child, dir.path(), "taken", ports.http.port(), None) {
             Err(Error::Exited { log_tail, .. }) => {
                 assert!(is_address_in_use(&log_tail), "{log_tail}")
             }

@@ -95,7 +95,7 @@ impl ClickHouseCluster {
 
 fn start_replicas(count: usize, zookeeper_port: u16) -> Result<Vec<ClickHouseServer>> {
     let ports = (0..count)
-        .map(|_| Ports::reserve())
+        .map(|_| Ports::reserve(false))
         .collect::<Result<Vec<_>>>()?;
     let members: String = ports
         .iter()

@@ -40,6 +40,7 @@ mod oci_image;
 mod ports;
 mod process;
 mod redis;
+mod server_tls;
 mod zookeeper;
 
 pub use clickhouse::ClickHouseServer;
@@ -55,4 +56,5 @@ pub use oci_image::{ImageSpec, write_image_archive};
 pub use ports::{free_port, is_port_free};
 pub use process::{ChildProcess, workspace_bin};
 pub use redis::RedisServer;
+pub use server_tls::ServerTls;
 pub use zookeeper::ZooKeeperServer;

@@ -5,6 +5,10 @@
 //! `"jetstream":true` *and* the JetStream API answers an account-info request, so a test can
 //! create streams right away. [`NatsServer::restart`] reuses the port and store directory, so
 //! JetStream data survives. The process is killed on drop and when the test process dies.
+//!
+//! [`NatsServer::start_with_tls`] serves TLS only (`--tls`, and `--tlsverify` when client
+//! certificates are required); its readiness probe speaks the protocol over TLS.
+//!
 //! The nodes of a [`NatsCluster`](crate::NatsCluster) are servers of this kind started with
 //! cluster arguments ([`NatsServer::start_member`]).
 
@@ -20,6 +24,7 @@ use crate::binary;
 use crate::error::{IoContext, Result};
 use crate::ports::{PortReservation, reserve_port};
 use crate::process::{self, ServerProcess};
+use crate::server_tls::{Duplex, ServerTls, ServerTlsFiles};
 
 const SERVER: &str = "nats-server";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -36,11 +41,18 @@ pub struct NatsServer {
     /// Extra command-line arguments on every (re)start: a cluster member's routes.
     extra_args: Vec<String>,
     process: ServerProcess,
+    tls: Option<(ServerTls, ServerTlsFiles)>,
     // Declared last so the process is gone before its directory is removed.
     dir: TempDir,
 }
 
 impl NatsServer {
+    /// Like [`NatsServer::start`], serving TLS only with `tls`'s certificate; [`Self::url`] is
+    /// `tls://127.0.0.1:PORT`.
+    pub fn start_with_tls(tls: ServerTls) -> Result<NatsServer> {
+        NatsServer::start_with(Ipv4Addr::LOCALHOST, Some(tls))
+    }
+
     /// Starts a new server on a free port with its own JetStream store in a temporary directory.
     pub fn start() -> Result<NatsServer> {
         NatsServer::start_on(Ipv4Addr::LOCALHOST)
@@ -50,15 +62,27 @@ impl NatsServer {
     /// a [`KubeNode`](crate::KubeNode)'s bridge address, which the pods and this machine both
     /// reach); [`Self::url`] names `host`.
     pub fn start_on(host: Ipv4Addr) -> Result<NatsServer> {
+        NatsServer::start_with(host, None)
+    }
+
+    fn start_with(host: Ipv4Addr, tls: Option<ServerTls>) -> Result<NatsServer> {
         let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
         let name = process::unique_name("signal-test-nats");
+        let tls = match tls {
+            Some(tls) => {
+                let files = tls.write(dir.path())?;
+                Some((tls, files))
+            }
+            None => None,
+        };
+        let tls_ref = tls.as_ref();
         let (port, process) = process::start_retrying(SERVER, || {
             let port = reserve_port()?;
             let _ = std::fs::remove_file(log_path(dir.path()));
             let process = ServerProcess::start(
-                || launch(&binary, dir.path(), &name, host, port.port(), &[]),
-                |child| wait_ready(child, dir.path(), &name, host, port.port()),
+                || launch(&binary, dir.path(), &name, host, port.port(), tls_ref, &[]),
+                |child| wait_ready(child, dir.path(), &name, host, port.port(), tls_ref),
             )?;
             Ok((port, process))
         })?;
@@ -69,6 +93,7 @@ impl NatsServer {
             port,
             extra_args: Vec::new(),
             process,
+            tls,
             dir,
         })
     }
@@ -86,14 +111,24 @@ impl NatsServer {
         let dir = process::server_dir("nats")?;
         let host = Ipv4Addr::LOCALHOST;
         let process = ServerProcess::start(
-            || launch(&binary, dir.path(), &name, host, port.port(), &extra_args),
+            || {
+                launch(
+                    &binary,
+                    dir.path(),
+                    &name,
+                    host,
+                    port.port(),
+                    None,
+                    &extra_args,
+                )
+            },
             |child| {
                 process::wait_until_ready(
                     SERVER,
                     child,
                     START_TIMEOUT,
                     &[log_path(dir.path())],
-                    || server_info(host, port.port(), &name).is_ok_and(|info| info.is_some()),
+                    || server_info(host, port.port(), &name, None).is_ok_and(|info| info.is_some()),
                 )
             },
         )?;
@@ -104,6 +139,7 @@ impl NatsServer {
             port,
             extra_args,
             process,
+            tls: None,
             dir,
         })
     }
@@ -116,12 +152,15 @@ impl NatsServer {
     /// Whether the server answers as itself and its JetStream API answers (in a cluster: a
     /// meta leader is elected).
     pub fn jetstream_ready(&self) -> bool {
-        jetstream_ready(self.host, self.port(), &self.name).unwrap_or(false)
+        let tls = self.tls.as_ref().map(|(tls, _)| tls);
+        jetstream_ready(self.host, self.port(), &self.name, tls).unwrap_or(false)
     }
 
-    /// `nats://HOST:PORT`, HOST being 127.0.0.1 unless started with [`Self::start_on`].
+    /// `nats://HOST:PORT` (`tls://` when started with [`Self::start_with_tls`]), HOST being
+    /// 127.0.0.1 unless started with [`Self::start_on`].
     pub fn url(&self) -> String {
-        format!("nats://{}:{}", self.host, self.port())
+        let scheme = if self.tls.is_some() { "tls" } else { "nats" };
+        format!("{scheme}://{}:{}", self.host, self.port())
     }
 
     /// The client port.
@@ -175,10 +214,11 @@ impl NatsServer {
     /// directory (JetStream streams, consumers and messages survive).
     pub fn restart(&mut self) -> Result<()> {
         let (dir, name, host, port) = (self.dir.path(), &self.name, self.host, self.port.port());
+        let tls = self.tls.as_ref();
         self.process.restart(
             STOP_GRACE,
-            || launch(&self.binary, dir, name, host, port, &self.extra_args),
-            |child| wait_ready(child, dir, name, host, port),
+            || launch(&self.binary, dir, name, host, port, tls, &self.extra_args),
+            |child| wait_ready(child, dir, name, host, port, tls),
         )
     }
 }
@@ -199,6 +239,7 @@ fn launch(
     name: &str,
     host: Ipv4Addr,
     port: u16,
+    tls: Option<&(ServerTls, ServerTlsFiles)>,
     extra_args: &[String],
 ) -> Result<Child> {
     let log = process::append_log(&log_path(dir))?;
@@ -206,11 +247,29 @@ fn launch(
         .try_clone()
         .context(|| "duplicating the log file handle".to_string())?;
     let mut command = Command::new(binary);
+    command.arg("-js").arg("-sd").arg(dir.join("js")).args([
+        "-a",
+        &host.to_string(),
+        "-p",
+        &port.to_string(),
+        "-n",
+        name,
+    ]);
+    if let Some((tls, files)) = tls {
+        command
+            .arg(if tls.requires_client_certificate() {
+                "--tlsverify"
+            } else {
+                "--tls"
+            })
+            .arg("--tlscert")
+            .arg(&files.cert)
+            .arg("--tlskey")
+            .arg(&files.key)
+            .arg("--tlscacert")
+            .arg(&files.ca);
+    }
     command
-        .arg("-js")
-        .arg("-sd")
-        .arg(dir.join("js"))
-        .args(["-a", &host.to_string(), "-p", &port.to_string(), "-n", name])
         .args(extra_args)
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -219,52 +278,86 @@ fn launch(
     process::spawn(command).context(|| format!("starting {}", binary.display()))
 }
 
-fn wait_ready(child: &mut Child, dir: &Path, name: &str, host: Ipv4Addr, port: u16) -> Result<()> {
+fn wait_ready(
+    child: &mut Child,
+    dir: &Path,
+    name: &str,
+    host: Ipv4Addr,
+    port: u16,
+    tls: Option<&(ServerTls, ServerTlsFiles)>,
+) -> Result<()> {
+    let tls = tls.map(|(tls, _)| tls);
     process::wait_until_ready(SERVER, child, START_TIMEOUT, &[log_path(dir)], || {
-        jetstream_ready(host, port, name).unwrap_or(false)
+        jetstream_ready(host, port, name, tls).unwrap_or(false)
     })
 }
 
-/// A connection to the server named `name` whose INFO line says JetStream is on, or `None`
-/// when another server (or none) answers on the port.
+/// Reads the server's INFO line byte by byte, so nothing after it (the TLS handshake) is
+/// buffered away.
+fn read_info_line(stream: &TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut reader = stream;
+    while line.len() < 64 * 1024 {
+        reader.read_exact(&mut byte)?;
+        line.push(byte[0]);
+        if byte[0] == b'\n' {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// A connection to the server named `name` whose INFO line says JetStream is on (and TLS
+/// required when `tls` is given), or `None` when another server (or none) answers on the port.
 fn server_info(
     host: Ipv4Addr,
     port: u16,
     name: &str,
-) -> std::io::Result<Option<(BufReader<TcpStream>, TcpStream)>> {
+    tls: Option<&ServerTls>,
+) -> std::io::Result<Option<TcpStream>> {
     let addr = SocketAddr::from((host, port));
     let stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_millis(500)))?;
     stream.set_write_timeout(Some(Duration::from_millis(500)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut info = String::new();
-    reader.read_line(&mut info)?;
+    let info = read_info_line(&stream)?;
     let ours = info.starts_with("INFO ")
         && info.contains(&format!("\"server_name\":\"{name}\""))
-        && info.contains("\"jetstream\":true");
-    Ok(ours.then_some((reader, stream)))
+        && info.contains("\"jetstream\":true")
+        && (tls.is_none() || info.contains("\"tls_required\":true"));
+    Ok(ours.then_some(stream))
 }
 
-/// Connects, checks the INFO line is from the server named `name` with JetStream on, and that
-/// the JetStream API answers `$JS.API.INFO` without an error.
-fn jetstream_ready(host: Ipv4Addr, port: u16, name: &str) -> std::io::Result<bool> {
-    let Some((mut reader, mut writer)) = server_info(host, port, name)? else {
+/// Connects, checks the INFO line ([`server_info`]), continues over TLS when `tls` is given, and
+/// checks that the JetStream API answers `$JS.API.INFO` without an error.
+fn jetstream_ready(
+    host: Ipv4Addr,
+    port: u16,
+    name: &str,
+    tls: Option<&ServerTls>,
+) -> std::io::Result<bool> {
+    let Some(stream) = server_info(host, port, name, tls)? else {
         return Ok(false);
     };
+    let stream: Box<dyn Duplex> = match tls {
+        Some(tls) => Box::new(tls.client_stream(stream).map_err(std::io::Error::other)?),
+        None => Box::new(stream),
+    };
+    let mut reader = BufReader::new(stream);
 
-    writer.write_all(
+    reader.get_mut().write_all(
         b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"name\":\"signal-testkit\"}\r\n\
           SUB _INBOX.signal_testkit 1\r\n\
           PUB $JS.API.INFO _INBOX.signal_testkit 0\r\n\r\n",
     )?;
-    writer.flush()?;
+    reader.get_mut().flush()?;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
             return Ok(false);
         }
         if line.starts_with("PING") {
-            writer.write_all(b"PONG\r\n")?;
+            reader.get_mut().write_all(b"PONG\r\n")?;
         } else if line.starts_with("-ERR") {
             return Ok(false);
         } else if let Some(rest) = line.strip_prefix("MSG ") {
@@ -371,6 +464,7 @@ mod tests {
             "taken",
             Ipv4Addr::LOCALHOST,
             port.port(),
+            None,
             &[],
         )
         .unwrap();
@@ -380,6 +474,7 @@ mod tests {
             "taken",
             Ipv4Addr::LOCALHOST,
             port.port(),
+            None,
         ) {
             Err(Error::Exited { log_tail, .. }) => {
                 assert!(is_address_in_use(&log_tail), "{log_tail}")
@@ -394,9 +489,9 @@ mod tests {
         let (port, name) = (nats.port(), nats.name.clone());
         nats.pause();
         // The kernel accepts the connection; the INFO line never comes.
-        assert!(!jetstream_ready(Ipv4Addr::LOCALHOST, port, &name).unwrap_or(false));
+        assert!(!jetstream_ready(Ipv4Addr::LOCALHOST, port, &name, None).unwrap_or(false));
         nats.resume();
-        assert!(jetstream_ready(Ipv4Addr::LOCALHOST, port, &name).unwrap());
+        assert!(jetstream_ready(Ipv4Addr::LOCALHOST, port, &name, None).unwrap());
 
         nats.pause();
         let pid = nats.pid().unwrap();

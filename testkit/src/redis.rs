@@ -4,6 +4,10 @@
 //! --dir <tmp>` on a free port and waits until it answers `PING` and reports our child's pid in
 //! `INFO server`. [`RedisServer::command`] runs one command through the `redis` crate's synchronous
 //! client. Nothing is persisted, so a restart starts empty (on the same port).
+//!
+//! [`RedisServer::start_with_tls`] also listens for TLS on its own port (`--tls-port`, with
+//! `--tls-auth-clients yes` when client certificates are required); the plain port stays open
+//! for the testkit's own commands.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ use crate::binary;
 use crate::error::{Error, IoContext, Result};
 use crate::ports::{PortReservation, reserve_port};
 use crate::process::{self, ServerProcess};
+use crate::server_tls::{ServerTls, ServerTlsFiles};
 
 const SERVER: &str = "redis-server";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -30,8 +35,17 @@ pub struct RedisServer {
     host: Ipv4Addr,
     port: PortReservation,
     process: ServerProcess,
+    tls: Option<RedisTls>,
     // Declared last so the process is gone before its directory is removed.
     dir: TempDir,
+}
+
+/// The TLS side of a server started with [`RedisServer::start_with_tls`].
+#[derive(Debug)]
+struct RedisTls {
+    settings: ServerTls,
+    files: ServerTlsFiles,
+    port: PortReservation,
 }
 
 impl RedisServer {
@@ -44,24 +58,62 @@ impl RedisServer {
     /// [`KubeNode`](crate::KubeNode)'s bridge address, so pods reach it, with protected mode off
     /// as no password is set); [`Self::url`] names `host`.
     pub fn start_on(host: Ipv4Addr) -> Result<RedisServer> {
+        RedisServer::start_with(host, None)
+    }
+
+    /// Like [`RedisServer::start`], also serving TLS with `tls`'s certificate on its own port
+    /// ([`Self::tls_url`]).
+    pub fn start_with_tls(tls: ServerTls) -> Result<RedisServer> {
+        RedisServer::start_with(Ipv4Addr::LOCALHOST, Some(tls))
+    }
+
+    fn start_with(host: Ipv4Addr, tls: Option<ServerTls>) -> Result<RedisServer> {
         let binary = binary::REDIS.locate()?;
         let dir = process::server_dir("redis")?;
-        let (port, process) = process::start_retrying(SERVER, || {
+        let files = match &tls {
+            Some(tls) => Some(tls.write(dir.path())?),
+            None => None,
+        };
+        let ((port, tls_port), process) = process::start_retrying(SERVER, || {
             let port = reserve_port()?;
+            let tls_port = match &tls {
+                Some(_) => Some(reserve_port()?),
+                None => None,
+            };
+            let tls_launch = match (&tls, &files, &tls_port) {
+                (Some(tls), Some(files), Some(tls_port)) => Some((tls, files, tls_port.port())),
+                _ => None,
+            };
             let _ = std::fs::remove_file(log_path(dir.path()));
             let process = ServerProcess::start(
-                || launch(&binary, dir.path(), port.port(), host),
-                |child| wait_ready(child, dir.path(), port.port()),
+                || launch(&binary, dir.path(), port.port(), host, tls_launch),
+                |child| wait_ready(child, dir.path(), port.port(), tls_launch),
             )?;
-            Ok((port, process))
+            Ok(((port, tls_port), process))
         })?;
+        let tls = match (tls, files, tls_port) {
+            (Some(settings), Some(files), Some(port)) => Some(RedisTls {
+                settings,
+                files,
+                port,
+            }),
+            _ => None,
+        };
         Ok(RedisServer {
             binary,
             host,
             port,
             process,
+            tls,
             dir,
         })
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` when started with [`Self::start_with_tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|tls| format!("rediss://127.0.0.1:{}", tls.port.port()))
     }
 
     /// `redis://HOST:PORT`, HOST being 127.0.0.1 unless started with [`Self::start_on`].
@@ -98,10 +150,14 @@ impl RedisServer {
     /// persisted).
     pub fn restart(&mut self) -> Result<()> {
         let (dir, port, host) = (self.dir.path(), self.port.port(), self.host);
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|tls| (&tls.settings, &tls.files, tls.port.port()));
         self.process.restart(
             STOP_GRACE,
-            || launch(&self.binary, dir, port, host),
-            |child| wait_ready(child, dir, port),
+            || launch(&self.binary, dir, port, host, tls),
+            |child| wait_ready(child, dir, port, tls),
         )
     }
 
@@ -148,7 +204,16 @@ fn log_path(dir: &Path) -> PathBuf {
     dir.join("redis-server.log")
 }
 
-fn launch(binary: &Path, dir: &Path, port: u16, host: Ipv4Addr) -> Result<Child> {
+/// A TLS server's settings, files and port, as `launch` and `wait_ready` need them.
+type TlsLaunch<'a> = Option<(&'a ServerTls, &'a ServerTlsFiles, u16)>;
+
+fn launch(
+    binary: &Path,
+    dir: &Path,
+    port: u16,
+    host: Ipv4Addr,
+    tls: TlsLaunch<'_>,
+) -> Result<Child> {
     let log = process::append_log(&log_path(dir))?;
     let log_err = log
         .try_clone()
@@ -159,6 +224,22 @@ fn launch(binary: &Path, dir: &Path, port: u16, host: Ipv4Addr) -> Result<Child>
         command
             .arg(host.to_string())
             .args(["--protected-mode", "no"]);
+    }
+    if let Some((tls, files, tls_port)) = tls {
+        let auth_clients = if tls.requires_client_certificate() {
+            "yes"
+        } else {
+            "no"
+        };
+        command
+            .args(["--tls-port", &tls_port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&files.cert)
+            .arg("--tls-key-file")
+            .arg(&files.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&files.ca)
+            .args(["--tls-auth-clients", auth_clients]);
     }
     command
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
@@ -171,13 +252,14 @@ fn launch(binary: &Path, dir: &Path, port: u16, host: Ipv4Addr) -> Result<Child>
     process::spawn(command).context(|| format!("starting {}", binary.display()))
 }
 
-fn wait_ready(child: &mut Child, dir: &Path, port: u16) -> Result<()> {
+fn wait_ready(child: &mut Child, dir: &Path, port: u16, tls: TlsLaunch<'_>) -> Result<()> {
     let pid_line = format!("process_id:{}\r\n", child.id());
     process::wait_until_ready(SERVER, child, START_TIMEOUT, &[log_path(dir)], || {
         let probe = Duration::from_millis(500);
         let pong = command::<String>(port, &["PING"], probe).is_ok_and(|reply| reply == "PONG");
         pong && command::<String>(port, &["INFO", "server"], probe)
             .is_ok_and(|info| info.contains(&pid_line))
+            && tls.is_none_or(|(tls, _, tls_port)| tls.handshake_succeeds(tls_port))
     })
 }
 
@@ -194,8 +276,9 @@ mod tests {
         let port = reserve_port().unwrap();
         let _taken = std::net::TcpListener::bind(("127.0.0.1", port.port())).unwrap();
         let binary = binary::REDIS.locate().unwrap();
-        let mut child = launch(&binary, dir.path(), port.port(), Ipv4Addr::LOCALHOST).unwrap();
-        match wait_ready(&mut child, dir.path(), port.port()) {
+        let mut child =
+            launch(&binary, dir.path(), port.port(), Ipv4Addr::LOCALHOST, None).unwrap();
+        match wait_ready(&mut child, dir.path(), port.port(), None) {
             Err(Error::Exited { log_tail, .. }) => {
                 assert!(is_address_in_use(&log_tail), "{log_tail}")
             }

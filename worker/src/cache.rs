@@ -18,9 +18,12 @@ use signal_clients::retry::Backoff;
 use signal_model::CacheSpec;
 use signal_model::cache_key::KeyTemplate;
 use signal_model::credentials::UserPassword;
+use signal_model::tls::TlsMaterial;
+use signal_model::worker_health::HealthReason;
 use tokio::sync::mpsc;
 
 use crate::batch::CacheEntry;
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// Batches of cache updates queued at most; beyond that updates are dropped.
@@ -126,15 +129,26 @@ impl CacheQueue {
 }
 
 /// Starts the cache writer; it ends when every [`CacheQueue`] is dropped and the queue is drained.
+/// A failed TLS handshake is reported as [`HealthReason::CacheTlsFailed`] until a connection
+/// succeeds.
 pub fn start(
     spec: &CacheSpec,
     auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
     metrics: Arc<Metrics>,
-) -> Result<(CacheQueue, tokio::task::JoinHandle<()>), redis::RedisError> {
-    let client = signal_clients::connect::redis(&spec.redis.url, auth)?;
+    health: Arc<Health>,
+) -> Result<(CacheQueue, tokio::task::JoinHandle<()>), signal_clients::connect::ConnectError> {
+    let client = signal_clients::connect::redis(&spec.redis.url, auth, tls)?;
     let (sender, receiver) = mpsc::channel(QUEUE_BATCHES);
     let ttl = spec.ttl.0;
-    let task = tokio::spawn(write_loop(client, receiver, ttl, metrics.clone()));
+    let writer = Writer {
+        client,
+        url: spec.redis.url.clone(),
+        ttl,
+        metrics: metrics.clone(),
+        health,
+    };
+    let task = tokio::spawn(writer.run(receiver));
     Ok((CacheQueue { sender, metrics }, task))
 }
 
@@ -146,11 +160,35 @@ async fn connect(client: &redis::Client) -> redis::RedisResult<ConnectionManager
     client.get_connection_manager_with_config(config).await
 }
 
+/// The cache writer task's parts.
+struct Writer {
+    client: redis::Client,
+    url: String,
+    ttl: Duration,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl Writer {
+    async fn run(self, receiver: mpsc::Receiver<HashMap<String, CacheEntry>>) {
+        let Writer {
+            client,
+            url,
+            ttl,
+            metrics,
+            health,
+        } = self;
+        write_loop(client, &url, receiver, ttl, metrics, &health).await;
+    }
+}
+
 async fn write_loop(
     client: redis::Client,
+    url: &str,
     mut receiver: mpsc::Receiver<HashMap<String, CacheEntry>>,
     ttl: Duration,
     metrics: Arc<Metrics>,
+    health: &Health,
 ) {
     let mut connection: Option<ConnectionManager> = None;
     let script = redis::Script::new(WRITE_IF_NEWER);
@@ -160,11 +198,21 @@ async fn write_loop(
             match connect(&client).await {
                 Ok(manager) => {
                     backoff.reset();
+                    health.clear(HealthReason::CacheTlsFailed, &metrics);
                     connection = Some(manager);
                 }
                 Err(error) => {
                     metrics.redis_failures.inc();
-                    tracing::warn!(%error, keys = entries.len(), "Redis unreachable; cache update dropped");
+                    match signal_clients::connect::redis_tls_failure(url, &error) {
+                        Some(tls) => {
+                            let message = tls.to_string();
+                            tracing::warn!(error = %message, keys = entries.len(), "Redis refused TLS; cache update dropped");
+                            health.set(HealthReason::CacheTlsFailed, &message, &metrics);
+                        }
+                        None => {
+                            tracing::warn!(%error, keys = entries.len(), "Redis unreachable; cache update dropped")
+                        }
+                    }
                     // Wait before the next attempt; updates queued meanwhile are dropped by `offer`.
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use signal_clients::clickhouse::server_version;
+use signal_clients::clickhouse::{VersionError, server_version};
 use signal_clients::retry::Backoff;
 use signal_model::ColumnSpec;
 use signal_model::live_schema::wire_mismatches;
@@ -135,8 +135,12 @@ impl ClickHouseSink {
 
     /// The client of the replica in use.
     fn client(&self) -> &clickhouse::Client {
-        let index = self.current.load(Ordering::Relaxed) % self.replicas.len();
-        &self.replicas[index].1
+        &self.replica().1
+    }
+
+    /// `(url, client)` of the replica in use.
+    fn replica(&self) -> &(String, clickhouse::Client) {
+        &self.replicas[self.current.load(Ordering::Relaxed) % self.replicas.len()]
     }
 
     /// Moves on to the next replica URL (after one did not answer); returns its URL, or `None`
@@ -152,7 +156,7 @@ impl ClickHouseSink {
     /// Checks the server once: reachable, whether it honours deduplication tokens, and whether
     /// the live table's columns match the manifest's. A replica that does not answer hands over
     /// to the next one for the following probe.
-    pub async fn probe(&self) -> bool {
+    pub async fn probe(&self) -> Result<(), String> {
         match server_version(self.client()).await {
             Ok(version) => {
                 let tokens = version.supports_insert_deduplication_token();
@@ -160,14 +164,18 @@ impl ClickHouseSink {
                 self.healthy.store(true, Ordering::Relaxed);
                 tracing::info!(%version, deduplication_tokens = tokens, "ClickHouse reachable");
                 self.check_schema().await;
-                true
+                Ok(())
             }
-            Err(_) => {
+            Err(error) => {
                 self.healthy.store(false, Ordering::Relaxed);
+                let message = match error {
+                    VersionError::Query(error) => self.describe(&error),
+                    other => other.to_string(),
+                };
                 if let Some(next) = self.fail_over() {
                     tracing::warn!(next = %next, "ClickHouse replica unreachable; trying the next");
                 }
-                false
+                Err(message)
             }
         }
     }
@@ -211,6 +219,14 @@ impl ClickHouseSink {
         self.health
             .set(HealthReason::SchemaMismatch, &message, &self.metrics);
         false
+    }
+
+    /// An insert error in one line; a failed TLS handshake says which server and why.
+    fn describe(&self, error: &clickhouse::error::Error) -> String {
+        match signal_clients::connect::clickhouse_tls_failure(&self.replica().0, error) {
+            Some(tls) => tls.to_string(),
+            None => error.to_string(),
+        }
     }
 
     async fn insert_once(&self, batch: &SealedBatch) -> Result<(), clickhouse::error::Error> {
@@ -263,7 +279,10 @@ impl ClickHouseSink {
                                 .clear(HealthReason::InsertRejected, &self.metrics);
                             return Ok(());
                         }
-                        Err(error) => self.after_insert_error(batch, &error.to_string()).await,
+                        Err(error) => {
+                            let text = self.describe(&error);
+                            self.after_insert_error(batch, &text).await
+                        }
                     }
                 };
             if batch.is_empty() {

@@ -1,6 +1,6 @@
 //! Why the worker is stuck, when a person must fix something: ClickHouse rejects the insert, the
-//! live table's column types differ from the manifest, or no stream captures the dead-letter
-//! subject.
+//! live table's column types differ from the manifest, no stream captures the dead-letter
+//! subject, or the Redis cache refuses TLS.
 //!
 //! Each problem shows on `/readyz` (with its message), as the `signal_worker_blocked` gauge, and in
 //! the [`WorkerHealthReport`] the worker publishes to the shared health stream on every change and
@@ -18,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 /// Every reason, in the order they are reported when several hold (the first one wins).
-const REASONS: [HealthReason; 3] = [
+const REASONS: [HealthReason; 4] = [
     HealthReason::SchemaMismatch,
     HealthReason::InsertRejected,
     HealthReason::DeadLetterUnroutable,
+    HealthReason::CacheTlsFailed,
 ];
 
 /// The problems a worker has now; shared by every task.

@@ -67,7 +67,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let manifest = signal_clients::manifest::load(&args.pipeline)
         .with_context(|| format!("invalid pipeline {}", args.pipeline.display()))?
         .manifest;
-    let credentials = signal_clients::credentials::from_env()
+    let credentials = signal_clients::credentials::from_env(&manifest.spec)
         .context("invalid credentials in the environment")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -168,9 +168,17 @@ pub async fn run(
         let _ = bound.send(addr);
     }
 
+    if let Some(warning) = signal_model::tls::insecure_tls_warning(spec) {
+        tracing::warn!(pipeline, "{warning}");
+    }
     let client_name = format!("signal-worker {pipeline}");
     let Some(nats) = until_ok("NATS unreachable; retrying", &shutdown, || {
-        connect::nats(&spec.nats.url, &client_name, &credentials.nats)
+        connect::nats(
+            &spec.nats.url,
+            &client_name,
+            &credentials.nats,
+            credentials.tls.nats.as_ref(),
+        )
     })
     .await
     else {
@@ -246,10 +254,14 @@ pub async fn run(
         .urls()
         .into_iter()
         .map(|url| {
-            let client = connect::clickhouse(url, &credentials.clickhouse);
-            (url.to_string(), client)
+            let client = connect::clickhouse(
+                url,
+                &credentials.clickhouse,
+                credentials.tls.clickhouse.as_ref(),
+            )?;
+            Ok((url.to_string(), client))
         })
-        .collect();
+        .collect::<Result<Vec<_>, connect::ConnectError>>()?;
     let sink = ClickHouseSink::new(
         replicas,
         SinkTarget {
@@ -267,12 +279,8 @@ pub async fn run(
         clickhouse_healthy,
     );
 
-    if until_ok("ClickHouse unreachable; retrying", &shutdown, || async {
-        if sink.probe().await {
-            Ok(())
-        } else {
-            Err("no answer to SELECT version()")
-        }
+    if until_ok("ClickHouse unreachable; retrying", &shutdown, || {
+        sink.probe()
     })
     .await
     .is_none()
@@ -283,7 +291,13 @@ pub async fn run(
     }
 
     let cache_queue: Option<(CacheQueue, tokio::task::JoinHandle<()>)> = match &spec.cache {
-        Some(cache_spec) => match cache::start(cache_spec, &credentials.redis, metrics.clone()) {
+        Some(cache_spec) => match cache::start(
+            cache_spec,
+            &credentials.redis,
+            credentials.tls.redis.as_ref(),
+            metrics.clone(),
+            health.clone(),
+        ) {
             Ok(started) => Some(started),
             Err(error) => return Err(WorkerError::Cache(format!("redis.url: {error}"))),
         },

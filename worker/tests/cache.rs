@@ -25,6 +25,7 @@ fn cache_spec(redis_url: &str) -> CacheSpec {
         redis: RedisSpec {
             url: redis_url.into(),
             auth: None,
+            tls: None,
         },
         key: "wallet:{wallet}:latest".into(),
         fields: vec!["event_type".into(), "severity".into()],
@@ -156,7 +157,9 @@ fn an_older_row_written_late_does_not_replace_a_newer_one() {
         let (queue, writer) = cache::start(
             &cache_spec(&redis.url()),
             &UserPassword::default(),
+            None,
             Arc::new(Metrics::new()),
+            Arc::new(signal_worker::health::Health::new()),
         )
         .expect("cache writer");
         // As when another worker, or a redelivery after a crash, stores an older row last.
@@ -175,7 +178,9 @@ fn an_older_row_written_late_does_not_replace_a_newer_one() {
         let (queue, writer) = cache::start(
             &cache_spec(&redis.url()),
             &UserPassword::default(),
+            None,
             Arc::new(Metrics::new()),
+            Arc::new(signal_worker::health::Health::new()),
         )
         .expect("cache writer");
         queue.offer(entry(11, "newest"));

@@ -71,6 +71,7 @@ fn fault_manifest(env: &TestEnv) -> PipelineManifest {
         redis: RedisSpec {
             url: env.redis.as_ref().expect("redis").url(),
             auth: None,
+            tls: None,
         },
         key: "user:{user_id}:latest".into(),
         fields: vec!["seq".into(), "event_type".into()],

@@ -106,8 +106,10 @@ pub(super) fn kube_error(action: impl Into<String>) -> impl FnOnce(kube::Error) 
 fn secret_reason(error: &SecretError) -> &'static str {
     match error {
         SecretError::Missing { .. } => "SecretMissing",
-        SecretError::Api { .. } => "SecretUnreadable",
+        SecretError::MissingConfigMap { .. } => "ConfigMapMissing",
+        SecretError::Api { .. } | SecretError::ConfigMapApi { .. } => "SecretUnreadable",
         SecretError::NotText { .. } | SecretError::Credentials(_) => "InvalidCredentials",
+        SecretError::Tls(_) => "InvalidTlsMaterial",
     }
 }
 
@@ -206,6 +208,18 @@ async fn apply(
         }
     };
 
+    if let Some(warning) = signal_model::tls::insecure_tls_warning(&pipeline.spec) {
+        warn!(pipeline = %name, "{warning}");
+        publish(
+            &ctx.recorder,
+            pipeline,
+            EventType::Warning,
+            "InsecureTls",
+            "Reconcile",
+            warning,
+        )
+        .await;
+    }
     let report = reconcile_data_plane(&name, &pipeline.spec, &credentials).await;
     publish_data_plane_events(pipeline, ctx, &report).await;
     publish_dead_letter_and_health_events(pipeline, ctx, &report).await;

@@ -4,16 +4,20 @@
 //! `token`, `creds`) map to the same variable names the worker gets through `secretKeyRef`, so the
 //! operator and the worker authenticate identically. Values are never logged: errors name the
 //! Secret and the key, not the content.
+//!
+//! The `tls` blocks reference Secret or ConfigMap keys holding PEM text; the operator reads the
+//! same keys the worker gets as mounted files, so both trust and present the same certificates.
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
-use signal_model::SignalPipelineSpec;
 use signal_model::credentials::{
     CLICKHOUSE_SECRET_KEYS, CredentialsError, NATS_SECRET_KEYS, PipelineCredentials,
     REDIS_SECRET_KEYS,
 };
+use signal_model::tls::{PipelineTls, TlsMaterialError, TlsPart, TlsServer};
+use signal_model::{PemSource, SignalPipelineSpec};
 
 /// Why credentials could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +26,7 @@ pub enum SecretError {
     Missing {
         namespace: String,
         name: String,
-        field: &'static str,
+        field: String,
     },
     #[error("cannot read Secret {namespace}/{name}: {source}")]
     Api {
@@ -34,6 +38,97 @@ pub enum SecretError {
     NotText { name: String, key: String },
     #[error("invalid credentials: {0}")]
     Credentials(#[from] CredentialsError),
+    #[error("ConfigMap {namespace}/{name} (referenced by {field}) does not exist")]
+    MissingConfigMap {
+        namespace: String,
+        name: String,
+        field: String,
+    },
+    #[error("cannot read ConfigMap {namespace}/{name}: {source}")]
+    ConfigMapApi {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("invalid TLS material: {0}")]
+    Tls(#[from] TlsMaterialError),
+}
+
+/// Every Secret or ConfigMap key a `tls` block of `spec` references, with the block's field
+/// (`spec.nats.tls.ca`).
+pub fn tls_sources(spec: &SignalPipelineSpec) -> Vec<(TlsServer, TlsPart, &PemSource)> {
+    let mut sources = Vec::new();
+    for server in TlsServer::ALL {
+        if let Some(block) = server.spec(spec) {
+            for part in TlsPart::ALL {
+                if let Some(source) = block.source(part) {
+                    sources.push((server, part, source));
+                }
+            }
+        }
+    }
+    sources
+}
+
+/// The TLS material of every `tls` block, from Secrets and ConfigMaps already read (pure). A
+/// missing object or key names the field that references it.
+pub fn tls_from_objects(
+    spec: &SignalPipelineSpec,
+    secrets: &BTreeMap<String, Secret>,
+    config_maps: &BTreeMap<String, ConfigMap>,
+) -> Result<PipelineTls, SecretError> {
+    let mut problem: Option<SecretError> = None;
+    let tls = PipelineTls::assemble(spec, |server, part| {
+        let Some(source) = server.spec(spec).and_then(|block| block.source(part)) else {
+            return Ok(None);
+        };
+        let missing = |what: String| TlsMaterialError::Missing {
+            field: server.field(),
+            part: part.field(),
+            where_: what,
+        };
+        if let Some(key_ref) = &source.secret_key_ref {
+            let secret = secrets
+                .get(&key_ref.name)
+                .ok_or_else(|| missing(format!("Secret {} was not read", key_ref.name)))?;
+            match secret_value(secret, &key_ref.key, &key_ref.name) {
+                Ok(Some(text)) => Ok(Some(text)),
+                Ok(None) => Err(missing(format!(
+                    "Secret {} has no key `{}`",
+                    key_ref.name, key_ref.key
+                ))),
+                Err(error) => {
+                    problem = Some(error);
+                    Err(missing(format!(
+                        "Secret {} key `{}` is not text",
+                        key_ref.name, key_ref.key
+                    )))
+                }
+            }
+        } else if let Some(key_ref) = &source.config_map_key_ref {
+            let config_map = config_maps
+                .get(&key_ref.name)
+                .ok_or_else(|| missing(format!("ConfigMap {} was not read", key_ref.name)))?;
+            match config_map
+                .data
+                .as_ref()
+                .and_then(|data| data.get(&key_ref.key))
+            {
+                Some(text) => Ok(Some(text.clone())),
+                None => Err(missing(format!(
+                    "ConfigMap {} has no key `{}`",
+                    key_ref.name, key_ref.key
+                ))),
+            }
+        } else {
+            Ok(None)
+        }
+    });
+    match (tls, problem) {
+        (_, Some(error)) => Err(error),
+        (Ok(tls), None) => Ok(tls),
+        (Err(error), None) => Err(error.into()),
+    }
 }
 
 /// Which Secret a part of the spec references, and which keys of it matter.
@@ -69,12 +164,21 @@ fn secret_uses(spec: &SignalPipelineSpec) -> Vec<SecretUse<'_>> {
     uses
 }
 
-/// Names of the Secrets a spec references (for RBAC messages and tests).
+/// Names of the Secrets a spec references, credentials first, then TLS keys (for RBAC messages
+/// and tests).
 pub fn referenced_secrets(spec: &SignalPipelineSpec) -> Vec<String> {
-    secret_uses(spec)
+    let mut names: Vec<String> = secret_uses(spec)
         .into_iter()
         .map(|u| u.name.to_string())
-        .collect()
+        .collect();
+    for (_, _, source) in tls_sources(spec) {
+        if let Some(key_ref) = &source.secret_key_ref
+            && !names.contains(&key_ref.name)
+        {
+            names.push(key_ref.name.clone());
+        }
+    }
+    names
 }
 
 /// Maps the Secrets' keys to credential variables and assembles the credentials (pure).
@@ -121,27 +225,63 @@ pub async fn load_credentials(
     spec: &SignalPipelineSpec,
 ) -> Result<PipelineCredentials, SecretError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut wanted: Vec<(&str, String)> = secret_uses(spec)
+        .into_iter()
+        .map(|u| (u.name, u.field.to_string()))
+        .collect();
+    let mut wanted_config_maps: Vec<(&str, String)> = Vec::new();
+    for (server, part, source) in tls_sources(spec) {
+        let field = format!("{}.{}", server.field(), part.field());
+        if let Some(key_ref) = &source.secret_key_ref {
+            wanted.push((&key_ref.name, field));
+        } else if let Some(key_ref) = &source.config_map_key_ref {
+            wanted_config_maps.push((&key_ref.name, field));
+        }
+    }
     let mut secrets = BTreeMap::new();
-    for secret_use in secret_uses(spec) {
-        if secrets.contains_key(secret_use.name) {
+    for (name, field) in wanted {
+        if secrets.contains_key(name) {
             continue;
         }
         let secret = api
-            .get_opt(secret_use.name)
+            .get_opt(name)
             .await
             .map_err(|source| SecretError::Api {
                 namespace: namespace.to_string(),
-                name: secret_use.name.to_string(),
+                name: name.to_string(),
                 source,
             })?
             .ok_or_else(|| SecretError::Missing {
                 namespace: namespace.to_string(),
-                name: secret_use.name.to_string(),
-                field: secret_use.field,
+                name: name.to_string(),
+                field,
             })?;
-        secrets.insert(secret_use.name.to_string(), secret);
+        secrets.insert(name.to_string(), secret);
     }
-    credentials_from_secrets(spec, &secrets)
+    let config_map_api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let mut config_maps = BTreeMap::new();
+    for (name, field) in wanted_config_maps {
+        if config_maps.contains_key(name) {
+            continue;
+        }
+        let config_map = config_map_api
+            .get_opt(name)
+            .await
+            .map_err(|source| SecretError::ConfigMapApi {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                source,
+            })?
+            .ok_or_else(|| SecretError::MissingConfigMap {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                field,
+            })?;
+        config_maps.insert(name.to_string(), config_map);
+    }
+    let mut credentials = credentials_from_secrets(spec, &secrets)?;
+    credentials.tls = tls_from_objects(spec, &secrets, &config_maps)?;
+    Ok(credentials)
 }
 
 #[cfg(test)]

@@ -179,6 +179,10 @@ pub enum DataPlaneError {
     TimedOut { action: String, seconds: u64 },
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    /// TLS to a server failed (handshake or unusable material); the message names the server
+    /// and the cause.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl DataPlaneError {
@@ -192,6 +196,7 @@ impl DataPlaneError {
             DataPlaneError::NatsRefused { .. } => "RequestRefused",
             DataPlaneError::ClickHouseRefused { .. } => "QueryFailed",
             DataPlaneError::InvalidSpec(_) => "InvalidSpec",
+            DataPlaneError::Tls(_) => "TlsFailed",
         }
     }
 }
@@ -222,7 +227,7 @@ pub(crate) async fn connect_jetstream(
         format!("connecting to NATS at {url}"),
         NATS_CONNECT_BOUND,
         async {
-            signal_clients::connect::nats(&url, client_name, &creds.nats)
+            signal_clients::connect::nats(&url, client_name, &creds.nats, creds.tls.nats.as_ref())
                 .await
                 .map_err(|error| nats_connect_error(&url, error))
         },
@@ -240,6 +245,8 @@ fn nats_connect_error(url: &str, error: signal_clients::connect::ConnectError) -
     use signal_clients::connect::ConnectError;
     let message = error.to_string();
     match &error {
+        ConnectError::Tls { .. } | ConnectError::TlsConfig(_) => DataPlaneError::Tls(message),
+        ConnectError::Redis { .. } => DataPlaneError::InvalidSpec(message),
         ConnectError::NatsCreds(_) => DataPlaneError::AuthenticationFailed {
             server: "NATS",
             url: url.to_string(),
@@ -276,7 +283,11 @@ pub async fn reconcile_data_plane(
     creds: &PipelineCredentials,
 ) -> DataPlaneReport {
     let nats_side = reconcile_nats_side(pipeline_name, spec, creds);
-    let table_side = table::reconcile_table(&spec.clickhouse, &creds.clickhouse);
+    let table_side = table::reconcile_table(
+        &spec.clickhouse,
+        &creds.clickhouse,
+        creds.tls.clickhouse.as_ref(),
+    );
     let (nats, table) = tokio::join!(nats_side, table_side);
     DataPlaneReport {
         stream: nats.stream,
@@ -437,6 +448,11 @@ pub async fn delete_data_plane(
     consumer::delete_consumer(&js, &spec.stream.name, durable).await?;
     let stream_deleted = stream::delete_stream_unless_shared(&js, &spec.stream.name).await?;
     dead_letter_stream::delete_dead_letter_stream(&js, spec, stream_deleted).await?;
-    table::drop_table(&spec.clickhouse, &creds.clickhouse).await?;
+    table::drop_table(
+        &spec.clickhouse,
+        &creds.clickhouse,
+        creds.tls.clickhouse.as_ref(),
+    )
+    .await?;
     Ok(())
 }

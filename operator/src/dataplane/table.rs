@@ -16,6 +16,7 @@ use signal_model::ClickHouseSpec;
 use signal_model::ServerVersion;
 use signal_model::credentials::UserPassword;
 use signal_model::ddl;
+use signal_model::tls::TlsMaterial;
 
 use super::table_clause_diff::{PrintedClauses, diff_clauses};
 use super::table_schema_diff::{LiveColumn, diff_schema};
@@ -31,7 +32,11 @@ pub struct TableOutcome {
 }
 
 /// Brings the table in line with `spec` as far as adding things allows.
-pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> TableOutcome {
+pub async fn reconcile_table(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> TableOutcome {
     bounded(
         format!(
             "reconciling table {}",
@@ -39,8 +44,8 @@ pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Tabl
         ),
         PART_TIMEOUT,
         async {
-            let (client, url, version) = connect_reachable(spec, auth).await?;
-            apply_table(&client, &url, version, spec, auth).await
+            let (client, url, version) = connect_reachable(spec, auth, tls).await?;
+            apply_table(&client, &url, version, spec, auth, tls).await
         },
     )
     .await
@@ -55,10 +60,13 @@ pub async fn reconcile_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Tabl
 async fn connect_reachable(
     spec: &ClickHouseSpec,
     auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
 ) -> Result<(Client, String, ServerVersion), DataPlaneError> {
     let mut first_error = None;
     for url in spec.urls() {
-        let client = signal_clients::connect::clickhouse(url, auth);
+        // Unusable TLS material is a [`DataPlaneError::Tls`], whichever replica it is for.
+        let client = signal_clients::connect::clickhouse(url, auth, tls)
+            .map_err(|error| DataPlaneError::Tls(error.to_string()))?;
         match server_version(&client, url).await {
             Ok(version) => return Ok((client, url.to_string(), version)),
             Err(
@@ -92,6 +100,7 @@ async fn apply_table(
     version: ServerVersion,
     spec: &ClickHouseSpec,
     auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
 ) -> Result<TableOutcome, DataPlaneError> {
     let name = format!("{}.{}", spec.database, spec.table);
     for column in &spec.columns {
@@ -174,7 +183,8 @@ async fn apply_table(
         // one) on a cluster that replicates internally, so it is altered on each replica URL of
         // the spec by itself.
         for replica_url in spec.urls() {
-            let replica = signal_clients::connect::clickhouse(replica_url, auth);
+            let replica = signal_clients::connect::clickhouse(replica_url, auth, tls)
+                .map_err(|error| DataPlaneError::Tls(error.to_string()))?;
             let live = match live_columns(&replica, replica_url, &spec.database, &distributed.table)
                 .await
             {
@@ -271,6 +281,9 @@ async fn apply_table(
 /// Maps a client error: transport problems mean unreachable, anything else is the server's
 /// refusal of `statement`.
 fn query_error(url: &str, statement: &str, error: clickhouse::error::Error) -> DataPlaneError {
+    if let Some(tls) = signal_clients::connect::clickhouse_tls_failure(url, &error) {
+        return DataPlaneError::Tls(tls.to_string());
+    }
     match error {
         clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut => {
             DataPlaneError::ClickHouseUnreachable {
@@ -442,8 +455,12 @@ pub async fn live_columns(
 
 /// Drops the table, and the Distributed table over it, `ON CLUSTER` on a cluster (a missing table
 /// is fine). The database is kept: other tables may live in it.
-pub async fn drop_table(spec: &ClickHouseSpec, auth: &UserPassword) -> Result<(), DataPlaneError> {
-    let (client, url, _) = connect_reachable(spec, auth).await?;
+pub async fn drop_table(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> Result<(), DataPlaneError> {
+    let (client, url, _) = connect_reachable(spec, auth, tls).await?;
     let cluster = spec.cluster_name();
     let mut queued = Vec::new();
     if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {

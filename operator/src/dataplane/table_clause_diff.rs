@@ -271,6 +271,7 @@ mod tests {
             database: "db".to_string(),
             table: "signals".to_string(),
             auth: None,
+            tls: None,
             engine: "MergeTree".to_string(),
             partition_by: Some("toYYYYMM(event_time)".to_string()),
             order_by: vec!["wallet".to_string(), "event_time".to_string()],

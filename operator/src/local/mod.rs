@@ -113,7 +113,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), LocalError> {
     let (text, mut manifest) = load_manifest(&options.pipeline_file)?;
-    let credentials = signal_clients::credentials::from_env().map_err(LocalError::Credentials)?;
+    let credentials =
+        signal_clients::credentials::from_env(&manifest.spec).map_err(LocalError::Credentials)?;
     if !options.worker_binary.is_file() {
         return Err(LocalError::WorkerBinaryMissing(
             options.worker_binary.display().to_string(),

@@ -4,19 +4,25 @@
 //! probes, the restricted security profile, and the pipeline's Secret keys as environment variables
 //! (`secretKeyRef`, each optional so a Secret may hold only the keys its auth method needs). The
 //! replica count is an input: the controller passes the spec's or the autoscaler's.
+//!
+//! TLS material never travels in variables: each key a `tls` block references is a read-only
+//! Secret or ConfigMap volume mounted under [`TLS_DIR`], and the worker learns the file's path from
+//! `SIGNAL_<SERVER>_TLS_<PART>_FILE` ([`tls_mounts`]).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use signal_model::credentials::{CLICKHOUSE_SECRET_KEYS, NATS_SECRET_KEYS, REDIS_SECRET_KEYS};
+use signal_model::tls::{TlsPart, TlsServer};
 use signal_model::{AuthSpec, ResourcesSpec, SignalPipeline, SignalPipelineSpec};
 
 use super::{
@@ -33,6 +39,9 @@ pub const TERMINATION_GRACE_SECONDS: i64 = 30;
 type SecretKeys = &'static [(&'static str, &'static str)];
 const CONFIG_VOLUME: &str = "pipeline";
 const TMP_VOLUME: &str = "tmp";
+/// Where the TLS files are mounted: `<TLS_DIR>/<server>/<part>/<file>`, e.g.
+/// `/etc/signal/tls/nats/ca/ca.crt`.
+pub const TLS_DIR: &str = "/etc/signal/tls";
 
 /// What the Deployment depends on besides the pipeline itself.
 #[derive(Clone, Debug)]
@@ -97,24 +106,30 @@ pub fn build_deployment(
 }
 
 fn pod_spec(pipeline_name: &str, spec: &SignalPipelineSpec, image: String) -> PodSpec {
+    let tls_volumes = tls_mounts(spec).into_iter().map(|mount| mount.volume);
     PodSpec {
         containers: vec![worker_container(spec, image)],
-        volumes: Some(vec![
-            Volume {
-                name: CONFIG_VOLUME.to_string(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: configmap_name(pipeline_name),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            },
-            // The root filesystem is read-only; give the process a scratch directory.
-            Volume {
-                name: TMP_VOLUME.to_string(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(
+            vec![
+                Volume {
+                    name: CONFIG_VOLUME.to_string(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: configmap_name(pipeline_name),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                // The root filesystem is read-only; give the process a scratch directory.
+                Volume {
+                    name: TMP_VOLUME.to_string(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                },
+            ]
+            .into_iter()
+            .chain(tls_volumes)
+            .collect(),
+        ),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(WORKER_UID),
@@ -132,7 +147,10 @@ fn pod_spec(pipeline_name: &str, spec: &SignalPipelineSpec, image: String) -> Po
 fn worker_container(spec: &SignalPipelineSpec, image: String) -> Container {
     let manifest_path = format!("{MANIFEST_DIR}/{MANIFEST_KEY}");
     let listen = format!("0.0.0.0:{WORKER_METRICS_PORT}");
-    let env = secret_env(spec);
+    let tls = tls_mounts(spec);
+    let mut env = secret_env(spec);
+    env.extend(tls.iter().map(|mount| mount.variable.clone()));
+    let tls_mounts = tls.into_iter().map(|mount| mount.mount);
     Container {
         name: WORKER_APP_NAME.to_string(),
         image: Some(image),
@@ -158,19 +176,24 @@ fn worker_container(spec: &SignalPipelineSpec, image: String) -> Container {
         resources: spec.workers.resources.as_ref().map(resource_requirements),
         liveness_probe: Some(http_probe("/healthz", 10)),
         readiness_probe: Some(http_probe("/readyz", 5)),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: CONFIG_VOLUME.to_string(),
-                mount_path: MANIFEST_DIR.to_string(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: TMP_VOLUME.to_string(),
-                mount_path: "/tmp".to_string(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(
+            vec![
+                VolumeMount {
+                    name: CONFIG_VOLUME.to_string(),
+                    mount_path: MANIFEST_DIR.to_string(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: TMP_VOLUME.to_string(),
+                    mount_path: "/tmp".to_string(),
+                    ..VolumeMount::default()
+                },
+            ]
+            .into_iter()
+            .chain(tls_mounts)
+            .collect(),
+        ),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(WORKER_UID),
@@ -185,6 +208,79 @@ fn worker_container(spec: &SignalPipelineSpec, image: String) -> Container {
             ..SecurityContext::default()
         }),
         ..Container::default()
+    }
+}
+
+/// One TLS file of the worker: its volume, where it is mounted, and the variable naming it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsMount {
+    pub volume: Volume,
+    pub mount: VolumeMount,
+    pub variable: EnvVar,
+}
+
+/// A read-only volume, mount and path variable for every key the spec's `tls` blocks reference.
+/// Only the referenced key is projected, under the part's usual file name (`ca.crt`, `tls.crt`,
+/// `tls.key`); a missing Secret, ConfigMap or key keeps the pod from starting, which the
+/// operator's own read of the same keys reports in the status.
+pub fn tls_mounts(spec: &SignalPipelineSpec) -> Vec<TlsMount> {
+    let mut mounts = Vec::new();
+    for server in TlsServer::ALL {
+        let Some(block) = server.spec(spec) else {
+            continue;
+        };
+        for part in TlsPart::ALL {
+            let Some(source) = block.source(part) else {
+                continue;
+            };
+            let name = format!("tls-{}-{}", server.slug(), part.field());
+            let dir = format!("{TLS_DIR}/{}/{}", server.slug(), part.field());
+            let volume = match (&source.secret_key_ref, &source.config_map_key_ref) {
+                (Some(key_ref), _) => Volume {
+                    name: name.clone(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(key_ref.name.clone()),
+                        items: Some(vec![key_to_path(&key_ref.key, part)]),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                (None, Some(key_ref)) => Volume {
+                    name: name.clone(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: key_ref.name.clone(),
+                        items: Some(vec![key_to_path(&key_ref.key, part)]),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+                // Refused by validation before a Deployment is built.
+                (None, None) => continue,
+            };
+            mounts.push(TlsMount {
+                volume,
+                mount: VolumeMount {
+                    name,
+                    mount_path: dir.clone(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+                variable: EnvVar {
+                    name: server.file_variable(part).to_string(),
+                    value: Some(format!("{dir}/{}", part.file_name())),
+                    ..EnvVar::default()
+                },
+            });
+        }
+    }
+    mounts
+}
+
+fn key_to_path(key: &str, part: TlsPart) -> KeyToPath {
+    KeyToPath {
+        key: key.to_string(),
+        path: part.file_name().to_string(),
+        mode: None,
     }
 }
 
@@ -482,6 +578,46 @@ mod tests {
         }
         let without_auth = build(&stored_pipeline("orders"), 1);
         assert!(container_of(&without_auth).env.is_none());
+    }
+
+    #[test]
+    fn tls_files_are_read_only_volumes_and_variables_hold_only_their_paths() {
+        let mut spec = minimal_spec();
+        spec["nats"]["url"] = json!("tls://nats:4222");
+        spec["nats"]["tls"] = json!({
+            "ca": {"configMapKeyRef": {"name": "signal-ca", "key": "ca.pem"}},
+            "cert": {"secretKeyRef": {"name": "nats-client", "key": "tls.crt"}},
+            "key": {"secretKeyRef": {"name": "nats-client", "key": "tls.key"}},
+        });
+        let deployment = build(&stored_pipeline_with("orders", spec, 0), 1);
+        let pod = pod_spec_of(&deployment);
+        let container = container_of(&deployment);
+        let volume = |name: &str| {
+            pod.volumes
+                .as_ref()
+                .and_then(|volumes| volumes.iter().find(|v| v.name == name))
+                .unwrap_or_else(|| panic!("no volume {name}"))
+        };
+        let ca = volume("tls-nats-ca")
+            .config_map
+            .as_ref()
+            .expect("a ConfigMap");
+        assert_eq!(ca.name, "signal-ca");
+        assert_eq!(ca.items.as_ref().unwrap()[0].key, "ca.pem");
+        assert_eq!(ca.items.as_ref().unwrap()[0].path, "ca.crt");
+        let key = volume("tls-nats-key").secret.as_ref().expect("a Secret");
+        assert_eq!(key.secret_name.as_deref(), Some("nats-client"));
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        let key_mount = mounts.iter().find(|m| m.name == "tls-nats-key").unwrap();
+        assert_eq!(key_mount.read_only, Some(true));
+        let env = container.env.as_ref().unwrap();
+        let key_path = env
+            .iter()
+            .find(|v| v.name == "SIGNAL_NATS_TLS_KEY_FILE")
+            .and_then(|v| v.value.as_deref());
+        assert_eq!(key_path, Some("/etc/signal/tls/nats/key/tls.key"));
+        assert!(key_path.unwrap().starts_with(&key_mount.mount_path));
+        assert_eq!(env.len(), 3, "one path per file, nothing else: {env:?}");
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn pipeline_spec(name: &str, nats_url: &str, clickhouse_url: &str) -> Signal
         nats: NatsSpec {
             url: nats_url.to_string(),
             auth: None,
+            tls: None,
         },
         stream: StreamSpec {
             name: name.to_uppercase(),
@@ -71,6 +72,7 @@ pub fn pipeline_spec(name: &str, nats_url: &str, clickhouse_url: &str) -> Signal
             database: format!("db_{name}"),
             table: "signals".to_string(),
             auth: None,
+            tls: None,
             engine: "MergeTree".to_string(),
             partition_by: Some("toYYYYMM(event_time)".to_string()),
             order_by: vec!["wallet".to_string(), "event_time".to_string()],

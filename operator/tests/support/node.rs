@@ -82,6 +82,7 @@ pub fn spec_for(name: &str, servers: &Servers) -> SignalPipelineSpec {
         redis: RedisSpec {
             url: servers.redis.url(),
             auth: None,
+            tls: None,
         },
         key: "wallet:{wallet}".to_string(),
         fields: vec!["amount".to_string()],
