@@ -192,20 +192,9 @@ pub fn unreplicated_engine(engine: &str) -> String {
 /// Splits a comma-separated argument list at the commas outside parentheses and quotes.
 fn split_top_level(arguments: &str) -> Vec<String> {
     let mut items = Vec::new();
-    let (mut depth, mut quote, mut escaped, mut start) = (0i32, None::<char>, false, 0);
-    for (index, c) in arguments.char_indices() {
-        if let Some(q) = quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == q {
-                quote = None;
-            }
-            continue;
-        }
+    let (mut depth, mut start) = (0i32, 0);
+    for (index, c) in Unquoted::new(arguments) {
         match c {
-            '\'' | '`' | '"' => quote = Some(c),
             '(' => depth += 1,
             ')' => depth -= 1,
             ',' if depth == 0 => {
@@ -220,6 +209,52 @@ fn split_top_level(arguments: &str) -> Vec<String> {
         items.push(last.to_string());
     }
     items
+}
+
+/// The characters of SQL text that stand outside string literals and quoted names (`'…'`,
+/// `` `…` ``, `"…"`, with backslash escapes), with their byte offsets. An opening quote is
+/// yielded; what it quotes and its closing quote are not.
+struct Unquoted<'a> {
+    chars: std::str::CharIndices<'a>,
+    quote: Option<char>,
+    escaped: bool,
+}
+
+impl<'a> Unquoted<'a> {
+    fn new(text: &'a str) -> Self {
+        Unquoted {
+            chars: text.char_indices(),
+            quote: None,
+            escaped: false,
+        }
+    }
+
+    /// Whether the text read so far ends inside a quote.
+    fn in_quote(&self) -> bool {
+        self.quote.is_some()
+    }
+}
+
+impl Iterator for Unquoted<'_> {
+    type Item = (usize, char);
+
+    fn next(&mut self) -> Option<(usize, char)> {
+        for (index, c) in self.chars.by_ref() {
+            match self.quote {
+                Some(_) if self.escaped => self.escaped = false,
+                Some(_) if c == '\\' => self.escaped = true,
+                Some(q) if c == q => self.quote = None,
+                Some(_) => {}
+                None => {
+                    if matches!(c, '\'' | '`' | '"') {
+                        self.quote = Some(c);
+                    }
+                    return Some((index, c));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// A string literal for ClickHouse.
@@ -507,22 +542,10 @@ fn check_expression(clause: &'static str, expression: &str) -> Result<(), DdlErr
         return Err(fail("is empty"));
     }
     let mut depth: i32 = 0;
-    let mut quote: Option<char> = None;
-    let mut escaped = false;
     let mut previous = ' ';
-    for c in expression.chars() {
-        if let Some(q) = quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == q {
-                quote = None;
-            }
-            continue;
-        }
+    let mut scan = Unquoted::new(expression);
+    for (_, c) in scan.by_ref() {
         match c {
-            '\'' | '`' | '"' => quote = Some(c),
             '(' => depth += 1,
             ')' => {
                 depth -= 1;
@@ -537,7 +560,7 @@ fn check_expression(clause: &'static str, expression: &str) -> Result<(), DdlErr
         }
         previous = c;
     }
-    if quote.is_some() {
+    if scan.in_quote() {
         return Err(fail("has an unterminated quote"));
     }
     if depth != 0 {
@@ -549,6 +572,22 @@ fn check_expression(clause: &'static str, expression: &str) -> Result<(), DdlErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_text_is_skipped_with_its_escapes_and_split_only_at_top_level_commas() {
+        let outside: String = Unquoted::new(r#"f('a,\')', `b"c`) , "d" x"#)
+            .map(|(_, c)| c)
+            .collect();
+        assert_eq!(outside, r#"f(', `) , " x"#);
+        let mut open = Unquoted::new("g('still open");
+        open.by_ref().for_each(drop);
+        assert!(open.in_quote());
+        assert_eq!(
+            split_top_level(r#"'/p/{shard}', '{replica}', tuple(a, b), 'x,y'"#),
+            ["'/p/{shard}'", "'{replica}'", "tuple(a, b)", "'x,y'"]
+        );
+        assert!(split_top_level("  ").is_empty());
+    }
 
     fn spec(columns: Vec<ColumnSpec>) -> ClickHouseSpec {
         ClickHouseSpec {
