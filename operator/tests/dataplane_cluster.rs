@@ -11,18 +11,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use signal_model::{ClickHouseClusterSpec, ClickHouseSpec, ColumnSpec, DistributedTableSpec};
-use signal_operator::dataplane::table::{TableOutcome, drop_table, reconcile_table};
+use signal_operator::dataplane::table::drop_table;
 use signal_testkit::{ClickHouseCluster, ClickHouseServer};
-use support::{STEP_TIMEOUT, no_credentials, pipeline_spec, unique};
-
-async fn reconcile(spec: &ClickHouseSpec) -> TableOutcome {
-    tokio::time::timeout(
-        STEP_TIMEOUT,
-        reconcile_table(spec, &no_credentials().clickhouse, None),
-    )
-    .await
-    .expect("reconcile_table is bounded")
-}
+use support::{no_credentials, pipeline_spec, reconcile, unique};
 
 /// The shared test pipeline's table, replicated on `cluster`, with a Distributed table over it.
 fn cluster_spec(cluster: &ClickHouseCluster, label: &str) -> ClickHouseSpec {

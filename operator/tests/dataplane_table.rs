@@ -9,20 +9,9 @@
 mod support;
 
 use signal_model::{ClickHouseSpec, ColumnSpec};
-use signal_operator::dataplane::table::{TableOutcome, reconcile_table};
 use support::{
-    STEP_TIMEOUT, clickhouse_query, live_columns, no_credentials, shared_pipeline_spec,
-    table_exists, unique,
+    clickhouse_query, live_columns, reconcile, shared_pipeline_spec, table_exists, unique,
 };
-
-async fn reconcile(spec: &ClickHouseSpec) -> TableOutcome {
-    tokio::time::timeout(
-        STEP_TIMEOUT,
-        reconcile_table(spec, &no_credentials().clickhouse, None),
-    )
-    .await
-    .expect("reconcile_table is bounded")
-}
 
 fn table_spec(label: &str) -> ClickHouseSpec {
     shared_pipeline_spec(&unique(label)).clickhouse

@@ -98,11 +98,7 @@ impl ClickHouseServer {
 
     fn start_with(host: Ipv4Addr, tls: Option<ServerTls>) -> Result<ClickHouseServer> {
         let binary = binary::CLICKHOUSE.locate()?;
-        let dir = process::server_dir("clickhouse")?;
-        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
-            std::fs::create_dir_all(dir.path().join(sub))
-                .context(|| format!("creating {}", dir.path().join(sub).display()))?;
-        }
+        let dir = server_dir()?;
         let name = process::unique_name("signal-test-clickhouse");
         write_users(dir.path())?;
         let tls_files = match &tls {
@@ -150,11 +146,7 @@ impl ClickHouseServer {
     /// ports before any starts. A lost race for a port is returned, not retried.
     pub(crate) fn start_configured(ports: Ports, extra_config: &str) -> Result<ClickHouseServer> {
         let binary = binary::CLICKHOUSE.locate()?;
-        let dir = process::server_dir("clickhouse")?;
-        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
-            std::fs::create_dir_all(dir.path().join(sub))
-                .context(|| format!("creating {}", dir.path().join(sub).display()))?;
-        }
+        let dir = server_dir()?;
         let name = process::unique_name("signal-test-clickhouse");
         let host = Ipv4Addr::LOCALHOST;
         write_users(dir.path())?;
@@ -289,6 +281,16 @@ fn log_paths(dir: &Path) -> [PathBuf; 3] {
         dir.join("log/clickhouse-server.err.log"),
         dir.join("log/clickhouse-server.log"),
     ]
+}
+
+/// A new temporary directory for one server, with the subdirectories its config names.
+fn server_dir() -> Result<TempDir> {
+    let dir = process::server_dir("clickhouse")?;
+    for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+        std::fs::create_dir_all(dir.path().join(sub))
+            .context(|| format!("creating {}", dir.path().join(sub).display()))?;
+    }
+    Ok(dir)
 }
 
 fn launch(binary: &Path, dir: &Path) -> Result<Child> {

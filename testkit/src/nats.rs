@@ -351,15 +351,23 @@ fn jetstream_ready(
           PUB $JS.API.INFO _INBOX.signal_testkit 0\r\n\r\n",
     )?;
     reader.get_mut().flush()?;
+    Ok(read_reply(&mut reader)?.is_some_and(|payload| {
+        payload.contains("account_info_response") && !payload.contains("\"error\"")
+    }))
+}
+
+/// Reads protocol lines from `reader` (answering PINGs through it) until the first message:
+/// its payload, or `None` when the server sends `-ERR` or closes the connection.
+pub(crate) fn read_reply<S: Read + Write>(
+    reader: &mut BufReader<S>,
+) -> std::io::Result<Option<String>> {
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(false);
+        if reader.read_line(&mut line)? == 0 || line.starts_with("-ERR") {
+            return Ok(None);
         }
         if line.starts_with("PING") {
             reader.get_mut().write_all(b"PONG\r\n")?;
-        } else if line.starts_with("-ERR") {
-            return Ok(false);
         } else if let Some(rest) = line.strip_prefix("MSG ") {
             let len: usize = rest
                 .split_whitespace()
@@ -368,8 +376,8 @@ fn jetstream_ready(
                 .unwrap_or(0);
             let mut payload = vec![0; len + 2];
             reader.read_exact(&mut payload)?;
-            let payload = String::from_utf8_lossy(&payload);
-            return Ok(payload.contains("account_info_response") && !payload.contains("\"error\""));
+            payload.truncate(len);
+            return Ok(Some(String::from_utf8_lossy(&payload).into_owned()));
         }
     }
 }

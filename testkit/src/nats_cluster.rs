@@ -129,7 +129,7 @@ fn wait_jetstream(nodes: &[NatsServer]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpStream;
 
     /// One JetStream API request over the raw protocol; the reply payload.
@@ -149,8 +149,7 @@ mod tests {
     ) -> std::io::Result<String> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(timeout))?;
-        let mut reader = BufReader::new(stream.try_clone()?);
-        let mut writer = stream;
+        let mut reader = BufReader::new(stream);
         let mut line = String::new();
         reader.read_line(&mut line)?;
         let publish = if headers.is_empty() {
@@ -170,26 +169,9 @@ mod tests {
         let request = format!(
             "CONNECT {{\"verbose\":false,\"headers\":true}}\r\nSUB _INBOX.t 1\r\n{publish}"
         );
-        writer.write_all(request.as_bytes())?;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            if line.starts_with("PING") {
-                writer.write_all(b"PONG\r\n")?;
-            } else if let Some(rest) = line.strip_prefix("MSG ") {
-                let len: usize = rest
-                    .split_whitespace()
-                    .last()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0);
-                let mut payload = vec![0; len + 2];
-                reader.read_exact(&mut payload)?;
-                payload.truncate(len);
-                return Ok(String::from_utf8_lossy(&payload).into_owned());
-            }
-        }
+        reader.get_mut().write_all(request.as_bytes())?;
+        crate::nats::read_reply(&mut reader)?
+            .ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
     }
 
     #[test]

@@ -94,6 +94,21 @@ pub fn shared_pipeline_spec(name: &str) -> SignalPipelineSpec {
     pipeline_spec(name, &nats().url(), &clickhouse().http_url())
 }
 
+/// One reconcile of `spec`'s table without credentials or TLS, as the operator runs it, failing
+/// the test if it outlives [`STEP_TIMEOUT`].
+pub async fn reconcile(spec: &ClickHouseSpec) -> signal_operator::dataplane::table::TableOutcome {
+    tokio::time::timeout(
+        STEP_TIMEOUT,
+        signal_operator::dataplane::table::reconcile_table(
+            spec,
+            &no_credentials().clickhouse,
+            None,
+        ),
+    )
+    .await
+    .expect("reconcile_table is bounded")
+}
+
 /// No credentials: the test servers allow anonymous access.
 pub fn no_credentials() -> PipelineCredentials {
     PipelineCredentials::default()
