@@ -24,3 +24,24 @@ pub fn desired_consumer_config(pipeline_name: &str, spec: &SignalPipelineSpec) -
         ..Default::default()
     }
 }
+
+/// The consumer of partition `index` (`spec.workers.partitions`): the shared consumer's settings,
+/// named `<durable>-p<index>`, filtered on the partition and acknowledged with AckAll (its one
+/// lease holder acknowledges a whole stored batch with one ack of its last message).
+pub fn partition_consumer_config(
+    pipeline_name: &str,
+    spec: &SignalPipelineSpec,
+    scheme: &signal_model::partitions::PartitionScheme,
+    index: u32,
+) -> pull::Config {
+    pull::Config {
+        durable_name: Some(scheme.consumer_name(index)),
+        description: Some(format!(
+            "signal-operator pipeline {pipeline_name}, partition {index} of {}",
+            scheme.count
+        )),
+        filter_subject: scheme.filter_subject(index),
+        ack_policy: AckPolicy::All,
+        ..desired_consumer_config(pipeline_name, spec)
+    }
+}

@@ -6,7 +6,8 @@
 //! whether a live table matches them ([`live_schema`]), how a message becomes a RowBinary row
 //! ([`row_encoder`]), the DDL the operator runs ([`ddl`]), the Redis cache key template
 //! ([`cache_key`]), the dead-letter defaults ([`dead_letter`]), the worker health report
-//! ([`worker_health`]) and which TLS material reaches which server ([`tls`]). No I/O happens in
+//! ([`worker_health`]), which TLS material reaches which server ([`tls`]) and the partitioned
+//! consumers' subjects, names and lease rules ([`partitions`]). No I/O happens in
 //! this crate: reading files and the environment, and talking to servers, is `signal-clients`'
 //! part.
 
@@ -17,6 +18,7 @@ pub mod ddl;
 pub mod dead_letter;
 pub mod live_schema;
 pub mod manifest;
+pub mod partitions;
 pub mod quantity;
 pub mod row_encoder;
 pub mod server_version;

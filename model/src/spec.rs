@@ -501,6 +501,12 @@ pub struct WorkersSpec {
     /// Messages larger than this are poison (default `1Mi`).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: ByteSize,
+    /// Split the stream into this many partitions (1 to 64), each consumed by its own durable
+    /// consumer `<durable>-p<i>` and held by exactly one worker at a time (README, "Partitioned
+    /// consumers"). Requires one `stream.subjects` pattern with `*` wildcards only. When absent,
+    /// all workers share one consumer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
 }
 
 impl Default for WorkersSpec {
@@ -512,6 +518,7 @@ impl Default for WorkersSpec {
             resources: None,
             autoscale: None,
             max_message_bytes: default_max_message_bytes(),
+            partitions: None,
         }
     }
 }

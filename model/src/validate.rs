@@ -466,6 +466,7 @@ impl SignalPipelineSpec {
             );
         }
 
+        c.errors.extend(crate::partitions::problems(self));
         self.check_dead_letter(pipeline_name, &mut c);
         self.check_tls(&mut c);
 

@@ -111,6 +111,37 @@ impl HeldMessages {
         failed
     }
 
+    /// Acknowledges a stored batch on an AckAll consumer with one ack of `last` (its highest
+    /// stream sequence, which acknowledges every message up to it) and lets the batch go.
+    /// Returns whether the ack could be sent.
+    pub async fn acknowledge_through(
+        &self,
+        last: &Subject,
+        replies: &[Subject],
+        metrics: &Metrics,
+    ) -> bool {
+        let sent = self.send_each(std::slice::from_ref(last), &ACK).await == 0;
+        self.release(replies, metrics);
+        sent
+    }
+
+    /// How many held deliveries outside `batch` have a stream sequence at most `sequence`: on an
+    /// AckAll consumer, an ack through `sequence` would also settle them (e.g. poison whose dead
+    /// letter is not confirmed yet), so it has to wait until there are none.
+    pub fn held_outside_up_to(&self, sequence: u64, batch: &[Subject]) -> usize {
+        let held = self.lock();
+        let up_to = held
+            .sizes
+            .keys()
+            .filter(|key| stream_sequence(key.0.as_str()).is_some_and(|s| s <= sequence))
+            .count();
+        let of_batch = batch
+            .iter()
+            .filter(|reply| held.sizes.contains_key(reply.as_str()))
+            .count();
+        up_to.saturating_sub(of_batch)
+    }
+
     /// Terminates a dead-lettered message so JetStream never redelivers it, and lets it go.
     pub async fn terminate(&self, reply: &Subject, metrics: &Metrics) -> bool {
         let sent = self
@@ -156,6 +187,18 @@ impl HeldMessages {
     }
 }
 
+/// The stream sequence in a JetStream ack subject: `$JS.ACK.<stream>.<consumer>.<delivered>.
+/// <stream seq>.…` (9 tokens), or with a domain and account hash in front of the stream (12).
+pub fn stream_sequence(reply: &str) -> Option<u64> {
+    let tokens: Vec<&str> = reply.split('.').collect();
+    let index = match tokens.len() {
+        9 => 5,
+        n if n >= 11 => 7,
+        _ => return None,
+    };
+    tokens.get(index)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +222,34 @@ mod tests {
         held.release([&a], &metrics);
         assert_eq!((held.count(), metrics.held_bytes.get()), (1, 5));
         assert_eq!(metrics.held_bytes_max.get(), 15);
+    }
+
+    #[test]
+    fn stream_sequences_are_read_from_both_ack_subject_forms() {
+        assert_eq!(stream_sequence("$JS.ACK.S.C.1.42.40.1700000000.3"), Some(42));
+        assert_eq!(
+            stream_sequence("$JS.ACK.dom.hash.S.C.1.43.40.1700000000.3.rnd"),
+            Some(43)
+        );
+        assert_eq!(stream_sequence("$JS.ACK.a"), None);
+    }
+
+    #[tokio::test]
+    async fn held_deliveries_below_a_sequence_are_counted_outside_the_batch() {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("lazy client");
+        let held = HeldMessages::new(client);
+        let metrics = Metrics::new();
+        let ack = |seq: u64| Subject::from(format!("$JS.ACK.S.C.1.{seq}.{seq}.0.0"));
+        let batch = [ack(2), ack(4)];
+        for reply in [ack(1), ack(2), ack(3), ack(4), ack(9)] {
+            held.hold(&reply, 1, &metrics);
+        }
+        assert_eq!(held.held_outside_up_to(4, &batch), 2);
+        held.release([&ack(1), &ack(3)], &metrics);
+        assert_eq!(held.held_outside_up_to(4, &batch), 0);
     }
 }

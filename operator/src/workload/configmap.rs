@@ -30,6 +30,8 @@ pub fn manifest_yaml(pipeline: &SignalPipeline) -> Result<String, WorkloadError>
     spec.workers = WorkersSpec {
         batch: spec.workers.batch,
         max_message_bytes: spec.workers.max_message_bytes,
+        // The workers consume the partitions' consumers and hold their leases.
+        partitions: spec.workers.partitions,
         ..WorkersSpec::default()
     };
     Ok(PipelineManifest::new(&name, Some(&namespace), spec).to_yaml()?)
