@@ -6,7 +6,7 @@
 //! `part.<STREAM>.<p>.<subject>`, where `<p>` = `{{partition(N, wildcards...)}}` hashes every `*`
 //! token of the subject. On nats-server 2.10+ the stream does it itself (a subject transform); on
 //! 2.9 an account/server `mappings` entry does it before the stream sees the message. Partition
-//! `p` is consumed by the durable `<durable>-p<p>` filtered on `part.<STREAM>.<p>.>`, acknowledged
+//! `p` is consumed by the durable `<durable>-p<p>` filtered on `part.<STREAM>.<p>.<subject>`, acknowledged
 //! with AckAll by the one worker that holds the partition's lease.
 
 use std::time::Duration;
@@ -131,9 +131,11 @@ impl PartitionScheme {
         format!("{}-p{index}", self.durable)
     }
 
-    /// The filter subject of partition `index`'s consumer.
+    /// The filter subject of partition `index`'s consumer: `part.<STREAM>.<index>.<source
+    /// subject>` (nats-server 2.9 accepts a filter only if it lies within the stream's subjects,
+    /// so not `part.<STREAM>.<index>.>`).
     pub fn filter_subject(&self, index: u32) -> String {
-        format!("{}.{index}.>", self.prefix())
+        format!("{}.{index}.{}", self.prefix(), self.source_subject)
     }
 
     /// The KV bucket holding the partitions' leases and the live workers.
@@ -277,7 +279,7 @@ mod tests {
         let scheme = scheme(2, "sig.*");
         assert_eq!(scheme.consumer_name(0), "pipe-p0");
         assert_eq!(scheme.consumer_name(1), "pipe-p1");
-        assert_eq!(scheme.filter_subject(1), "part.SIGNALS.1.>");
+        assert_eq!(scheme.filter_subject(1), "part.SIGNALS.1.sig.*");
         assert_eq!(scheme.lease_bucket(), "partitions-SIGNALS-pipe");
         assert_eq!(lease_key(1), "lease.p1");
         assert_eq!(member_key("w-1"), "member.w-1");

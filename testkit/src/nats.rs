@@ -50,7 +50,19 @@ impl NatsServer {
     /// Like [`NatsServer::start`], serving TLS only with `tls`'s certificate; [`Self::url`] is
     /// `tls://127.0.0.1:PORT`.
     pub fn start_with_tls(tls: ServerTls) -> Result<NatsServer> {
-        NatsServer::start_with(Ipv4Addr::LOCALHOST, Some(tls))
+        NatsServer::start_with(Ipv4Addr::LOCALHOST, Some(tls), None)
+    }
+
+    /// Like [`NatsServer::start`], with subject mappings in the server's configuration
+    /// (`mappings { "src": "dest" }`, applied to the global account), as partitioned consumers
+    /// need on nats-server 2.9.
+    pub fn start_with_mappings(mappings: &[(String, String)]) -> Result<NatsServer> {
+        let lines: Vec<String> = mappings
+            .iter()
+            .map(|(source, destination)| format!("  \"{source}\": \"{destination}\""))
+            .collect();
+        let config = format!("mappings {{\n{}\n}}\n", lines.join("\n"));
+        NatsServer::start_with(Ipv4Addr::LOCALHOST, None, Some(&config))
     }
 
     /// Starts a new server on a free port with its own JetStream store in a temporary directory.
@@ -62,12 +74,26 @@ impl NatsServer {
     /// a [`KubeNode`](crate::KubeNode)'s bridge address, which the pods and this machine both
     /// reach); [`Self::url`] names `host`.
     pub fn start_on(host: Ipv4Addr) -> Result<NatsServer> {
-        NatsServer::start_with(host, None)
+        NatsServer::start_with(host, None, None)
     }
 
-    fn start_with(host: Ipv4Addr, tls: Option<ServerTls>) -> Result<NatsServer> {
+    fn start_with(
+        host: Ipv4Addr,
+        tls: Option<ServerTls>,
+        config: Option<&str>,
+    ) -> Result<NatsServer> {
         let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
+        // A configuration file for what has no command-line flag; flags still set the rest.
+        let extra_args = match config {
+            Some(text) => {
+                let path = dir.path().join("extra.conf");
+                std::fs::write(&path, text)
+                    .context(|| format!("writing {}", path.display()))?;
+                vec!["-c".to_string(), path.display().to_string()]
+            }
+            None => Vec::new(),
+        };
         let name = process::unique_name("signal-test-nats");
         let tls = match tls {
             Some(tls) => {
@@ -81,7 +107,17 @@ impl NatsServer {
             let port = reserve_port()?;
             let _ = std::fs::remove_file(log_path(dir.path()));
             let process = ServerProcess::start(
-                || launch(&binary, dir.path(), &name, host, port.port(), tls_ref, &[]),
+                || {
+                    launch(
+                        &binary,
+                        dir.path(),
+                        &name,
+                        host,
+                        port.port(),
+                        tls_ref,
+                        &extra_args,
+                    )
+                },
                 |child| wait_ready(child, dir.path(), &name, host, port.port(), tls_ref),
             )?;
             Ok((port, process))
@@ -91,7 +127,7 @@ impl NatsServer {
             host,
             name,
             port,
-            extra_args: Vec::new(),
+            extra_args,
             process,
             tls,
             dir,

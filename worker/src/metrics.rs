@@ -16,6 +16,12 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// The `partition` label of the partition metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: u32,
+}
+
 /// Every metric the worker exports (names get the `signal_worker_` prefix).
 pub struct Metrics {
     pub messages_received: Counter,
@@ -34,6 +40,8 @@ pub struct Metrics {
     pub blocked: Family<ReasonLabel, Gauge>,
     pub inserts_rejected: Counter,
     pub dead_letters_unroutable: Counter,
+    /// 1 for each partition whose lease this worker holds (`spec.workers.partitions`).
+    pub partitions_held: Family<PartitionLabel, Gauge>,
     /// The poison counters of the known labels, so that counting one allocates nothing.
     poison_by_label: Vec<(&'static str, Counter)>,
     registry: Registry,
@@ -59,6 +67,7 @@ impl Metrics {
             blocked: Family::default(),
             inserts_rejected: Counter::default(),
             dead_letters_unroutable: Counter::default(),
+            partitions_held: Family::default(),
             poison_by_label: Vec::new(),
             registry: Registry::default(),
         };
@@ -111,6 +120,11 @@ impl Metrics {
             "redis_skipped",
             "Cache updates dropped because Redis was too slow to keep up (batches)",
             metrics.redis_skipped.clone(),
+        );
+        registry.register(
+            "partition_held",
+            "1 while this worker holds the partition's lease (partitioned consumers)",
+            metrics.partitions_held.clone(),
         );
         registry.register(
             "consumer_lag",

@@ -13,6 +13,7 @@ use signal_clients::retry::Backoff;
 use signal_model::SignalPipelineSpec;
 use signal_model::credentials::PipelineCredentials;
 use signal_model::manifest::PipelineManifest;
+use signal_model::partitions::PartitionScheme;
 use signal_model::row_encoder::RowEncoder;
 use signal_model::worker_health::health_subject;
 use signal_telemetry::http;
@@ -43,9 +44,9 @@ pub struct WorkerOptions {
 /// Bound on hand-overs of dead letters (up to 64 each) queued between the puller and the router;
 /// the router itself keeps at most [`crate::dead_letter::MAX_IN_FLIGHT`] (and about a batch's
 /// bytes) in flight.
-const DEAD_LETTER_QUEUE: usize = 1;
+pub(crate) const DEAD_LETTER_QUEUE: usize = 1;
 /// Room for a pull's subject, reply subject and protocol framing besides the message.
-const PULL_FRAMING_BYTES: usize = 4096;
+pub(crate) const PULL_FRAMING_BYTES: usize = 4096;
 
 /// The dead-letter subject of a pipeline: `spec.deadLetter.subject`, or the model's default (the
 /// operator writes it resolved into the manifest; a hand-written manifest gets the same default).
@@ -70,7 +71,7 @@ pub enum WorkerError {
 }
 
 /// Retries `attempt` with backoff until it succeeds or `shutdown` fires (then `None`).
-async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+pub(crate) async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
     what: &str,
     shutdown: &CancellationToken,
     mut attempt: impl FnMut() -> F,
@@ -187,6 +188,30 @@ pub async fn run(
     };
     let _ = nats_slot.set(nats.clone());
     let js = jetstream::new(nats.clone());
+
+    if let Some(scheme) = PartitionScheme::of(spec, pipeline) {
+        let result = run_partitioned(
+            crate::partitioned::Shared {
+                pipeline: pipeline.to_string(),
+                spec: spec.clone(),
+                scheme,
+                credentials,
+                nats: nats.clone(),
+                js,
+                metrics,
+                health,
+                clickhouse_healthy,
+                cache: None,
+                ensure_consumer,
+            },
+            &worker_name,
+            &shutdown,
+        )
+        .await;
+        http_stop.cancel();
+        let _ = http_task.await;
+        return result;
+    }
 
     let consumer_config = desired_consumer_config(pipeline, spec);
     let Some((consumer, stream_created_unix_nanos)) = until_ok(
@@ -314,6 +339,7 @@ pub async fn run(
         dead_letters: letter_sender,
         held: held.clone(),
         metrics: metrics.clone(),
+        partitioned: false,
     };
     let (request_sender, request_receiver) = mpsc::channel::<BatchRequest>(1);
     let puller_task = tokio::spawn(puller.run(request_receiver, shutdown.clone()));
@@ -346,6 +372,50 @@ pub async fn run(
     http_stop.cancel();
     let _ = http_task.await;
     tracing::info!(pipeline, "stopped");
+    Ok(())
+}
+
+/// Partitioned mode ([`crate::partitioned`]): the health reports and the Redis cache, shared by
+/// every partition held, around the partitions' coordinator.
+async fn run_partitioned(
+    mut shared: crate::partitioned::Shared,
+    worker_name: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let background_stop = CancellationToken::new();
+    let reporter = {
+        let health = shared.health.clone();
+        let stop = background_stop.clone();
+        let subject = health_subject(
+            &shared.spec.stream.name,
+            &shared.scheme.durable,
+            worker_name,
+        );
+        let js = shared.js.clone();
+        let worker_name = worker_name.to_string();
+        tokio::spawn(async move { health.publish_reports(js, subject, worker_name, stop).await })
+    };
+    let cache_task = match &shared.spec.cache {
+        Some(cache_spec) => {
+            let (queue, task) = cache::start(
+                cache_spec,
+                &shared.credentials.redis,
+                shared.credentials.tls.redis.as_ref(),
+                shared.metrics.clone(),
+                shared.health.clone(),
+            )
+            .map_err(|error| WorkerError::Cache(format!("redis.url: {error}")))?;
+            shared.cache = Some(queue);
+            Some(task)
+        }
+        None => None,
+    };
+    crate::partitioned::run(shared, worker_name, shutdown).await;
+    background_stop.cancel();
+    let _ = reporter.await;
+    if let Some(task) = cache_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use signal_clients::retry::Backoff;
+use signal_model::partitions::PartitionScheme;
 use signal_model::row_encoder::{HeaderLookup, MessageMeta, RowEncoder};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +65,8 @@ pub struct Puller {
     pub dead_letters: mpsc::Sender<Vec<DeadLetter>>,
     pub held: Arc<HeldMessages>,
     pub metrics: Arc<Metrics>,
+    /// Partitioned consumers: `@subject` is the published subject, without the partition prefix.
+    pub partitioned: bool,
 }
 
 enum Step {
@@ -301,7 +304,11 @@ impl Puller {
         let encoded = {
             let headers = message.headers.as_ref().map(Headers);
             let meta = MessageMeta {
-                subject: message.subject.as_str(),
+                subject: if self.partitioned {
+                    PartitionScheme::published_subject(message.subject.as_str())
+                } else {
+                    message.subject.as_str()
+                },
                 stream_sequence: sequence,
                 timestamp_nanos,
                 headers: headers.as_ref().map(|h| h as &dyn HeaderLookup),

@@ -107,13 +107,21 @@ impl TestEnv {
         Self::start_with(true)
     }
 
+    /// Starts ClickHouse next to `nats` (e.g. a server with subject mappings).
+    pub fn start_with_nats(nats: NatsServer) -> TestEnv {
+        Self::start_around(nats, false)
+    }
+
     fn start_with(with_redis: bool) -> TestEnv {
+        Self::start_around(NatsServer::start().expect("nats-server"), with_redis)
+    }
+
+    fn start_around(nats: NatsServer, with_redis: bool) -> TestEnv {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
-        let nats = NatsServer::start().expect("nats-server");
         let clickhouse = ClickHouseServer::start().expect("clickhouse-server");
         let redis = with_redis.then(|| RedisServer::start().expect("redis-server"));
         let client = runtime

@@ -1,0 +1,476 @@
+//! The worker in partitioned mode (`spec.workers.partitions`): hold a fair share of the partition
+//! leases ([`crate::partition_lease`]) and run one ingest per held partition, on that partition's
+//! AckAll consumer.
+//!
+//! Every `RENEW_EVERY` the coordinator renews its membership and its leases, gives back the
+//! leases above its fair share (stopping their ingest first), and takes free ones up to it. A
+//! partition's ingest is the usual puller, writer and dead-letter router, with three differences
+//! that make one owner's AckAll safe:
+//! - it stops pulling at its lease's pull fence and sends no ack after its ack fence, so a lease
+//!   that could not be renewed stops the partition before another worker can take it;
+//! - a stored batch is acknowledged with one ack of its highest sequence, once nothing else this
+//!   worker holds below it (poison awaiting its dead letter) is unsettled;
+//! - on taking over a consumer with deliveries still pending (the previous holder died or left
+//!   messages unsettled), it waits for them to fall due for redelivery before pulling, so they
+//!   come back to it before anything newer it could acknowledge past them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use signal_clients::connect;
+use signal_clients::consumer_config::partition_consumer_config;
+use signal_model::SignalPipelineSpec;
+use signal_model::credentials::PipelineCredentials;
+use signal_model::partitions::{LeaseTiming, PartitionScheme, RENEW_EVERY, claim_order, fair_share};
+use signal_model::row_encoder::RowEncoder;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::BatchLimits;
+use crate::cache::{CacheLayout, CacheQueue};
+use crate::clickhouse_sink::{ClickHouseSink, SinkTarget};
+use crate::dead_letter::DeadLetterRouter;
+use crate::health::Health;
+use crate::held_messages::HeldMessages;
+use crate::metrics::{Metrics, PartitionLabel};
+use crate::partition_lease::{Fence, Lease, LeaseBoard, instance_name, takeover_wait};
+use crate::pipeline::{DEAD_LETTER_QUEUE, PULL_FRAMING_BYTES, dead_letter_subject, until_ok};
+use crate::source::{BatchRequest, Puller};
+
+/// What every partition's ingest shares.
+pub struct Shared {
+    pub pipeline: String,
+    pub spec: SignalPipelineSpec,
+    pub scheme: PartitionScheme,
+    pub credentials: PipelineCredentials,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub clickhouse_healthy: Arc<AtomicBool>,
+    pub cache: Option<CacheQueue>,
+    pub ensure_consumer: bool,
+}
+
+/// A partition held by this worker and its running ingest.
+struct Held {
+    lease: Lease,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Holds partitions and ingests them until `shutdown`; then stops every ingest, lets the leases
+/// go and leaves the members.
+pub async fn run(shared: Shared, worker_name: &str, shutdown: &CancellationToken) {
+    let shared = Arc::new(shared);
+    let timing = LeaseTiming::for_max_wait(shared.spec.workers.batch.max_wait.0);
+    let instance = instance_name(worker_name);
+    let bucket = shared.scheme.lease_bucket();
+    let Some(board) = until_ok("lease bucket not available; retrying", shutdown, || {
+        LeaseBoard::open(&shared.js, &bucket, instance.clone(), timing)
+    })
+    .await
+    else {
+        return;
+    };
+    tracing::info!(
+        instance = board.instance(),
+        partitions = shared.scheme.count,
+        bucket,
+        "partitioned: holding a fair share of the partitions"
+    );
+    let mut held: BTreeMap<u32, Held> = BTreeMap::new();
+    let mut ticks = tokio::time::interval(RENEW_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        if let Err(error) = board.register().await {
+            tracing::warn!(%error, "membership not renewed");
+        }
+        renew_or_drop(&board, &mut held, &shared).await;
+        let live = match board.live_members().await {
+            Ok(live) => live,
+            Err(error) => {
+                tracing::warn!(%error, "cannot count the live workers; keeping what is held");
+                continue;
+            }
+        };
+        let share = fair_share(shared.scheme.count, live) as usize;
+        // Above the fair share: give back the highest partitions, each stopped before its lease
+        // goes, so a newcomer gets them.
+        while held.len() > share {
+            let Some((partition, surplus)) = held.pop_last() else {
+                break;
+            };
+            tracing::info!(partition, share, live, "giving a partition back");
+            let_go(&board, surplus, &shared).await;
+        }
+        for partition in claim_order(board.instance(), shared.scheme.count) {
+            if held.len() >= share {
+                break;
+            }
+            if held.contains_key(&partition) {
+                continue;
+            }
+            match board.try_acquire(partition).await {
+                Ok(Some(lease)) => {
+                    tracing::info!(partition, "partition acquired");
+                    let stop = shutdown.child_token();
+                    let task = tokio::spawn(ingest_partition(
+                        shared.clone(),
+                        partition,
+                        lease.fence.clone(),
+                        stop.clone(),
+                    ));
+                    set_held(&shared.metrics, partition, true);
+                    held.insert(partition, Held { lease, stop, task });
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, partition, "cannot take the partition"),
+            }
+        }
+    }
+    for (_, partition) in std::mem::take(&mut held) {
+        let_go(&board, partition, &shared).await;
+    }
+    board.deregister().await;
+}
+
+fn set_held(metrics: &Metrics, partition: u32, on: bool) {
+    metrics
+        .partitions_held
+        .get_or_create(&PartitionLabel { partition })
+        .set(i64::from(on));
+}
+
+/// Renews every held lease. An ingest that ended (an insert it could not finish, its fence
+/// passed) gives its lease back; a lease that someone else holds now (it expired) is dropped.
+async fn renew_or_drop(board: &LeaseBoard, held: &mut BTreeMap<u32, Held>, shared: &Shared) {
+    let partitions: Vec<u32> = held.keys().copied().collect();
+    for partition in partitions {
+        let Some(entry) = held.get_mut(&partition) else {
+            continue;
+        };
+        if entry.task.is_finished() {
+            if let Some(ended) = held.remove(&partition) {
+                tracing::warn!(partition, "partition ingest ended; giving the partition back");
+                let_go(board, ended, shared).await;
+            }
+            continue;
+        }
+        if let Err(error) = board.renew(&mut entry.lease).await {
+            if entry.lease.fence.may_ack() {
+                tracing::warn!(%error, partition, "lease not renewed; retrying before its fence");
+            } else if let Some(lost) = held.remove(&partition) {
+                // Past the fence the ingest has stopped acknowledging; the lease is gone.
+                tracing::warn!(%error, partition, "lease lost");
+                lost.stop.cancel();
+                let _ = lost.task.await;
+                set_held(&shared.metrics, partition, false);
+            }
+        }
+    }
+}
+
+/// Stops a partition's ingest (its last batch stored and acknowledged, its last pull expired)
+/// and releases its lease.
+async fn let_go(board: &LeaseBoard, partition: Held, shared: &Shared) {
+    partition.stop.cancel();
+    let _ = partition.task.await;
+    let index = partition.lease.partition;
+    board.release(partition.lease).await;
+    set_held(&shared.metrics, index, false);
+}
+
+/// Runs one partition's ingest until `stop` or its fence; logs why it ended.
+async fn ingest_partition(
+    shared: Arc<Shared>,
+    partition: u32,
+    fence: Arc<Fence>,
+    stop: CancellationToken,
+) {
+    match ingest(&shared, partition, &fence, &stop).await {
+        Ok(()) => tracing::info!(partition, "partition ingest stopped"),
+        Err(error) => tracing::error!(partition, %error, "partition ingest failed"),
+    }
+    // The last pull request may still deliver until it expires; the lease is given back only
+    // after, so the next holder sees those deliveries as pending (and waits for them).
+    let expiry = shared.spec.workers.batch.max_wait.0 + Duration::from_secs(1);
+    tokio::time::sleep(expiry).await;
+}
+
+async fn partition_consumer(
+    shared: &Shared,
+    partition: u32,
+    stop: &CancellationToken,
+) -> Option<PullConsumer> {
+    let name = shared.scheme.consumer_name(partition);
+    until_ok("partition consumer not available yet; retrying", stop, || async {
+        let stream = shared
+            .js
+            .get_stream(&shared.spec.stream.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        if shared.ensure_consumer {
+            let config =
+                partition_consumer_config(&shared.pipeline, &shared.spec, &shared.scheme, partition);
+            stream
+                .get_or_create_consumer(&name, config)
+                .await
+                .map_err(|e| format!("consumer {name}: {e}"))
+        } else {
+            stream
+                .get_consumer(&name)
+                .await
+                .map_err(|e| format!("consumer {name}: {e}"))
+        }
+    })
+    .await
+}
+
+async fn ingest(
+    shared: &Shared,
+    partition: u32,
+    fence: &Arc<Fence>,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let spec = &shared.spec;
+    let Some(mut consumer) = partition_consumer(shared, partition, stop).await else {
+        return Ok(());
+    };
+    let info = consumer.info().await.map_err(|e| e.to_string())?.clone();
+    let ack_wait = info.config.ack_wait;
+    let max_deliver = info.config.max_deliver;
+    if info.num_ack_pending > 0 {
+        let wait = takeover_wait(ack_wait);
+        tracing::info!(
+            partition,
+            pending = info.num_ack_pending,
+            wait_ms = wait.as_millis() as u64,
+            "deliveries of the previous holder are pending; waiting for them to fall due"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
+    let stream_created_unix_nanos = shared
+        .js
+        .get_stream(&spec.stream.name)
+        .await
+        .map_err(|e| e.to_string())?
+        .cached_info()
+        .created
+        .unix_timestamp_nanos();
+
+    let encoder = RowEncoder::new(
+        &spec.clickhouse.columns,
+        spec.workers.max_message_bytes.0 as usize,
+    )
+    .map_err(|errors| format!("{} column errors", errors.len()))?;
+    let column_names: Vec<&str> = encoder.column_names().collect();
+    let cache_layout = spec
+        .cache
+        .as_ref()
+        .map(|cache| CacheLayout::new(cache, &column_names))
+        .transpose()?;
+
+    let pull_stop = stop.child_token();
+    let keep_alive_stop = CancellationToken::new();
+    let held = Arc::new(HeldMessages::new(shared.nats.clone()));
+    let keep_alive = {
+        let held = held.clone();
+        let stop = keep_alive_stop.clone();
+        tokio::spawn(async move {
+            held.keep_alive((ack_wait / 3).max(Duration::from_millis(200)), stop)
+                .await
+        })
+    };
+    let fence_watch = tokio::spawn(watch_fence(
+        partition,
+        fence.clone(),
+        pull_stop.clone(),
+        keep_alive_stop.clone(),
+    ));
+    let (letter_sender, letter_receiver) = mpsc::channel(DEAD_LETTER_QUEUE);
+    let router = DeadLetterRouter {
+        subject: Some(dead_letter_subject(spec, &shared.pipeline)),
+        stream: spec.stream.name.clone(),
+        stream_created_unix_nanos,
+        jetstream: Arc::new(shared.js.clone()),
+        held: held.clone(),
+        health: shared.health.clone(),
+        metrics: shared.metrics.clone(),
+        max_bytes_in_flight: spec.workers.batch.max_bytes.0 as usize,
+    };
+    let router_task = tokio::spawn(router.run(letter_receiver, pull_stop.clone()));
+    let replicas = spec
+        .clickhouse
+        .urls()
+        .into_iter()
+        .map(|url| {
+            let client = connect::clickhouse(
+                url,
+                &shared.credentials.clickhouse,
+                shared.credentials.tls.clickhouse.as_ref(),
+            )?;
+            Ok((url.to_string(), client))
+        })
+        .collect::<Result<Vec<_>, connect::ConnectError>>()
+        .map_err(|e| e.to_string())?;
+    let sink = ClickHouseSink::new(
+        replicas,
+        SinkTarget {
+            database: &spec.clickhouse.database,
+            table: spec.clickhouse.write_table(),
+            distributed: spec.clickhouse.write_table() != spec.clickhouse.table,
+            columns: &spec.clickhouse.columns,
+            column_list: &encoder.column_list(),
+            stream: &spec.stream.name,
+            stream_created_unix_nanos,
+        },
+        shared.metrics.clone(),
+        shared.health.clone(),
+        letter_sender.clone(),
+        shared.clickhouse_healthy.clone(),
+    );
+    let puller = Puller {
+        consumer,
+        encoder,
+        cache: cache_layout,
+        limits: BatchLimits::from(&spec.workers.batch),
+        min_pull_bytes: shared.nats.server_info().max_payload + PULL_FRAMING_BYTES,
+        max_deliver,
+        dead_letters: letter_sender,
+        held: held.clone(),
+        metrics: shared.metrics.clone(),
+        partitioned: true,
+    };
+    let (request_sender, request_receiver) = mpsc::channel::<BatchRequest>(1);
+    let puller_task = tokio::spawn(puller.run(request_receiver, pull_stop.clone()));
+    tracing::info!(partition, "ingesting the partition");
+    let outcome = write_loop(
+        &sink,
+        &held,
+        request_sender,
+        shared.cache.as_ref(),
+        &shared.metrics,
+        &pull_stop,
+        fence,
+        ack_wait,
+    )
+    .await;
+    pull_stop.cancel();
+    let _ = puller_task.await;
+    drop(sink);
+    let _ = router_task.await;
+    keep_alive_stop.cancel();
+    let _ = keep_alive.await;
+    fence_watch.abort();
+    if let Err(error) = shared.nats.flush().await {
+        tracing::warn!(%error, "flushing acknowledgements to NATS failed");
+    }
+    outcome
+}
+
+/// Stops pulling at the lease's pull fence and keeping messages alive at its ack fence, unless
+/// renewals move them first.
+async fn watch_fence(
+    partition: u32,
+    fence: Arc<Fence>,
+    pull_stop: CancellationToken,
+    keep_alive_stop: CancellationToken,
+) {
+    for (deadline, stop, what) in [
+        (
+            Fence::pull_deadline as fn(&Fence) -> Instant,
+            &pull_stop,
+            "pulling",
+        ),
+        (Fence::ack_deadline, &keep_alive_stop, "acknowledging"),
+    ] {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline(&fence)) => {}
+                _ = stop.cancelled() => break,
+            }
+            if Instant::now() >= deadline(&fence) {
+                tracing::warn!(partition, "lease not renewed in time: the partition stops {what}");
+                stop.cancel();
+                break;
+            }
+        }
+    }
+}
+
+/// Asks the puller for batches, stores each and acknowledges it with one AckAll, within the fence.
+#[allow(clippy::too_many_arguments)]
+async fn write_loop(
+    sink: &ClickHouseSink,
+    held: &HeldMessages,
+    requests: mpsc::Sender<BatchRequest>,
+    cache: Option<&CacheQueue>,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+    fence: &Fence,
+    ack_wait: Duration,
+) -> Result<(), String> {
+    loop {
+        let (reply, batch) = oneshot::channel();
+        if requests.send(reply).await.is_err() {
+            return Ok(());
+        }
+        let Ok(mut batch) = batch.await else {
+            return Ok(());
+        };
+        if let Err(error) = sink.store(&mut batch, stop).await {
+            held.release(&batch.settle.replies, metrics);
+            return Err(format!("batch not stored, left for redelivery: {error}"));
+        }
+        let replies = &batch.settle.replies;
+        let Some((last_index, &last_sequence)) = batch
+            .settle
+            .sequences
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, sequence)| **sequence)
+        else {
+            continue;
+        };
+        // An ack through `last_sequence` settles everything below it: wait for the poison this
+        // worker holds below it to be dead-lettered first.
+        let waiting_since = Instant::now();
+        while held.held_outside_up_to(last_sequence, replies) > 0 {
+            if !fence.may_ack() || waiting_since.elapsed() > ack_wait {
+                held.release(replies, metrics);
+                return Err(format!(
+                    "deliveries below sequence {last_sequence} stayed unsettled; batch left for redelivery"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !fence.may_ack() {
+            held.release(replies, metrics);
+            return Err("lease fence passed before the batch was acknowledged; it will be redelivered".into());
+        }
+        if !held
+            .acknowledge_through(&replies[last_index], replies, metrics)
+            .await
+        {
+            tracing::warn!("acknowledgement not sent; the batch may be redelivered");
+        }
+        metrics.rows_inserted.inc_by(batch.settle.replies.len() as u64);
+        metrics.batches_inserted.inc();
+        if let Some(cache) = cache {
+            cache.offer(std::mem::take(&mut batch.cache));
+        }
+    }
+}
