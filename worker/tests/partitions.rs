@@ -1,22 +1,24 @@
 //! Partitioned consumers against real servers: nats-server 2.9 with the partition mapping in its
 //! configuration, ClickHouse, and `signal-worker` binaries holding partition leases.
 //!
-//! Every delivery of every partition consumer is observed on the wire (the workers' inboxes), so
-//! the tests can tell which worker process received each partition's messages, and when.
+//! Every write to a partition lease is observed on the wire, so the tests can tell that a
+//! partition passed from one worker to another only once the first had let it go or its lease
+//! had expired; the table tells that nothing was lost.
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::stream;
+use async_nats::jetstream::{kv, stream};
 use common::{BinaryWorker, TestEnv, sample_columns, wait_for};
 use futures::StreamExt;
 use signal_model::manifest::PipelineManifest;
-use signal_model::partitions::PartitionScheme;
+use signal_model::partitions::{LeaseTiming, PartitionScheme};
 use signal_model::{HumanDuration, ddl};
 use signal_testkit::NatsServer;
+use signal_worker::partition_lease::LeaseBoard;
 
 /// Distinct publish subjects (`<name>.k<N>`), hashed into the partitions.
 const KEYS: u64 = 64;
@@ -113,68 +115,61 @@ fn poison_in(indices: std::ops::Range<u64>) -> u64 {
     indices.filter(|i| is_poison(*i)).count() as u64
 }
 
-/// Deliveries seen on the wire, per partition consumer: (receiving client, arrival) in order.
-type Deliveries = Arc<Mutex<BTreeMap<String, Vec<(String, Instant)>>>>;
+/// Every write to a partition lease the bucket stored, in order: (key, holder or `None` for a
+/// release, the server's store time in nanoseconds).
+type LeaseWrites = Arc<Mutex<Vec<(String, Option<String>, i128)>>>;
 
-/// Watches every delivery to an `_INBOX` (the workers' pull replies): the consumer is in the ack
-/// subject (`$JS.ACK.<stream>.<consumer>.…`), the client in the inbox (`_INBOX.<client>.…`).
-fn watch_deliveries(env: &TestEnv) -> Deliveries {
-    let seen: Deliveries = Arc::default();
-    let mut subscription = env
-        .runtime
-        .block_on(env.client.subscribe("_INBOX.>"))
-        .expect("subscribe to the inboxes");
-    env.runtime.block_on(env.client.flush()).expect("flush");
-    let sink = seen.clone();
+/// Watches the lease keys as the bucket stores them (the bucket is created first, as the
+/// workers would).
+fn watch_leases(env: &TestEnv, manifest: &PipelineManifest) -> LeaseWrites {
+    let writes: LeaseWrites = Arc::default();
+    let bucket = scheme(manifest).lease_bucket();
+    let timing = LeaseTiming::for_max_wait(manifest.spec.workers.batch.max_wait.0);
+    let mut watch = env.runtime.block_on(async {
+        LeaseBoard::open(&env.jetstream, &bucket, "test".into(), timing)
+            .await
+            .expect("lease bucket");
+        let store = env.jetstream.get_key_value(&bucket).await.expect("lease store");
+        store.watch("lease.>").await.expect("watch the leases")
+    });
+    let sink = writes.clone();
     env.runtime.spawn(async move {
-        while let Some(message) = subscription.next().await {
-            let Some(reply) = &message.reply else { continue };
-            let tokens: Vec<&str> = reply.split('.').collect();
-            if tokens.len() < 4 || tokens[0] != "$JS" || tokens[1] != "ACK" {
-                continue;
-            }
-            let client = message.subject.split('.').nth(1).unwrap_or("").to_string();
-            sink.lock()
-                .expect("deliveries")
-                .entry(tokens[3].to_string())
-                .or_default()
-                .push((client, Instant::now()));
+        while let Some(Ok(entry)) = watch.next().await {
+            let holder = (entry.operation == kv::Operation::Put)
+                .then(|| String::from_utf8_lossy(&entry.value).into_owned());
+            sink.lock().expect("lease writes").push((
+                entry.key,
+                holder,
+                entry.created.unix_timestamp_nanos(),
+            ));
         }
     });
-    seen
+    writes
 }
 
-/// Each partition consumer's receiving clients in order, consecutive repeats merged: a client
-/// that appears twice got deliveries of the partition before and after another client did, i.e.
-/// two workers consumed one partition at once.
-fn owners(deliveries: &Deliveries) -> BTreeMap<String, Vec<String>> {
-    deliveries
-        .lock()
-        .expect("deliveries")
-        .iter()
-        .map(|(consumer, seen)| {
-            let mut runs: Vec<String> = Vec::new();
-            for (client, _) in seen {
-                if runs.last() != Some(client) {
-                    runs.push(client.clone());
-                }
-            }
-            (consumer.clone(), runs)
-        })
-        .collect()
-}
-
-fn assert_never_doubled(deliveries: &Deliveries) {
-    for (consumer, runs) in owners(deliveries) {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        for client in &runs {
-            *counts.entry(client).or_default() += 1;
+/// A lease passes from one holder to another only after the first released it or stopped
+/// renewing it for the lease's whole TTL (when the server expires it): never two holders at once.
+fn assert_never_doubled(writes: &LeaseWrites, manifest: &PipelineManifest) {
+    let ttl = LeaseTiming::for_max_wait(manifest.spec.workers.batch.max_wait.0).ttl;
+    let writes = writes.lock().expect("lease writes");
+    let mut last: HashMap<&str, (Option<&str>, i128)> = HashMap::new();
+    let mut handovers = 0;
+    for (key, holder, at) in writes.iter() {
+        if let (Some(new), Some((Some(previous), previous_at))) =
+            (holder.as_deref(), last.get(key.as_str()))
+            && new != *previous
+        {
+            let gap = Duration::from_nanos(u64::try_from(at - previous_at).unwrap_or(0));
+            assert!(
+                gap >= ttl,
+                "{key} went from {previous} to {new} after {gap:?}, within the TTL {ttl:?}"
+            );
+            handovers += 1;
         }
-        assert!(
-            counts.values().all(|n| *n == 1),
-            "{consumer} was consumed by interleaved clients: {runs:?}"
-        );
+        last.insert(key, (holder.as_deref(), *at));
     }
+    assert!(!writes.is_empty(), "lease writes were observed");
+    eprintln!("{} lease writes, {handovers} taken over after expiry", writes.len());
 }
 
 fn dead_letters(env: &TestEnv, manifest: &PipelineManifest) -> u64 {
@@ -205,7 +200,7 @@ fn partitions_held(worker: &BinaryWorker, partitions: u32) -> Vec<u32> {
 fn two_workers_share_three_partitions_and_store_every_message_once() {
     let name = "parta";
     let (env, manifest) = start(name, 3);
-    let deliveries = watch_deliveries(&env);
+    let leases = watch_leases(&env, &manifest);
     let first = env.spawn_binary(&manifest, "w1");
     let second = env.spawn_binary(&manifest, "w2");
     let total = 12_000;
@@ -246,7 +241,7 @@ fn two_workers_share_three_partitions_and_store_every_message_once() {
             assert!(info.delivered.stream_sequence > 0, "partition {partition} received messages");
         }
     });
-    assert_never_doubled(&deliveries);
+    assert_never_doubled(&leases, &manifest);
     drop((first, second));
 }
 
@@ -255,7 +250,7 @@ fn a_sigkilled_partition_owner_loses_nothing_and_its_partitions_move_once() {
     let name = "partk";
     let partitions = 2;
     let (env, manifest) = start(name, partitions);
-    let deliveries = watch_deliveries(&env);
+    let leases = watch_leases(&env, &manifest);
     let mut victim = env.spawn_binary(&manifest, "victim");
     let survivor = env.spawn_binary(&manifest, "survivor");
     wait_for("each worker holds a partition", Duration::from_secs(30), || {
@@ -278,6 +273,7 @@ fn a_sigkilled_partition_owner_loses_nothing_and_its_partitions_move_once() {
     });
     std::thread::sleep(Duration::from_secs(2));
     let summary = env.sequences(&manifest);
+    eprintln!("after the kill: {summary:?}");
     assert_eq!(summary.distinct, total - poison, "nothing lost: {summary:?}");
     // At most one batch per partition the victim held was stored and not acknowledged.
     let max_rows = u64::from(manifest.spec.workers.batch.max_rows);
@@ -285,7 +281,7 @@ fn a_sigkilled_partition_owner_loses_nothing_and_its_partitions_move_once() {
         summary.duplicates() <= u64::from(partitions) * max_rows,
         "duplicates bounded: {summary:?}"
     );
-    assert_never_doubled(&deliveries);
+    assert_never_doubled(&leases, &manifest);
     let held = partitions_held(&survivor, partitions).len() + partitions_held(&replacement, partitions).len();
     assert_eq!(held, partitions as usize, "every partition is held again");
     drop((survivor, replacement));
