@@ -41,6 +41,24 @@ pub struct SignalPipelineStatus {
     /// The autoscaler's last decision, when `workers.autoscale` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleStatus>,
+    /// With `workers.partitions`: each partition's consumer as last seen (`consumer` then sums
+    /// them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// One partition's consumer.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    /// The durable consumer, `<durable>-p<i>`.
+    pub consumer: String,
+    /// The partition's subjects.
+    pub filter_subject: String,
+    /// Messages not yet delivered (the partition's lag).
+    pub num_pending: u64,
+    /// Messages delivered to the partition's worker and not yet acknowledged.
+    pub num_ack_pending: u64,
 }
 
 /// A condition in the Kubernetes convention.

@@ -277,6 +277,7 @@ async fn apply(
         consumer: report.consumer_status.clone(),
         autoscale: autoscale.as_ref().map(|d| d.status.clone()),
         dead_letter: report.dead_letter_status.clone(),
+        partitions: report.partitions.clone(),
         ..StatusFigures::default()
     }
     .with_deployment(deployment.as_ref());

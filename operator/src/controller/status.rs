@@ -26,6 +26,7 @@ pub struct StatusFigures {
     pub consumer: Option<ConsumerStatus>,
     pub autoscale: Option<AutoscaleStatus>,
     pub dead_letter: Option<DeadLetterStatus>,
+    pub partitions: Vec<signal_model::PartitionStatus>,
 }
 
 impl StatusFigures {
@@ -40,6 +41,7 @@ impl StatusFigures {
                 consumer: s.consumer.clone(),
                 autoscale: s.autoscale.clone(),
                 dead_letter: s.dead_letter.clone(),
+                partitions: s.partitions.clone(),
             })
             .unwrap_or_default()
     }
@@ -86,6 +88,7 @@ pub fn build_status(
         consumer: figures.consumer,
         autoscale: figures.autoscale,
         dead_letter: figures.dead_letter,
+        partitions: figures.partitions,
     }
 }
 

@@ -150,11 +150,26 @@ pub async fn reconcile_consumer(
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
 ) -> ConsumerOutcome {
-    let durable = spec.durable_name(pipeline_name);
+    reconcile_consumer_config(
+        js,
+        &spec.stream.name,
+        desired_consumer_config(pipeline_name, spec),
+    )
+    .await
+}
+
+/// Like [`reconcile_consumer`], for any durable pull consumer config on `stream` (the
+/// partitions' consumers, [`super::partitions`]).
+pub async fn reconcile_consumer_config(
+    js: &jetstream::Context,
+    stream: &str,
+    desired: consumer::pull::Config,
+) -> ConsumerOutcome {
+    let durable = desired.durable_name.clone().unwrap_or_default();
     bounded(
         format!("reconciling consumer {durable}"),
         PART_TIMEOUT,
-        apply_consumer(js, pipeline_name, spec),
+        apply_consumer(js, stream, &durable, desired),
     )
     .await
     .unwrap_or_else(|error| ConsumerOutcome {
@@ -165,12 +180,10 @@ pub async fn reconcile_consumer(
 
 async fn apply_consumer(
     js: &jetstream::Context,
-    pipeline_name: &str,
-    spec: &SignalPipelineSpec,
+    stream: &str,
+    durable: &str,
+    desired: consumer::pull::Config,
 ) -> Result<ConsumerOutcome, DataPlaneError> {
-    let desired = desired_consumer_config(pipeline_name, spec);
-    let stream = &spec.stream.name;
-    let durable = spec.durable_name(pipeline_name);
     let Some(live) = consumer_info(js, stream, durable).await? else {
         let info = create_or_update(js, desired.clone(), stream, durable, "create").await?;
         let change = vec![format!("created consumer {durable} on stream {stream}")];

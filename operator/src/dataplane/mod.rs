@@ -21,6 +21,7 @@
 
 pub mod consumer;
 pub mod dead_letter_stream;
+pub mod partitions;
 pub mod stream;
 pub mod table;
 pub mod table_clause_diff;
@@ -126,6 +127,9 @@ pub struct DataPlaneReport {
     pub stream_status: Option<StreamStatus>,
     /// Consumer figures, when the consumer could be read.
     pub consumer_status: Option<ConsumerStatus>,
+    /// With `workers.partitions`: each partition's consumer (then `consumer` and
+    /// `consumer_status` stand for them all).
+    pub partitions: Vec<signal_model::PartitionStatus>,
     /// Differences between the live table and the spec that the operator will not change itself.
     pub schema_drift: Option<String>,
     /// The dead-letter stream (or, when not managed, whether a stream captures the subject).
@@ -295,6 +299,7 @@ pub async fn reconcile_data_plane(
         table: table.report,
         stream_status: nats.stream_status,
         consumer_status: nats.consumer_status,
+        partitions: nats.partitions,
         schema_drift: table.schema_drift,
         dead_letter: nats.dead_letter.report,
         dead_letter_status: nats.dead_letter.status,
@@ -309,6 +314,7 @@ struct NatsSide {
     stream_status: Option<StreamStatus>,
     consumer: PartReport,
     consumer_status: Option<ConsumerStatus>,
+    partitions: Vec<signal_model::PartitionStatus>,
     dead_letter: DeadLetterOutcome,
     worker_health: WorkerHealth,
     health_stream_changes: Vec<String>,
@@ -335,7 +341,7 @@ async fn reconcile_nats_side(
             ..NatsSide::unanswered(not_checked_after(&dead_letter.report))
         };
     }
-    let stream = stream::reconcile_stream(&js, &spec.stream).await;
+    let stream = stream::reconcile_stream(&js, &partitions::stream_spec(spec, pipeline_name)).await;
     if stream.report.reason == UNREACHABLE {
         return NatsSide {
             stream: stream.report.clone(),
@@ -343,7 +349,15 @@ async fn reconcile_nats_side(
             ..NatsSide::unanswered(not_checked_after(&stream.report))
         };
     }
-    let (consumer, consumer_status) = if stream.exists {
+    let mut partition_states = Vec::new();
+    let scheme = signal_model::partitions::PartitionScheme::of(spec, pipeline_name);
+    let (consumer, consumer_status) = if stream.exists
+        && let Some(scheme) = &scheme
+    {
+        let outcome = partitions::reconcile_partitions(&js, pipeline_name, spec, scheme).await;
+        partition_states = outcome.partitions;
+        (outcome.report, outcome.status)
+    } else if stream.exists {
         let consumer = consumer::reconcile_consumer(&js, pipeline_name, spec).await;
         (consumer.report, consumer.status)
     } else {
@@ -367,6 +381,7 @@ async fn reconcile_nats_side(
         stream_status: stream.status,
         consumer,
         consumer_status,
+        partitions: partition_states,
         dead_letter,
         worker_health,
         health_stream_changes,
@@ -394,6 +409,7 @@ impl NatsSide {
             stream_status: None,
             consumer: report.clone(),
             consumer_status: None,
+            partitions: Vec::new(),
             worker_health: WorkerHealth::Unknown(report.message.clone()),
             dead_letter: DeadLetterOutcome {
                 report,
