@@ -506,6 +506,7 @@ pub struct WorkersSpec {
     /// consumers"). Requires one `stream.subjects` pattern with `*` wildcards only. When absent,
     /// all workers share one consumer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
     pub partitions: Option<u32>,
 }
 
