@@ -11,8 +11,12 @@
 //! drain ends when every valid row is stored and every dead letter is in the dead-letter stream.
 //! It prints figures only.
 //!
+//! Last, a partitioned drain (`workers.partitions: 2`, two worker processes, the stream filled
+//! through nats-server's partition mapping) with the same figures per worker process.
+//!
 //! `cargo bench -p signal-worker --bench end_to_end`; `SIGNAL_BENCH_MESSAGES=200000` for a quick
-//! run (default 1,000,000). `SIGNAL_BENCH_MAX_ROWS` and `SIGNAL_BENCH_MAX_ACK_PENDING` override the
+//! run (default 1,000,000); `SIGNAL_BENCH_ONLY=partitioned` runs only the bare and the
+//! partitioned drains. `SIGNAL_BENCH_MAX_ROWS` and `SIGNAL_BENCH_MAX_ACK_PENDING` override the
 //! spec's batch size and ack window; `SIGNAL_BENCH_WORKER_LOG=signal_worker=debug` keeps the
 //! worker's logs, which time every batch (waiting for it, inserting it, queueing its acks).
 
@@ -26,6 +30,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use signal_demo::messages::demo_message;
 use signal_model::manifest::PipelineManifest;
+use signal_model::partitions::PartitionScheme;
 use signal_model::{ColumnSpec, ServerVersion, SignalPipelineSpec, ddl};
 use signal_testkit::{ChildProcess, ClickHouseServer, NatsServer};
 
@@ -68,7 +73,8 @@ fn main() -> anyhow::Result<()> {
         Err(_) => 1_000_000,
     };
     let bench = Bench {
-        nats: NatsServer::start().context("nats-server")?,
+        // The partitioned drain's mapping; the other drains publish outside it.
+        nats: NatsServer::start_with_mappings(&[partition_mapping()]).context("nats-server")?,
         clickhouse: ClickHouseServer::start().context("clickhouse-server")?,
         runtime: tokio::runtime::Runtime::new().context("tokio runtime")?,
         messages,
@@ -86,6 +92,11 @@ fn main() -> anyhow::Result<()> {
 
     let poisoned = bench.fill(0)?;
     let bare = bench.bare_drain()?;
+    if std::env::var("SIGNAL_BENCH_ONLY").is_ok_and(|only| only == "partitioned") {
+        let partitioned = bench.partitioned_drain()?;
+        print_partitioned(&bare, &partitioned);
+        return Ok(());
+    }
     let mut drains = vec![bare, bench.worker_drain("worker clean", poisoned)?];
     for per_mille in [30, 200] {
         let poisoned = bench.fill(per_mille)?;
@@ -137,6 +148,8 @@ fn main() -> anyhow::Result<()> {
         "worker CPU vs bare client: {:.2} × (goal ≤ 1.5); consumer CPU: the bare client's or the worker's whole process",
         drains[1].consumer_cpu / drains[0].consumer_cpu.max(f64::EPSILON)
     );
+    let partitioned = bench.partitioned_drain()?;
+    print_partitioned(&drains[0], &partitioned);
     Ok(())
 }
 
@@ -550,4 +563,220 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
         rows,
         peak_rss_mib: peak_kib as f64 / 1024.0,
     })
+}
+
+/// The partitioned drain's stream, publish subjects and partition count.
+const PARTITIONED_STREAM: &str = "BPART";
+const PARTITIONED_SUBJECTS: &str = "bpart.*";
+const PARTITIONS: u32 = 2;
+const PARTITIONED_WORKERS: usize = 2;
+/// Distinct publish subjects (`bpart.k<N>`), hashed into the partitions.
+const PARTITION_KEYS: u64 = 64;
+
+/// The partitioned pipeline: the bench pipeline on its own stream, with two partitions.
+fn partitioned_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
+    let mut manifest = bench_manifest(nats_url, clickhouse_url);
+    manifest.spec.stream.name = PARTITIONED_STREAM.into();
+    manifest.spec.stream.subjects = vec![PARTITIONED_SUBJECTS.into()];
+    manifest.spec.workers.partitions = Some(PARTITIONS);
+    manifest
+}
+
+fn partition_scheme() -> PartitionScheme {
+    let manifest = partitioned_manifest("nats://unused:4222", "http://unused:8123");
+    PartitionScheme::of(&manifest.spec, &manifest.metadata.name).expect("partitioned manifest")
+}
+
+/// The server mapping the partitioned drain needs (nats-server 2.9 partitions only there).
+fn partition_mapping() -> (String, String) {
+    let scheme = partition_scheme();
+    (scheme.source_subject.clone(), scheme.mapping_destination())
+}
+
+/// The partitioned drain's figures, per worker process.
+struct PartitionedDrain {
+    drain: Drain,
+    /// CPU seconds per million signals of each worker process.
+    worker_cpu: Vec<f64>,
+    /// Peak RSS of each worker process, MiB.
+    worker_rss_mib: Vec<f64>,
+    rate_after_first_row: f64,
+}
+
+/// (Re)creates the partitioned stream (as the operator does on 2.9: the partitioned subjects and
+/// the published pattern) and publishes the demo signals through the mapping.
+async fn fill_partitioned_stream(nats_url: &str, messages: u64) -> anyhow::Result<f64> {
+    let js = jetstream::new(async_nats::connect(nats_url).await?);
+    let scheme = partition_scheme();
+    let _ = js.delete_stream(PARTITIONED_STREAM).await;
+    js.create_stream(stream::Config {
+        name: PARTITIONED_STREAM.into(),
+        subjects: vec![scheme.partitioned_subjects(), scheme.source_subject.clone()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    type AckFuture = <jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture;
+    let mut in_flight: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+    let started = Instant::now();
+    for index in 0..messages {
+        if in_flight.len() >= PUBLISH_WINDOW
+            && let Some(ack) = in_flight.next().await
+        {
+            ack?;
+        }
+        let subject = format!("bpart.k{}", index % PARTITION_KEYS);
+        let ack = js
+            .publish(subject, demo_message(index, 0).payload.into())
+            .await?;
+        in_flight.push(ack.into_future());
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack?;
+    }
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    let stream = js.get_stream(PARTITIONED_STREAM).await?;
+    let mut unmapped = stream.info_with_subjects(&scheme.source_subject).await?;
+    if let Some(entry) = unmapped.next().await {
+        bail!("messages stored without a partition token (the mapping did not apply): {entry:?}");
+    }
+    Ok(rate)
+}
+
+impl Bench {
+    /// Two worker processes on a two-partition stream, until every row is stored.
+    fn partitioned_drain(&self) -> anyhow::Result<PartitionedDrain> {
+        let fill_rate = self
+            .runtime
+            .block_on(fill_partitioned_stream(&self.nats.url(), self.messages))?;
+        println!(
+            "publish (partitioned):  {fill_rate:>9.0} msg/s through the mapping to {PARTITIONS} partitions"
+        );
+        let manifest = partitioned_manifest(&self.nats.url(), &self.clickhouse.http_url());
+        manifest.spec.validate("bench")?;
+        let clickhouse = &self.clickhouse;
+        clickhouse.query(&ddl::create_database_sql(DATABASE, None))?;
+        clickhouse.query(&format!("DROP TABLE IF EXISTS {DATABASE}.{TABLE}"))?;
+        clickhouse.query(&ddl::create_table_sql(
+            &manifest.spec.clickhouse,
+            ServerVersion::new(18, 16),
+        )?)?;
+        let dir = tempfile::Builder::new().prefix("signal-bench-").tempdir()?;
+        let manifest_path = dir.path().join("partitioned.yaml");
+        std::fs::write(&manifest_path, manifest.to_yaml()?)?;
+        let nats_pid = self.nats.pid().context("nats-server pid")?;
+        let clickhouse_pid = clickhouse.pid().context("clickhouse-server pid")?;
+        let before = (cpu_seconds(nats_pid), cpu_seconds(clickhouse_pid));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for index in 0..PARTITIONED_WORKERS {
+            let port = signal_testkit::free_port()?;
+            let log_path = dir.path().join(format!("worker-{index}.log"));
+            let mut command = Command::new(env!("CARGO_BIN_EXE_signal-worker"));
+            command
+                .arg("--pipeline")
+                .arg(&manifest_path)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--ensure-consumer")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("SIGNAL_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .env("SIGNAL_WORKER_NAME", format!("bench-{index}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path)?);
+            workers.push((ChildProcess::spawn(command)?, log_path));
+        }
+        let pids: Vec<u32> = workers.iter().map(|(worker, _)| worker.pid()).collect();
+        let mut peak_kib = vec![0; pids.len()];
+        let mut first_row: Option<Instant> = None;
+        loop {
+            for (peak, pid) in peak_kib.iter_mut().zip(&pids) {
+                *peak = (*peak).max(peak_rss_kib(*pid).unwrap_or(0));
+            }
+            let rows = row_count(clickhouse);
+            if rows > 0 && first_row.is_none() {
+                first_row = Some(Instant::now());
+            }
+            if rows >= self.messages {
+                break;
+            }
+            for (worker, log) in &mut workers {
+                if let Some(status) = worker.try_wait()? {
+                    bail!(
+                        "a partitioned worker exited ({status}) after {rows} rows:\n{}",
+                        std::fs::read_to_string(log).unwrap_or_default()
+                    );
+                }
+            }
+            if started.elapsed() > DRAIN_TIMEOUT {
+                bail!("only {rows} of {} rows after {DRAIN_TIMEOUT:?}", self.messages);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let elapsed = started.elapsed();
+        let worker_cpu: Vec<f64> = pids
+            .iter()
+            .map(|pid| self.per_million(cpu_seconds(*pid).unwrap_or(0.0)))
+            .collect();
+        let after = (cpu_seconds(nats_pid), cpu_seconds(clickhouse_pid));
+        for (peak, pid) in peak_kib.iter_mut().zip(&pids) {
+            *peak = (*peak).max(peak_rss_kib(*pid).unwrap_or(0));
+        }
+        for (mut worker, _) in workers {
+            worker.terminate(Duration::from_secs(30))?;
+        }
+        let rate = self.messages as f64 / elapsed.as_secs_f64();
+        let rate_after_first_row =
+            self.messages as f64 / first_row.map_or(elapsed, |t| t.elapsed()).as_secs_f64();
+        let worker_rss_mib: Vec<f64> = peak_kib.iter().map(|kib| *kib as f64 / 1024.0).collect();
+        Ok(PartitionedDrain {
+            drain: Drain {
+                name: format!("partitioned ×{PARTITIONS}"),
+                rate,
+                steady_rate: rate_after_first_row,
+                consumer_cpu: worker_cpu.iter().sum(),
+                nats_cpu: self.per_million(cpu_delta(before.0, after.0)),
+                clickhouse_cpu: Some(self.per_million(cpu_delta(before.1, after.1))),
+                peak_rss_mib: worker_rss_mib.iter().copied().reduce(f64::max),
+            },
+            worker_cpu,
+            worker_rss_mib,
+            rate_after_first_row,
+        })
+    }
+}
+
+/// The partitioned drain next to the bare drain of the same run.
+fn print_partitioned(bare: &Drain, partitioned: &PartitionedDrain) {
+    let drain = &partitioned.drain;
+    println!();
+    println!(
+        "partitioned ({PARTITIONS} partitions, {PARTITIONED_WORKERS} worker processes, AckAll per batch): \
+         {:.0} msg/s end to end (spawn to last row) = {:.2} × bare {:.0} msg/s (goal ≥ 1.2); \
+         {:.0} msg/s from the first row = {:.2} × bare",
+        drain.rate,
+        drain.rate / bare.rate,
+        bare.rate,
+        partitioned.rate_after_first_row,
+        partitioned.rate_after_first_row / bare.rate,
+    );
+    for (index, (cpu, rss)) in partitioned
+        .worker_cpu
+        .iter()
+        .zip(&partitioned.worker_rss_mib)
+        .enumerate()
+    {
+        println!("  worker {index}: {cpu:.2} CPU-s per 1M signals, peak RSS {rss:.1} MiB");
+    }
+    println!(
+        "  workers together {:.2}, nats-server {:.2}, clickhouse-server {} CPU-s per 1M signals; bare client {:.2}, its nats-server {:.2}",
+        drain.consumer_cpu,
+        drain.nats_cpu,
+        drain.clickhouse_cpu.map_or("-".into(), |cpu| format!("{cpu:.2}")),
+        bare.consumer_cpu,
+        bare.nats_cpu,
+    );
 }

@@ -85,6 +85,15 @@ pub async fn run(shared: Shared, worker_name: &str, shutdown: &CancellationToken
         "partitioned: holding a fair share of the partitions"
     );
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
+    // Registered one renewal before claiming: workers started together see each other first,
+    // and take their shares at once rather than one taking all and handing some over.
+    if let Err(error) = board.register().await {
+        tracing::warn!(%error, "membership not registered");
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(RENEW_EVERY) => {}
+        _ = shutdown.cancelled() => {}
+    }
     let mut ticks = tokio::time::interval(RENEW_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
