@@ -224,7 +224,9 @@ pub fn problems(spec: &SignalPipelineSpec) -> Vec<FieldError> {
             if tokens.first() == Some(&PARTITION_PREFIX) {
                 push(
                     "spec.stream.subjects[0]",
-                    format!("`{subject}` must not start with `{PARTITION_PREFIX}.`, the partitioned subjects' prefix"),
+                    format!(
+                        "`{subject}` must not start with `{PARTITION_PREFIX}.`, the partitioned subjects' prefix"
+                    ),
                 );
             }
         }
@@ -330,12 +332,30 @@ mod tests {
     fn partitions_are_checked_with_the_settings_they_constrain() {
         assert!(fields(&spec(None, &["a.>", "b.>"])).is_empty());
         assert!(fields(&spec(Some(3), &["sig.*.*"])).is_empty());
-        assert_eq!(fields(&spec(Some(0), &["sig.*"])), ["spec.workers.partitions"]);
-        assert_eq!(fields(&spec(Some(65), &["sig.*"])), ["spec.workers.partitions"]);
-        assert_eq!(fields(&spec(Some(2), &["sig.>"])), ["spec.stream.subjects[0]"]);
-        assert_eq!(fields(&spec(Some(2), &["sig.a"])), ["spec.stream.subjects[0]"]);
-        assert_eq!(fields(&spec(Some(2), &["part.*"])), ["spec.stream.subjects[0]"]);
-        assert_eq!(fields(&spec(Some(2), &["a.*", "b.*"])), ["spec.stream.subjects"]);
+        assert_eq!(
+            fields(&spec(Some(0), &["sig.*"])),
+            ["spec.workers.partitions"]
+        );
+        assert_eq!(
+            fields(&spec(Some(65), &["sig.*"])),
+            ["spec.workers.partitions"]
+        );
+        assert_eq!(
+            fields(&spec(Some(2), &["sig.>"])),
+            ["spec.stream.subjects[0]"]
+        );
+        assert_eq!(
+            fields(&spec(Some(2), &["sig.a"])),
+            ["spec.stream.subjects[0]"]
+        );
+        assert_eq!(
+            fields(&spec(Some(2), &["part.*"])),
+            ["spec.stream.subjects[0]"]
+        );
+        assert_eq!(
+            fields(&spec(Some(2), &["a.*", "b.*"])),
+            ["spec.stream.subjects"]
+        );
         let mut filtered = spec(Some(2), &["sig.*"]);
         filtered.consumer.filter_subject = Some("sig.a".into());
         assert_eq!(fields(&filtered), ["spec.consumer.filterSubject"]);

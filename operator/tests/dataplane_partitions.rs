@@ -133,6 +133,9 @@ async fn with_the_mapping_published_messages_land_in_the_partitions() {
     assert!(report.all_ready(), "{report:#?}");
     let pending: Vec<u64> = report.partitions.iter().map(|p| p.num_pending).collect();
     assert_eq!(pending.iter().sum::<u64>(), 20, "{pending:?}");
-    assert!(pending.iter().all(|n| *n > 0), "both partitions get messages: {pending:?}");
+    assert!(
+        pending.iter().all(|n| *n > 0),
+        "both partitions get messages: {pending:?}"
+    );
     assert_eq!(report.consumer_status.map(|c| c.num_pending), Some(20));
 }

@@ -88,8 +88,7 @@ impl NatsServer {
         let extra_args = match config {
             Some(text) => {
                 let path = dir.path().join("extra.conf");
-                std::fs::write(&path, text)
-                    .context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, text).context(|| format!("writing {}", path.display()))?;
                 vec!["-c".to_string(), path.display().to_string()]
             }
             None => Vec::new(),

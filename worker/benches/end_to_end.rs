@@ -712,7 +712,10 @@ impl Bench {
                 }
             }
             if started.elapsed() > DRAIN_TIMEOUT {
-                bail!("only {rows} of {} rows after {DRAIN_TIMEOUT:?}", self.messages);
+                bail!(
+                    "only {rows} of {} rows after {DRAIN_TIMEOUT:?}",
+                    self.messages
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -725,12 +728,12 @@ impl Bench {
         for (peak, pid) in peak_kib.iter_mut().zip(&pids) {
             *peak = (*peak).max(peak_rss_kib(*pid).unwrap_or(0));
         }
+        let rate = self.messages as f64 / elapsed.as_secs_f64();
+        let rate_after_first_row = self.messages as f64
+            / first_row.map_or(elapsed, |t| started + elapsed - t).as_secs_f64();
         for (mut worker, _) in workers {
             worker.terminate(Duration::from_secs(30))?;
         }
-        let rate = self.messages as f64 / elapsed.as_secs_f64();
-        let rate_after_first_row =
-            self.messages as f64 / first_row.map_or(elapsed, |t| t.elapsed()).as_secs_f64();
         let worker_rss_mib: Vec<f64> = peak_kib.iter().map(|kib| *kib as f64 / 1024.0).collect();
         Ok(PartitionedDrain {
             drain: Drain {
@@ -775,7 +778,9 @@ fn print_partitioned(bare: &Drain, partitioned: &PartitionedDrain) {
         "  workers together {:.2}, nats-server {:.2}, clickhouse-server {} CPU-s per 1M signals; bare client {:.2}, its nats-server {:.2}",
         drain.consumer_cpu,
         drain.nats_cpu,
-        drain.clickhouse_cpu.map_or("-".into(), |cpu| format!("{cpu:.2}")),
+        drain
+            .clickhouse_cpu
+            .map_or("-".into(), |cpu| format!("{cpu:.2}")),
         bare.consumer_cpu,
         bare.nats_cpu,
     );

@@ -226,7 +226,10 @@ mod tests {
 
     #[test]
     fn stream_sequences_are_read_from_both_ack_subject_forms() {
-        assert_eq!(stream_sequence("$JS.ACK.S.C.1.42.40.1700000000.3"), Some(42));
+        assert_eq!(
+            stream_sequence("$JS.ACK.S.C.1.42.40.1700000000.3"),
+            Some(42)
+        );
         assert_eq!(
             stream_sequence("$JS.ACK.dom.hash.S.C.1.43.40.1700000000.3.rnd"),
             Some(43)

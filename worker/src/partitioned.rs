@@ -24,7 +24,9 @@ use signal_clients::connect;
 use signal_clients::consumer_config::partition_consumer_config;
 use signal_model::SignalPipelineSpec;
 use signal_model::credentials::PipelineCredentials;
-use signal_model::partitions::{LeaseTiming, PartitionScheme, RENEW_EVERY, claim_order, fair_share};
+use signal_model::partitions::{
+    LeaseTiming, PartitionScheme, RENEW_EVERY, claim_order, fair_share,
+};
 use signal_model::row_encoder::RowEncoder;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -170,7 +172,10 @@ async fn renew_or_drop(board: &LeaseBoard, held: &mut BTreeMap<u32, Held>, share
         };
         if entry.task.is_finished() {
             if let Some(ended) = held.remove(&partition) {
-                tracing::warn!(partition, "partition ingest ended; giving the partition back");
+                tracing::warn!(
+                    partition,
+                    "partition ingest ended; giving the partition back"
+                );
                 let_go(board, ended, shared).await;
             }
             continue;
@@ -222,26 +227,34 @@ async fn partition_consumer(
     stop: &CancellationToken,
 ) -> Option<PullConsumer> {
     let name = shared.scheme.consumer_name(partition);
-    until_ok("partition consumer not available yet; retrying", stop, || async {
-        let stream = shared
-            .js
-            .get_stream(&shared.spec.stream.name)
-            .await
-            .map_err(|e| e.to_string())?;
-        if shared.ensure_consumer {
-            let config =
-                partition_consumer_config(&shared.pipeline, &shared.spec, &shared.scheme, partition);
-            stream
-                .get_or_create_consumer(&name, config)
+    until_ok(
+        "partition consumer not available yet; retrying",
+        stop,
+        || async {
+            let stream = shared
+                .js
+                .get_stream(&shared.spec.stream.name)
                 .await
-                .map_err(|e| format!("consumer {name}: {e}"))
-        } else {
-            stream
-                .get_consumer(&name)
-                .await
-                .map_err(|e| format!("consumer {name}: {e}"))
-        }
-    })
+                .map_err(|e| e.to_string())?;
+            if shared.ensure_consumer {
+                let config = partition_consumer_config(
+                    &shared.pipeline,
+                    &shared.spec,
+                    &shared.scheme,
+                    partition,
+                );
+                stream
+                    .get_or_create_consumer(&name, config)
+                    .await
+                    .map_err(|e| format!("consumer {name}: {e}"))
+            } else {
+                stream
+                    .get_consumer(&name)
+                    .await
+                    .map_err(|e| format!("consumer {name}: {e}"))
+            }
+        },
+    )
     .await
 }
 
@@ -412,7 +425,10 @@ async fn watch_fence(
                 _ = stop.cancelled() => break,
             }
             if Instant::now() >= deadline(&fence) {
-                tracing::warn!(partition, "lease not renewed in time: the partition stops {what}");
+                tracing::warn!(
+                    partition,
+                    "lease not renewed in time: the partition stops {what}"
+                );
                 stop.cancel();
                 break;
             }
@@ -468,7 +484,10 @@ async fn write_loop(
         }
         if !fence.may_ack() {
             held.release(replies, metrics);
-            return Err("lease fence passed before the batch was acknowledged; it will be redelivered".into());
+            return Err(
+                "lease fence passed before the batch was acknowledged; it will be redelivered"
+                    .into(),
+            );
         }
         if !held
             .acknowledge_through(&replies[last_index], replies, metrics)
@@ -476,7 +495,9 @@ async fn write_loop(
         {
             tracing::warn!("acknowledgement not sent; the batch may be redelivered");
         }
-        metrics.rows_inserted.inc_by(batch.settle.replies.len() as u64);
+        metrics
+            .rows_inserted
+            .inc_by(batch.settle.replies.len() as u64);
         metrics.batches_inserted.inc();
         if let Some(cache) = cache {
             cache.offer(std::mem::take(&mut batch.cache));

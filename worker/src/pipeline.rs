@@ -71,7 +71,11 @@ pub enum WorkerError {
 }
 
 /// Retries `attempt` with backoff until it succeeds or `shutdown` fires (then `None`).
-pub(crate) async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+pub(crate) async fn until_ok<
+    T,
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+>(
     what: &str,
     shutdown: &CancellationToken,
     mut attempt: impl FnMut() -> F,

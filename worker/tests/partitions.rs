@@ -30,7 +30,10 @@ fn partitioned_manifest(env: &TestEnv, name: &str, partitions: u32) -> PipelineM
     spec.stream.subjects = vec![format!("{name}.*")];
     spec.workers.partitions = Some(partitions);
     spec.consumer.ack_wait = HumanDuration::from_secs(4);
-    manifest.spec.validate(name).expect("valid partitioned spec");
+    manifest
+        .spec
+        .validate(name)
+        .expect("valid partitioned spec");
     manifest
 }
 
@@ -47,8 +50,11 @@ fn start(name: &str, partitions: u32) -> (TestEnv, PipelineManifest) {
         spec.stream.subjects = vec![format!("{name}.*")];
         spec.workers.partitions = Some(partitions);
         let scheme = PartitionScheme::of(&spec, name).expect("partitioned");
-        NatsServer::start_with_mappings(&[(scheme.source_subject.clone(), scheme.mapping_destination())])
-            .expect("nats-server with mappings")
+        NatsServer::start_with_mappings(&[(
+            scheme.source_subject.clone(),
+            scheme.mapping_destination(),
+        )])
+        .expect("nats-server with mappings")
     };
     let env = TestEnv::start_with_nats(nats);
     let manifest = partitioned_manifest(&env, name, partitions);
@@ -129,7 +135,11 @@ fn watch_leases(env: &TestEnv, manifest: &PipelineManifest) -> LeaseWrites {
         LeaseBoard::open(&env.jetstream, &bucket, "test".into(), timing)
             .await
             .expect("lease bucket");
-        let store = env.jetstream.get_key_value(&bucket).await.expect("lease store");
+        let store = env
+            .jetstream
+            .get_key_value(&bucket)
+            .await
+            .expect("lease store");
         store.watch("lease.>").await.expect("watch the leases")
     });
     let sink = writes.clone();
@@ -169,7 +179,10 @@ fn assert_never_doubled(writes: &LeaseWrites, manifest: &PipelineManifest) {
         last.insert(key, (holder.as_deref(), *at));
     }
     assert!(!writes.is_empty(), "lease writes were observed");
-    eprintln!("{} lease writes, {handovers} taken over after expiry", writes.len());
+    eprintln!(
+        "{} lease writes, {handovers} taken over after expiry",
+        writes.len()
+    );
 }
 
 fn dead_letters(env: &TestEnv, manifest: &PipelineManifest) -> u64 {
@@ -189,9 +202,8 @@ fn partitions_held(worker: &BinaryWorker, partitions: u32) -> Vec<u32> {
     };
     (0..partitions)
         .filter(|p| {
-            body.lines().any(|line| {
-                line == format!("signal_worker_partition_held{{partition=\"{p}\"}} 1")
-            })
+            body.lines()
+                .any(|line| line == format!("signal_worker_partition_held{{partition=\"{p}\"}} 1"))
         })
         .collect()
 }
@@ -209,10 +221,14 @@ fn two_workers_share_three_partitions_and_store_every_message_once() {
     wait_for("every clean signal stored", Duration::from_secs(90), || {
         env.row_count(&manifest) >= total - poison && dead_letters(&env, &manifest) >= poison
     });
-    wait_for("both workers hold partitions", Duration::from_secs(30), || {
-        let (a, b) = (partitions_held(&first, 3), partitions_held(&second, 3));
-        !a.is_empty() && !b.is_empty() && a.len() + b.len() == 3
-    });
+    wait_for(
+        "both workers hold partitions",
+        Duration::from_secs(30),
+        || {
+            let (a, b) = (partitions_held(&first, 3), partitions_held(&second, 3));
+            !a.is_empty() && !b.is_empty() && a.len() + b.len() == 3
+        },
+    );
     // Nothing more arrives and each partition's consumer is settled.
     std::thread::sleep(Duration::from_secs(2));
     let summary = env.sequences(&manifest);
@@ -226,7 +242,11 @@ fn two_workers_share_three_partitions_and_store_every_message_once() {
     assert_eq!(prefixed, "0", "@subject is the published subject");
     let scheme = scheme(&manifest);
     env.runtime.block_on(async {
-        let stream = env.jetstream.get_stream(&manifest.spec.stream.name).await.expect("stream");
+        let stream = env
+            .jetstream
+            .get_stream(&manifest.spec.stream.name)
+            .await
+            .expect("stream");
         for partition in 0..3 {
             let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
                 .get_consumer(&scheme.consumer_name(partition))
@@ -238,7 +258,10 @@ fn two_workers_share_three_partitions_and_store_every_message_once() {
                 (0, 0),
                 "partition {partition} settled"
             );
-            assert!(info.delivered.stream_sequence > 0, "partition {partition} received messages");
+            assert!(
+                info.delivered.stream_sequence > 0,
+                "partition {partition} received messages"
+            );
         }
     });
     assert_never_doubled(&leases, &manifest);
@@ -253,28 +276,47 @@ fn a_sigkilled_partition_owner_loses_nothing_and_its_partitions_move_once() {
     let leases = watch_leases(&env, &manifest);
     let mut victim = env.spawn_binary(&manifest, "victim");
     let survivor = env.spawn_binary(&manifest, "survivor");
-    wait_for("each worker holds a partition", Duration::from_secs(30), || {
-        partitions_held(&victim, partitions).len() == 1
-            && partitions_held(&survivor, partitions).len() == 1
-    });
+    wait_for(
+        "each worker holds a partition",
+        Duration::from_secs(30),
+        || {
+            partitions_held(&victim, partitions).len() == 1
+                && partitions_held(&survivor, partitions).len() == 1
+        },
+    );
     let total = 30_000;
     publish(&env, name, 0..total / 2);
-    wait_for("the victim stores some rows", Duration::from_secs(30), || {
-        victim.metric("signal_worker_rows_inserted_total").unwrap_or(0.0) > 0.0
-    });
+    wait_for(
+        "the victim stores some rows",
+        Duration::from_secs(30),
+        || {
+            victim
+                .metric("signal_worker_rows_inserted_total")
+                .unwrap_or(0.0)
+                > 0.0
+        },
+    );
     // Mid-stream: batches in flight, one stored and not yet acknowledged perhaps.
     victim.process.kill_hard().expect("SIGKILL");
     publish(&env, name, total / 2..total);
     let replacement = env.spawn_binary(&manifest, "replacement");
     let poison = poison_in(0..total);
-    wait_for("every signal stored after the kill", Duration::from_secs(120), || {
-        env.sequences(&manifest).distinct >= total - poison
-            && dead_letters(&env, &manifest) >= poison
-    });
+    wait_for(
+        "every signal stored after the kill",
+        Duration::from_secs(120),
+        || {
+            env.sequences(&manifest).distinct >= total - poison
+                && dead_letters(&env, &manifest) >= poison
+        },
+    );
     std::thread::sleep(Duration::from_secs(2));
     let summary = env.sequences(&manifest);
     eprintln!("after the kill: {summary:?}");
-    assert_eq!(summary.distinct, total - poison, "nothing lost: {summary:?}");
+    assert_eq!(
+        summary.distinct,
+        total - poison,
+        "nothing lost: {summary:?}"
+    );
     // At most one batch per partition the victim held was stored and not acknowledged.
     let max_rows = u64::from(manifest.spec.workers.batch.max_rows);
     assert!(
@@ -282,7 +324,8 @@ fn a_sigkilled_partition_owner_loses_nothing_and_its_partitions_move_once() {
         "duplicates bounded: {summary:?}"
     );
     assert_never_doubled(&leases, &manifest);
-    let held = partitions_held(&survivor, partitions).len() + partitions_held(&replacement, partitions).len();
+    let held = partitions_held(&survivor, partitions).len()
+        + partitions_held(&replacement, partitions).len();
     assert_eq!(held, partitions as usize, "every partition is held again");
     drop((survivor, replacement));
 }

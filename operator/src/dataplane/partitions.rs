@@ -12,7 +12,9 @@ use async_nats::jetstream::{self, stream};
 use futures::StreamExt;
 use signal_clients::consumer_config::partition_consumer_config;
 use signal_model::partitions::PartitionScheme;
-use signal_model::{ConsumerStatus, PartitionStatus, ServerVersion, SignalPipelineSpec, StreamSpec};
+use signal_model::{
+    ConsumerStatus, PartitionStatus, ServerVersion, SignalPipelineSpec, StreamSpec,
+};
 
 use super::consumer::{ConsumerOutcome, delete_consumer, reconcile_consumer_config};
 use super::{DataPlaneError, PART_TIMEOUT, PartReport, bounded};
@@ -155,7 +157,10 @@ async fn apply(
     }
     for name in extras {
         delete_consumer(js, stream_name, &name).await?;
-        changes.push(format!("deleted consumer {name}: beyond {} partitions", scheme.count));
+        changes.push(format!(
+            "deleted consumer {name}: beyond {} partitions",
+            scheme.count
+        ));
     }
 
     let unpartitioned = unpartitioned_messages(&mut stream, &scheme.source_subject).await?;
@@ -174,7 +179,11 @@ async fn apply(
             "partitioned by the server's mapping"
         };
         PartReport::ready(
-            if changes.is_empty() { "UpToDate" } else { "Updated" },
+            if changes.is_empty() {
+                "UpToDate"
+            } else {
+                "Updated"
+            },
             format!(
                 "{} partition consumers {}-p0…p{} ({how})",
                 scheme.count,
