@@ -623,6 +623,12 @@ fn what_the_operator_writes_passes_the_schema() {
             stream: "SIGNALS_DLQ".to_string(),
             messages: 7,
         }),
+        partitions: vec![signal_model::PartitionStatus {
+            consumer: "transactions-p0".to_string(),
+            filter_subject: "part.SIGNALS.0.signals.*".to_string(),
+            num_pending: 8,
+            num_ack_pending: 9,
+        }],
     };
     let written = json!({"spec": full_spec(), "status": status});
     let problems = pipeline_violations(&written);

@@ -730,7 +730,9 @@ impl Bench {
         }
         let rate = self.messages as f64 / elapsed.as_secs_f64();
         let rate_after_first_row = self.messages as f64
-            / first_row.map_or(elapsed, |t| started + elapsed - t).as_secs_f64();
+            / first_row
+                .map_or(elapsed, |t| started + elapsed - t)
+                .as_secs_f64();
         for (mut worker, _) in workers {
             worker.terminate(Duration::from_secs(30))?;
         }

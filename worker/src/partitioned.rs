@@ -149,6 +149,11 @@ pub async fn run(shared: Shared, worker_name: &str, shutdown: &CancellationToken
             }
         }
     }
+    // Every ingest is told to stop first, so they flush (and let their last pulls expire) at
+    // once, not one after another.
+    for partition in held.values() {
+        partition.stop.cancel();
+    }
     for (_, partition) in std::mem::take(&mut held) {
         let_go(&board, partition, &shared).await;
     }

@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{kv, stream};
 use common::{BinaryWorker, TestEnv, sample_columns, wait_for};
