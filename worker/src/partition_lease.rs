@@ -254,35 +254,6 @@ impl LeaseBoard {
             tracing::warn!(%error, key, "lease not released; it expires");
         }
     }
-
-    /// Who holds each lease now (partition, holder), for tests and diagnostics.
-    pub async fn holders(&self, partitions: u32) -> Result<Vec<(u32, String)>, LeaseError> {
-        let mut holders = Vec::new();
-        for partition in 0..partitions {
-            let key = lease_key(partition);
-            if let Some(entry) = self
-                .store
-                .entry(&key)
-                .await
-                .map_err(|e| Self::key_error(&key, e))?
-                && entry.operation == kv::Operation::Put
-            {
-                holders.push((
-                    partition,
-                    String::from_utf8_lossy(&entry.value).into_owned(),
-                ));
-            }
-        }
-        Ok(holders)
-    }
-}
-
-/// Waits until `deadline` or until `stop`, whichever comes first; true at the deadline.
-pub async fn sleep_until_or(deadline: Instant, stop: &tokio_util::sync::CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep_until(deadline) => true,
-        _ = stop.cancelled() => false,
-    }
 }
 
 /// How long a worker waits, on taking over a partition whose consumer still has deliveries
