@@ -18,6 +18,7 @@ use signal_model::credentials::UserPassword;
 use signal_model::ddl;
 use signal_model::tls::TlsMaterial;
 
+use super::connections::{Connections, Session};
 use super::table_clause_diff::{PrintedClauses, diff_clauses};
 use super::table_schema_diff::{LiveColumn, diff_schema};
 use super::table_scratch::printed_spec_clauses;
@@ -31,8 +32,18 @@ pub struct TableOutcome {
     pub schema_drift: Option<String>,
 }
 
-/// Brings the table in line with `spec` as far as adding things allows.
+/// Brings the table in line with `spec` as far as adding things allows, with clients of its own.
 pub async fn reconcile_table(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> TableOutcome {
+    reconcile_table_with(&Connections::per_call().session(""), spec, auth, tls).await
+}
+
+/// Brings the table in line with `spec` as far as adding things allows, with `session`'s clients.
+pub async fn reconcile_table_with(
+    session: &Session<'_>,
     spec: &ClickHouseSpec,
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
@@ -44,8 +55,8 @@ pub async fn reconcile_table(
         ),
         PART_TIMEOUT,
         async {
-            let (client, url, version) = connect_reachable(spec, auth, tls).await?;
-            apply_table(&client, &url, version, spec, auth, tls).await
+            let (client, url, version) = connect_reachable(session, spec, auth, tls).await?;
+            apply_table(session, &client, &url, version, spec, auth, tls).await
         },
     )
     .await
@@ -58,6 +69,7 @@ pub async fn reconcile_table(
 /// The first of the spec's replica URLs (`url`, then `cluster.replicaUrls`) whose server answers,
 /// with its release. When none answers, the error of the first.
 async fn connect_reachable(
+    session: &Session<'_>,
     spec: &ClickHouseSpec,
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
@@ -65,8 +77,7 @@ async fn connect_reachable(
     let mut first_error = None;
     for url in spec.urls() {
         // Unusable TLS material is a [`DataPlaneError::Tls`], whichever replica it is for.
-        let client = signal_clients::connect::clickhouse(url, auth, tls)
-            .map_err(|error| DataPlaneError::Tls(error.to_string()))?;
+        let client = session.clickhouse(url, auth, tls)?;
         match server_version(&client, url).await {
             Ok(version) => return Ok((client, url.to_string(), version)),
             Err(
@@ -95,6 +106,7 @@ fn name_the_server(error: DataPlaneError, url: &str) -> DataPlaneError {
 }
 
 async fn apply_table(
+    session: &Session<'_>,
     client: &Client,
     url: &str,
     version: ServerVersion,
@@ -183,8 +195,7 @@ async fn apply_table(
         // one) on a cluster that replicates internally, so it is altered on each replica URL of
         // the spec by itself.
         for replica_url in spec.urls() {
-            let replica = signal_clients::connect::clickhouse(replica_url, auth, tls)
-                .map_err(|error| DataPlaneError::Tls(error.to_string()))?;
+            let replica = session.clickhouse(replica_url, auth, tls)?;
             let live = match live_columns(&replica, replica_url, &spec.database, &distributed.table)
                 .await
             {
@@ -460,7 +471,8 @@ pub async fn drop_table(
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
 ) -> Result<(), DataPlaneError> {
-    let (client, url, _) = connect_reachable(spec, auth, tls).await?;
+    let (client, url, _) =
+        connect_reachable(&Connections::per_call().session(""), spec, auth, tls).await?;
     let cluster = spec.cluster_name();
     let mut queued = Vec::new();
     if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {
