@@ -23,15 +23,17 @@
 #[path = "../tests/support/cluster.rs"]
 mod cluster;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
-use kube::Api;
-use kube::api::ListParams;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use signal_model::SignalPipeline;
 use signal_testkit::{ClickHouseServer, NatsServer};
@@ -43,7 +45,7 @@ const APPLY_CONCURRENCY: usize = 16;
 /// How often readiness is counted while pipelines come up.
 const READY_POLL: Duration = Duration::from_secs(1);
 /// Time for the last writes (events, Deployment status) to settle before the rest window.
-const SETTLE: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_secs(30);
 /// The one database every pipeline's table lives in.
 const DATABASE: &str = "fleet";
 
@@ -88,11 +90,12 @@ struct Row {
     api_requests: u64,
     api_writes: BTreeMap<String, u64>,
     reconciles: u64,
+    operator_writes: u64,
 }
 
 impl Row {
     fn header() -> String {
-        "| pipelines | all data planes ready | pipelines/s | operator peak RSS | CPU at rest (s/min) | NATS connects at rest (/min) | API requests at rest (/min, all clients) | operator writes at rest (/min) | reconciles at rest (/min) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |".to_string()
+        "| pipelines | all data planes ready | pipelines/s | operator peak RSS | CPU at rest (s/min) | NATS connects at rest (/min) | API requests at rest (/min, all clients) | writes at rest to the operator's kinds (/min, all clients) | operator's own writes at rest (/min) | reconciles at rest (/min) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |".to_string()
     }
 
     fn line(&self) -> String {
@@ -113,7 +116,7 @@ impl Row {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "| {} | {ready} | {rate} | {:.1} MiB | {:.2} ({:.1} % of a core) | {:.1} | {:.0} | {:.0}{} | {:.0} |",
+            "| {} | {ready} | {rate} | {:.1} MiB | {:.2} ({:.1} % of a core) | {:.1} | {:.0} | {:.0}{} | {:.0} | {:.0} |",
             self.pipelines,
             self.peak_rss_kib as f64 / 1024.0,
             per_minute(self.cpu_seconds),
@@ -126,6 +129,7 @@ impl Row {
             } else {
                 format!(" ({writes_detail})")
             },
+            per_minute(self.operator_writes as f64),
             per_minute(self.reconciles as f64),
         )
     }
@@ -164,8 +168,12 @@ async fn run_size(size: usize, rest: Duration, ready_timeout: Duration) -> Resul
     let mut ready_after = None;
     let mut ready_count = 0;
     let mut last_report = Instant::now();
+    // A watch, not a list per poll: listing thousands of pipelines every second would load the
+    // API server the operator is measured against.
+    let ready = Arc::new(AtomicUsize::new(0));
+    let counter = tokio::spawn(count_data_plane_ready(api.clone(), ready.clone()));
     while started.elapsed() < ready_timeout {
-        ready_count = count_data_plane_ready(&api).await?;
+        ready_count = ready.load(Ordering::Relaxed);
         if ready_count == size {
             ready_after = Some(started.elapsed());
             break;
@@ -180,6 +188,7 @@ async fn run_size(size: usize, rest: Duration, ready_timeout: Duration) -> Resul
         }
         tokio::time::sleep(READY_POLL).await;
     }
+    counter.abort();
     if ready_after.is_none() {
         println!("  not all ready within {ready_timeout:?}: {ready_count}/{size}");
     }
@@ -208,6 +217,7 @@ async fn run_size(size: usize, rest: Duration, ready_timeout: Duration) -> Resul
         api_requests: after.api_requests.saturating_sub(before.api_requests),
         api_writes,
         reconciles: after.reconciles.saturating_sub(before.reconciles),
+        operator_writes: after.operator_writes.saturating_sub(before.operator_writes),
     })
 }
 
@@ -248,20 +258,22 @@ fn pipeline_manifest(
     })
 }
 
-/// Pipelines whose stream, consumer and table conditions are all true.
-async fn count_data_plane_ready(api: &Api<SignalPipeline>) -> Result<usize> {
-    let list = cluster::call("listing pipelines", api.list(&ListParams::default())).await?;
-    Ok(list
-        .items
-        .iter()
-        .filter(|pipeline| {
-            ["StreamReady", "ConsumerReady", "TableReady"]
-                .iter()
-                .all(|type_| {
-                    cluster::condition(pipeline, type_).is_some_and(|c| c.status == "True")
-                })
-        })
-        .count())
+/// Keeps `ready` at the number of pipelines whose stream, consumer and table conditions are all
+/// true, from a watch of `api`.
+async fn count_data_plane_ready(api: Api<SignalPipeline>, ready: Arc<AtomicUsize>) {
+    let mut by_name: HashMap<String, bool> = HashMap::new();
+    let events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        let Ok(pipeline) = event else { continue };
+        let data_plane_ready = ["StreamReady", "ConsumerReady", "TableReady"]
+            .iter()
+            .all(|type_| cluster::condition(&pipeline, type_).is_some_and(|c| c.status == "True"));
+        by_name.insert(pipeline.name_any(), data_plane_ready);
+        ready.store(by_name.values().filter(|r| **r).count(), Ordering::Relaxed);
+    }
 }
 
 /// Counters read at both ends of the rest window.
@@ -272,6 +284,8 @@ struct RestSnapshot {
     /// Write requests by `VERB resource` to what the operator writes.
     api_writes: BTreeMap<String, u64>,
     reconciles: u64,
+    /// The operator's own `signal_operator_writes_total{outcome="written"}`.
+    operator_writes: u64,
 }
 
 impl RestSnapshot {
@@ -292,8 +306,24 @@ impl RestSnapshot {
             api_requests,
             api_writes,
             reconciles: operator.reconciles()?,
+            operator_writes: operator_writes(operator)?,
         })
     }
+}
+
+/// The writes the operator made (status, Deployment, ConfigMap), by its own metric.
+fn operator_writes(operator: &Operator) -> Result<u64> {
+    let (status, body) = operator.http_get("/metrics")?;
+    if status != 200 {
+        bail!("the operator's /metrics answered {status}");
+    }
+    Ok(body
+        .lines()
+        .filter(|line| {
+            line.starts_with("signal_operator_writes_total{") && line.contains("outcome=\"written\"")
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum::<f64>() as u64)
 }
 
 /// The sum of `apiserver_request_total`, and the writes to the operator's kinds by verb.

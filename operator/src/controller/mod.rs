@@ -99,8 +99,11 @@ impl PipelineIndex {
         self.lock().rivals(pipeline)
     }
 
-    /// Adds or replaces a pipeline (what a watch event does).
-    pub fn upsert(&self, pipeline: SignalPipeline) {
+    /// Adds or replaces a pipeline (what a watch event does). Its status is not kept: conflicts
+    /// are decided on specs and metadata.
+    pub fn upsert(&self, mut pipeline: SignalPipeline) {
+        pipeline.status = None;
+        pipeline.metadata.managed_fields = None;
         self.lock().upsert(Arc::new(pipeline));
     }
 
@@ -334,6 +337,12 @@ impl Context {
     }
 }
 
+/// Drops what no reconcile reads from a watched object before it is cached: managed fields are
+/// often the largest part of an object, and a fleet's caches hold thousands.
+fn strip_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// A process-local fingerprint of what would be applied.
 fn fingerprint(desired: &impl serde::Serialize) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -431,6 +440,7 @@ pub async fn run(
         let mut feeder = index.feeder(scope.map(str::to_string));
         let pipeline_events = watcher(pipeline_api(&client, *scope), watcher::Config::default())
             .default_backoff()
+            .modify(strip_managed_fields)
             .map_ok(move |event| {
                 feeder.apply_watcher_event(&event);
                 event
@@ -441,11 +451,25 @@ pub async fn run(
         let (deployments, deployment_writer) = reflector::store::<Deployment>();
         let deployment_events = watcher(scoped_api::<Deployment>(&client, *scope), owned.clone())
             .default_backoff()
+            // A reconcile reads an owned Deployment's replicas, pod-template annotations,
+            // generation and status, never its pod spec.
+            .modify(|deployment: &mut Deployment| {
+                strip_managed_fields(deployment);
+                if let Some(spec) = &mut deployment.spec {
+                    spec.template.spec = None;
+                }
+            })
             .reflect(deployment_writer)
             .applied_objects();
         let (configmaps, configmap_writer) = reflector::store::<ConfigMap>();
         let configmap_events = watcher(scoped_api::<ConfigMap>(&client, *scope), owned.clone())
             .default_backoff()
+            // A reconcile needs an owned ConfigMap's version only (to skip an unchanged apply).
+            .modify(|configmap: &mut ConfigMap| {
+                strip_managed_fields(configmap);
+                configmap.data = None;
+                configmap.binary_data = None;
+            })
             .reflect(configmap_writer)
             .applied_objects();
         // Metadata only: a Secret's data is read when a pipeline needs it, once per version.
@@ -522,6 +546,26 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_change_does_not_trigger_a_reconcile_but_spec_and_finalizers_do() {
+        let pipeline = crate::workload::fixtures::stored_pipeline("orders");
+        let mut with_status = pipeline.clone();
+        with_status.status = Some(signal_model::SignalPipelineStatus {
+            replicas: 3,
+            ..Default::default()
+        });
+        assert_eq!(
+            reconcile_relevant(&pipeline),
+            reconcile_relevant(&with_status)
+        );
+        let mut edited = pipeline.clone();
+        edited.metadata.generation = Some(edited.metadata.generation.unwrap_or(1) + 1);
+        assert_ne!(reconcile_relevant(&pipeline), reconcile_relevant(&edited));
+        let mut finalized = pipeline.clone();
+        finalized.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+        assert_ne!(reconcile_relevant(&pipeline), reconcile_relevant(&finalized));
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

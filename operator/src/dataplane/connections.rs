@@ -20,12 +20,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use signal_model::credentials::{NatsAuth, UserPassword};
 use signal_model::tls::TlsMaterial;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
+use super::table_clause_diff::PrintedClauses;
 use super::{DataPlaneError, NATS_CONNECT_BOUND, REQUEST_TIMEOUT, bounded, nats_connect_error};
 use crate::metrics::Metrics;
 
@@ -66,6 +68,9 @@ struct PoolState {
     /// One semaphore per server, by normalised URL.
     nats_permits: HashMap<String, Arc<Semaphore>>,
     clickhouse_permits: HashMap<String, Arc<Semaphore>>,
+    /// Live tables' clauses by `url database.table`, with when they were read
+    /// (see [`super::table`]'s `live_table_clauses`).
+    clauses: HashMap<String, (Instant, PrintedClauses)>,
 }
 
 /// One NATS client and what identifies it.
@@ -153,7 +158,7 @@ impl Connections {
     }
 
     /// Records how long a step of a reconcile took (nothing without a pool's metrics).
-    pub fn observe_step(&self, step: &str, elapsed: std::time::Duration) {
+    pub fn observe_step(&self, step: &str, elapsed: Duration) {
         if let Some(metrics) = self.pool.as_ref().and_then(|pool| pool.metrics.as_ref()) {
             metrics.observe_step(step, elapsed);
         }
@@ -181,7 +186,7 @@ impl Connections {
             return Some(permit);
         }
         let _waiting = pool.metrics.as_ref().map(|m| m.waiting_for(kind));
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // The semaphore is never closed.
         let permit = semaphore.acquire_owned().await.ok();
         self.observe_step(&format!("{}_queue", kind.label()), started.elapsed());
@@ -310,6 +315,26 @@ impl Session<'_> {
         Ok(client)
     }
 
+    /// A live table's clauses read less than `ttl` ago (never without a pool).
+    pub fn remembered_clauses(&self, key: &str, ttl: Duration) -> Option<PrintedClauses> {
+        let pool = self.connections.pool.as_ref()?;
+        let state = pool.lock();
+        let (read_at, clauses) = state.clauses.get(key)?;
+        (read_at.elapsed() < ttl).then(|| clauses.clone())
+    }
+
+    /// Remembers a live table's clauses just read (`None`: the table does not exist).
+    pub fn remember_clauses(&self, key: &str, clauses: Option<PrintedClauses>) {
+        let Some(pool) = &self.connections.pool else {
+            return;
+        };
+        let mut state = pool.lock();
+        match clauses {
+            Some(clauses) => state.clauses.insert(key.to_string(), (Instant::now(), clauses)),
+            None => state.clauses.remove(key),
+        };
+    }
+
     fn remember(&self, used: Used) {
         if let Ok(mut list) = self.used.lock() {
             list.push(used);
@@ -410,7 +435,7 @@ mod tests {
         let second = connections.turn(ServerKind::Nats, "NATS://a:4222/").await;
         assert!(first.is_some() && second.is_some());
         let third = connections.turn(ServerKind::Nats, "nats://a:4222");
-        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), third).await;
+        let waited = tokio::time::timeout(Duration::from_millis(50), third).await;
         assert!(waited.is_err(), "a third turn waits");
         assert!(
             connections

@@ -140,13 +140,21 @@ async fn apply_table(
         execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!("created database {}", spec.database));
     }
-    let live_clauses = table_clauses(client, url, &spec.database, &spec.table).await?;
+    let live_clauses = live_table_clauses(session, client, url, &spec.database, &spec.table).await?;
     let created = live_clauses.is_none();
     if created {
         let sql = ddl::create_table_sql(spec, version)
             .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
         execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!("created table {name}"));
+        // The table has the spec's clauses as the server prints them: remembered, so the next
+        // reconciles need not read them back (see `live_table_clauses`).
+        if let Ok(printed) = printed_spec_clauses(client, spec, version).await {
+            session.remember_clauses(
+                &clauses_key(url, &spec.database, &spec.table),
+                Some(printed),
+            );
+        }
     }
     if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {
         let exists = table_clauses(client, url, &spec.database, &distributed.table)
@@ -396,6 +404,57 @@ async fn database_exists(
     })
     .await?;
     Ok(count > 0)
+}
+
+/// The table's engine and keys as [`table_clauses`] reads them, remembered by a pooled `session`
+/// for [`LIVE_CLAUSES_TTL`]: ClickHouse 18.16 answers `system.tables` by printing the `CREATE` of
+/// every table in the database, so a fleet of pipelines sharing one database would make each
+/// reconcile cost as much as the fleet is large. Existence is checked on every reconcile
+/// (`EXISTS TABLE`, one table); within the TTL the clauses are not read again, so a table
+/// recreated by hand with other clauses is reported as drift within the TTL.
+async fn live_table_clauses(
+    session: &Session<'_>,
+    client: &Client,
+    url: &str,
+    database: &str,
+    table: &str,
+) -> Result<Option<PrintedClauses>, DataPlaneError> {
+    let key = clauses_key(url, database, table);
+    if !table_exists(client, url, database, table).await? {
+        session.remember_clauses(&key, None);
+        return Ok(None);
+    }
+    if let Some(clauses) = session.remembered_clauses(&key, LIVE_CLAUSES_TTL) {
+        return Ok(Some(clauses));
+    }
+    let clauses = table_clauses(client, url, database, table).await?;
+    session.remember_clauses(&key, clauses.clone());
+    Ok(clauses)
+}
+
+fn clauses_key(url: &str, database: &str, table: &str) -> String {
+    format!("{url} {database}.{table}")
+}
+
+/// How long [`live_table_clauses`] trusts what it read.
+pub const LIVE_CLAUSES_TTL: std::time::Duration = std::time::Duration::from_secs(1800);
+
+async fn table_exists(
+    client: &Client,
+    url: &str,
+    database: &str,
+    table: &str,
+) -> Result<bool, DataPlaneError> {
+    let sql = format!("EXISTS TABLE {}", ddl::qualified_table(database, table));
+    let exists = bounded("looking up the table", REQUEST_TIMEOUT, async {
+        client
+            .query(&sql)
+            .fetch_one::<u8>()
+            .await
+            .map_err(|error| query_error(url, &sql, error))
+    })
+    .await?;
+    Ok(exists == 1)
 }
 
 /// The table's engine and keys as the server prints them, or `None` when the table does not
