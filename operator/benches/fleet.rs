@@ -10,8 +10,8 @@
 //! - the time until every pipeline's data plane is ready (`StreamReady`, `ConsumerReady` and
 //!   `TableReady` true; no node runs, so workers stay pending) and pipelines per second;
 //! - the operator's peak RSS (`VmHWM`);
-//! - at rest (after all are ready, over `SIGNAL_FLEET_REST_SECS`, default 120 s: at least one
-//!   resync of every pipeline), the operator's CPU seconds per minute, NATS connections opened
+//! - at rest (after all are ready and `SIGNAL_FLEET_SETTLE_SECS`, default 60 s, over
+//!   `SIGNAL_FLEET_REST_SECS`, default 120 s: at least one resync of every pipeline), the operator's CPU seconds per minute, NATS connections opened
 //!   per minute (nats-server `/varz` `total_connections`), Kubernetes API requests per minute
 //!   (kube-apiserver `apiserver_request_total`: every client's, the controller manager's
 //!   included, with the writes to pipelines, Deployments, ConfigMaps and events apart) and the
@@ -24,10 +24,10 @@
 mod cluster;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -44,14 +44,15 @@ use cluster::{Operator, OperatorOptions, admin_client, apply_pipeline};
 const APPLY_CONCURRENCY: usize = 16;
 /// How often readiness is counted while pipelines come up.
 const READY_POLL: Duration = Duration::from_secs(1);
-/// Time for the last writes (events, Deployment status) to settle before the rest window.
-const SETTLE: Duration = Duration::from_secs(30);
 /// The one database every pipeline's table lives in.
 const DATABASE: &str = "fleet";
 
 fn main() -> Result<()> {
     let sizes = env_list("SIGNAL_FLEET_SIZES", &[200, 1000, 2000])?;
     let rest = Duration::from_secs(env_u64("SIGNAL_FLEET_REST_SECS", 120)?);
+    // Time for the control plane's own tail (kube-controller-manager updating the new Deployments'
+    // status, each an event that reconciles the owner) before the rest window.
+    let settle = Duration::from_secs(env_u64("SIGNAL_FLEET_SETTLE_SECS", 60)?);
     let ready_timeout = Duration::from_secs(env_u64("SIGNAL_FLEET_READY_TIMEOUT_SECS", 900)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -66,7 +67,7 @@ fn main() -> Result<()> {
     );
     let mut rows = Vec::new();
     for size in sizes {
-        let row = runtime.block_on(run_size(size, rest, ready_timeout))?;
+        let row = runtime.block_on(run_size(size, settle, rest, ready_timeout))?;
         println!("{}", row.line());
         rows.push(row);
     }
@@ -135,7 +136,12 @@ impl Row {
     }
 }
 
-async fn run_size(size: usize, rest: Duration, ready_timeout: Duration) -> Result<Row> {
+async fn run_size(
+    size: usize,
+    settle: Duration,
+    rest: Duration,
+    ready_timeout: Duration,
+) -> Result<Row> {
     println!("--- {size} pipelines");
     let client = admin_client().await?;
     let namespace = cluster::namespace("fleet");
@@ -193,7 +199,7 @@ async fn run_size(size: usize, rest: Duration, ready_timeout: Duration) -> Resul
         println!("  not all ready within {ready_timeout:?}: {ready_count}/{size}");
     }
 
-    tokio::time::sleep(SETTLE).await;
+    tokio::time::sleep(settle).await;
     let before = RestSnapshot::take(pid, &monitoring, &operator)?;
     tokio::time::sleep(rest).await;
     let after = RestSnapshot::take(pid, &monitoring, &operator)?;
@@ -320,7 +326,8 @@ fn operator_writes(operator: &Operator) -> Result<u64> {
     Ok(body
         .lines()
         .filter(|line| {
-            line.starts_with("signal_operator_writes_total{") && line.contains("outcome=\"written\"")
+            line.starts_with("signal_operator_writes_total{")
+                && line.contains("outcome=\"written\"")
         })
         .filter_map(|line| line.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
         .sum::<f64>() as u64)

@@ -460,7 +460,8 @@ pub async fn run(
                 }
             })
             .reflect(deployment_writer)
-            .applied_objects();
+            // Deletions too: a deleted Deployment is put back.
+            .touched_objects();
         let (configmaps, configmap_writer) = reflector::store::<ConfigMap>();
         let configmap_events = watcher(scoped_api::<ConfigMap>(&client, *scope), owned.clone())
             .default_backoff()
@@ -471,7 +472,7 @@ pub async fn run(
                 configmap.binary_data = None;
             })
             .reflect(configmap_writer)
-            .applied_objects();
+            .touched_objects();
         // Metadata only: a Secret's data is read when a pipeline needs it, once per version.
         let (secrets, secret_writer) = reflector::store();
         secret_watches.push(
@@ -564,7 +565,10 @@ mod tests {
         assert_ne!(reconcile_relevant(&pipeline), reconcile_relevant(&edited));
         let mut finalized = pipeline.clone();
         finalized.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
-        assert_ne!(reconcile_relevant(&pipeline), reconcile_relevant(&finalized));
+        assert_ne!(
+            reconcile_relevant(&pipeline),
+            reconcile_relevant(&finalized)
+        );
     }
 
     #[test]

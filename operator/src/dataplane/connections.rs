@@ -330,7 +330,9 @@ impl Session<'_> {
         };
         let mut state = pool.lock();
         match clauses {
-            Some(clauses) => state.clauses.insert(key.to_string(), (Instant::now(), clauses)),
+            Some(clauses) => state
+                .clauses
+                .insert(key.to_string(), (Instant::now(), clauses)),
             None => state.clauses.remove(key),
         };
     }

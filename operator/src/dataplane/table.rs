@@ -140,7 +140,8 @@ async fn apply_table(
         execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!("created database {}", spec.database));
     }
-    let live_clauses = live_table_clauses(session, client, url, &spec.database, &spec.table).await?;
+    let live_clauses =
+        live_table_clauses(session, client, url, &spec.database, &spec.table).await?;
     let created = live_clauses.is_none();
     if created {
         let sql = ddl::create_table_sql(spec, version)
