@@ -176,7 +176,10 @@ async fn many_pipelines(servers: &Servers) -> anyhow::Result<()> {
         api.preload(pipeline)?;
     }
     let (store, mut writer) = reflector::store::<SignalPipeline>();
+    let index = PipelineIndex::default();
+    let mut feeder = index.feeder(None);
     for pipeline in pipelines {
+        feeder.apply_watcher_event(&watcher::Event::Apply(pipeline.clone()));
         writer.apply_watcher_event(&watcher::Event::Apply(pipeline));
     }
     let client = kube::Client::new(api.clone(), "default");
@@ -184,7 +187,7 @@ async fn many_pipelines(servers: &Servers) -> anyhow::Result<()> {
         client,
         Settings::new("ghcr.io/signal-operator/worker:bench"),
         Arc::new(Metrics::default()),
-        PipelineIndex::new(vec![store.clone()]),
+        index,
     ));
     let after_store = Memory::read()?;
 

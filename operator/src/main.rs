@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use kube::Client;
 use signal_operator::controller::{self, Settings};
+use signal_operator::dataplane::connections::ConnectionLimits;
 use signal_operator::leader_election::{LeaderElector, LeaseTiming, default_identity};
 use signal_operator::local::{self, LocalOptions};
 use signal_operator::metrics::Metrics;
@@ -86,6 +87,19 @@ struct RunArgs {
     /// the finalizer is released anyway, with a `CleanupAbandoned` event, e.g. `5m`.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     cleanup_timeout: std::time::Duration,
+    /// How often a healthy pipeline's stream, consumer and table are looked at again; also how
+    /// fresh the status figures (the LAG column) are, e.g. `60s`.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    resync_interval: std::time::Duration,
+    /// Reconciles running at once (of different pipelines).
+    #[arg(long, default_value_t = 32)]
+    concurrency: u16,
+    /// Reconciles working on one NATS server at once; the rest wait their turn.
+    #[arg(long, default_value_t = 16)]
+    max_per_nats_server: usize,
+    /// Reconciles working on one ClickHouse server at once; the rest wait their turn.
+    #[arg(long, default_value_t = 8)]
+    max_per_clickhouse_server: usize,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -164,6 +178,12 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let settings = Settings {
         cleanup_timeout: args.cleanup_timeout,
+        resync_interval: args.resync_interval,
+        concurrency: args.concurrency.max(1),
+        connection_limits: ConnectionLimits {
+            nats_per_server: args.max_per_nats_server.max(1),
+            clickhouse_per_server: args.max_per_clickhouse_server.max(1),
+        },
         ..Settings::new(args.worker_image.clone())
     };
     let controllers = async {

@@ -63,8 +63,9 @@ const PIPELINE_GRANTS: &[(&str, &str, &[&str])] = &[
     ),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("", "events", &["create", "patch"]),
-    // Only the Secrets a pipeline references, read by name; never listed or watched.
-    ("", "secrets", &["get"]),
+    // Secrets' metadata is watched (list, watch) so a reconcile reads no Secret it already has;
+    // a Secret's data is read by name (get) when a pipeline references it, once per version.
+    ("", "secrets", &["get", "list", "watch"]),
 ];
 
 /// The leader-election Lease, in the release namespace only.
@@ -255,8 +256,8 @@ fn grants(rules: &[PolicyRule], owner: &str) -> BTreeMap<(String, String), BTree
         if resources.iter().any(|resource| resource == "secrets") {
             assert_eq!(
                 rule.verbs,
-                ["get"],
-                "{owner}: Secrets must be readable by name only: {rule:?}"
+                ["get", "list", "watch"],
+                "{owner}: Secrets are read and watched, never written: {rule:?}"
             );
         }
         assert!(

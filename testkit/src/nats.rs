@@ -38,7 +38,10 @@ pub struct NatsServer {
     host: Ipv4Addr,
     name: String,
     port: PortReservation,
-    /// Extra command-line arguments on every (re)start: a cluster member's routes.
+    /// The HTTP monitoring port (`/varz`, `/connz`), when the server has one.
+    monitor_port: Option<PortReservation>,
+    /// Extra command-line arguments on every (re)start: a cluster member's routes, the
+    /// monitoring port.
     extra_args: Vec<String>,
     process: ServerProcess,
     tls: Option<(ServerTls, ServerTlsFiles)>,
@@ -85,7 +88,7 @@ impl NatsServer {
         let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
         // A configuration file for what has no command-line flag; flags still set the rest.
-        let extra_args = match config {
+        let config_args = match config {
             Some(text) => {
                 let path = dir.path().join("extra.conf");
                 std::fs::write(&path, text).context(|| format!("writing {}", path.display()))?;
@@ -102,8 +105,12 @@ impl NatsServer {
             None => None,
         };
         let tls_ref = tls.as_ref();
-        let (port, process) = process::start_retrying(SERVER, || {
+        let (port, monitor_port, extra_args, process) = process::start_retrying(SERVER, || {
             let port = reserve_port()?;
+            let monitor_port = reserve_port()?;
+            // Monitoring on loopback only, whatever address the clients use.
+            let mut extra_args = config_args.clone();
+            extra_args.extend(["--http_port".to_string(), monitor_port.port().to_string()]);
             let _ = std::fs::remove_file(log_path(dir.path()));
             let process = ServerProcess::start(
                 || {
@@ -119,13 +126,14 @@ impl NatsServer {
                 },
                 |child| wait_ready(child, dir.path(), &name, host, port.port(), tls_ref),
             )?;
-            Ok((port, process))
+            Ok((port, monitor_port, extra_args, process))
         })?;
         Ok(NatsServer {
             binary,
             host,
             name,
             port,
+            monitor_port: Some(monitor_port),
             extra_args,
             process,
             tls,
@@ -172,6 +180,7 @@ impl NatsServer {
             host,
             name,
             port,
+            monitor_port: None,
             extra_args,
             process,
             tls: None,
@@ -196,6 +205,14 @@ impl NatsServer {
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "tls" } else { "nats" };
         format!("{scheme}://{}:{}", self.host, self.port())
+    }
+
+    /// The monitoring endpoint's base URL (`http://HOST:PORT`; its `/varz` has
+    /// `total_connections`), for servers started alone (cluster members have none).
+    pub fn monitoring_url(&self) -> Option<String> {
+        self.monitor_port
+            .as_ref()
+            .map(|port| format!("http://{}:{}", self.host, port.port()))
     }
 
     /// The client port.

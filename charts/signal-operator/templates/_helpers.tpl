@@ -89,7 +89,10 @@ their credentials as secretKeyRef environment variables and need no Secret acces
 - apiGroups: ["events.k8s.io", ""]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- /* list and watch: the operator watches Secrets' metadata (names and resourceVersions, no
+data) to know which exist and when they change; it reads a Secret's data (get) only when a pipeline
+references it, once per version (it used to be get only, on every reconcile). */}}
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
+  verbs: ["get", "list", "watch"]
 {{- end }}

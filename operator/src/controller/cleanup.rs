@@ -28,6 +28,9 @@ pub(super) async fn cleanup(
         .ok_or(ReconcileError::MissingMetadata("metadata.namespace"))?;
     ctx.metrics
         .set_pipeline_ready(&format!("{namespace}/{name}"), None);
+    // The pipeline goes: its shared clients close unless other pipelines use them.
+    ctx.connections.release(&format!("{namespace}/{name}"));
+    ctx.forget_applied(&namespace, &name);
     let spec = &pipeline.spec;
     let parts = format!(
         "stream {}, consumer {} and table {}.{}",
@@ -50,8 +53,8 @@ pub(super) async fn cleanup(
     }
     // A pipeline that lost a conflict never owned what it names: deleting it must not take the
     // older pipeline's stream or table with it.
-    let pipelines = ctx.pipelines.all();
-    if let Some(conflict) = find_conflict(pipeline, pipelines.iter().map(Arc::as_ref)) {
+    let rivals = ctx.pipelines.rivals(pipeline);
+    if let Some(conflict) = find_conflict(pipeline, rivals.iter().map(Arc::as_ref)) {
         publish(
             &ctx.recorder,
             pipeline,
@@ -64,7 +67,8 @@ pub(super) async fn cleanup(
         return Ok(Action::await_change());
     }
 
-    let outcome = match load_credentials(&ctx.client, &namespace, spec).await {
+    let outcome = match load_credentials(&ctx.client, ctx.caches.secrets(), &namespace, spec).await
+    {
         Ok(credentials) => delete_data_plane(&name, spec, &credentials)
             .await
             .map_err(|error| error.to_string()),

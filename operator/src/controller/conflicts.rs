@@ -4,8 +4,14 @@
 //! pipelines may share a stream when they agree on its settings and use different durable consumers;
 //! otherwise, and always for a table, the older pipeline (by `creationTimestamp`, then
 //! namespace/name) keeps the claim and the newer one is reported as in conflict and left untouched.
+//!
+//! [`ClaimIndex`] keeps every known pipeline under the two claims it makes, so a reconcile compares
+//! a pipeline only with the pipelines that claim the same table or stream (its rivals), however
+//! many pipelines exist.
 
 use std::cmp::Ordering;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use kube::ResourceExt;
 use signal_model::SignalPipeline;
@@ -41,6 +47,100 @@ pub fn find_conflict<'a>(
     // Report the oldest holder first, so the message is stable across reconciles.
     older.sort_by(|a, b| seniority(a, b));
     older.into_iter().find_map(|other| clash(pipeline, other))
+}
+
+/// The keys of the two claims a pipeline makes: its table (ClickHouse URLs + `database.table`) and
+/// its stream (NATS URLs + stream name), compared as [`find_conflict`] compares them.
+pub fn claim_keys(pipeline: &SignalPipeline) -> [String; 2] {
+    let spec = &pipeline.spec;
+    [
+        format!(
+            "table {} {}.{}",
+            normalise_urls(&spec.clickhouse.url).join(","),
+            spec.clickhouse.database,
+            spec.clickhouse.table
+        ),
+        format!(
+            "stream {} {}",
+            normalise_urls(&spec.nats.url).join(","),
+            spec.stream.name
+        ),
+    ]
+}
+
+/// Every known pipeline by the claims it makes; see the module documentation.
+#[derive(Default)]
+pub struct ClaimIndex {
+    /// `namespace/name` → the pipeline as last seen and its claim keys.
+    pipelines: HashMap<String, (Arc<SignalPipeline>, [String; 2])>,
+    /// Claim key → `namespace/name` of the pipelines making it.
+    claimants: HashMap<String, BTreeSet<String>>,
+}
+
+impl ClaimIndex {
+    /// Adds a pipeline or replaces what was known of it.
+    pub fn upsert(&mut self, pipeline: Arc<SignalPipeline>) {
+        let key = qualified_name(&pipeline);
+        self.remove(&key);
+        let claims = claim_keys(&pipeline);
+        for claim in &claims {
+            self.claimants
+                .entry(claim.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.pipelines.insert(key, (pipeline, claims));
+    }
+
+    /// Forgets pipeline `key` (`namespace/name`).
+    pub fn remove(&mut self, key: &str) {
+        let Some((_, claims)) = self.pipelines.remove(key) else {
+            return;
+        };
+        for claim in &claims {
+            if let Some(names) = self.claimants.get_mut(claim) {
+                names.remove(key);
+                if names.is_empty() {
+                    self.claimants.remove(claim);
+                }
+            }
+        }
+    }
+
+    /// Keeps only the pipelines `keep` accepts (by `namespace/name`), after a relist.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self
+            .pipelines
+            .keys()
+            .filter(|key| !keep(key))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove(&key);
+        }
+    }
+
+    /// The pipelines that make one of the claims `pipeline` makes (itself included when known).
+    pub fn rivals(&self, pipeline: &SignalPipeline) -> Vec<Arc<SignalPipeline>> {
+        let mut names = BTreeSet::new();
+        for claim in claim_keys(pipeline) {
+            if let Some(claimants) = self.claimants.get(&claim) {
+                names.extend(claimants.iter());
+            }
+        }
+        names
+            .into_iter()
+            .filter_map(|name| self.pipelines.get(name).map(|(p, _)| p.clone()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pipelines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pipelines.is_empty()
+    }
 }
 
 /// What `pipeline` and `other` both claim, if anything.
@@ -104,7 +204,8 @@ fn same_object(a: &SignalPipeline, b: &SignalPipeline) -> bool {
     }
 }
 
-fn qualified_name(pipeline: &SignalPipeline) -> String {
+/// `namespace/name`.
+pub fn qualified_name(pipeline: &SignalPipeline) -> String {
     format!(
         "{}/{}",
         pipeline.namespace().unwrap_or_default(),
@@ -234,6 +335,48 @@ mod tests {
         unsaved.metadata.creation_timestamp = None;
         unsaved.metadata.uid = None;
         assert!(find_conflict(&unsaved, [&alpha, &unsaved]).is_some());
+    }
+
+    #[test]
+    fn the_index_finds_rivals_by_table_or_stream_only() {
+        let mut index = ClaimIndex::default();
+        let older = Arc::new(claiming("older", "A", "events", EARLIER));
+        let same_table = Arc::new(claiming("same-table", "B", "events", LATER));
+        let same_stream = Arc::new(claiming("same-stream", "A", "other", LATER));
+        let apart = Arc::new(claiming("apart", "C", "third", LATER));
+        for pipeline in [&older, &same_table, &same_stream, &apart] {
+            index.upsert(pipeline.clone());
+        }
+        fn names(index: &ClaimIndex, pipeline: &SignalPipeline) -> Vec<String> {
+            index
+                .rivals(pipeline)
+                .iter()
+                .map(|p| p.name_any())
+                .collect()
+        }
+        assert_eq!(
+            names(&index, &older),
+            ["older", "same-stream", "same-table"]
+        );
+        assert_eq!(names(&index, &apart), ["apart"]);
+        let conflict = find_conflict(
+            &same_table,
+            index.rivals(&same_table).iter().map(Arc::as_ref),
+        );
+        assert_eq!(
+            conflict.map(|c| c.holder),
+            Some("signals/older".to_string())
+        );
+
+        // The older one moves to another table: the newer one keeps "events".
+        let mut moved = claiming("older", "A", "moved", EARLIER);
+        moved.metadata.uid = older.metadata.uid.clone();
+        index.upsert(Arc::new(moved));
+        assert_eq!(names(&index, &same_table), ["same-table"]);
+        index.remove("signals/same-table");
+        index.retain(|key| key != "signals/apart");
+        assert_eq!(index.len(), 2);
+        assert!(index.rivals(&same_table).is_empty());
     }
 
     #[test]

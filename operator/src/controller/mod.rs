@@ -1,6 +1,13 @@
 //! The SignalPipeline controller: watches pipelines and the Deployments and ConfigMaps they own,
 //! and runs [`reconcile::reconcile`] for each pipeline that changed.
 //!
+//! Fleet scale: a reconcile reads what it needs from watch caches ([`Caches`]: owned Deployments
+//! and ConfigMaps, Secrets' metadata, the pipelines by claim in [`PipelineIndex`]), takes its NATS
+//! and ClickHouse clients from the shared pool ([`Connections`]) and writes only what changed, so
+//! its cost does not grow with the number of pipelines and a resync of a healthy pipeline makes no
+//! Kubernetes request. A status-only change of a pipeline (the operator's own status write) does
+//! not trigger a reconcile; a spec, finalizer, label, annotation or deletion change does.
+//!
 //! The pure decisions live in their own files ([`autoscale`], [`conflicts`], [`conditions`]); the
 //! I/O steps in [`secrets`], [`status`] and [`events`]; a reconcile's apply path in [`reconcile`],
 //! its workers step in `workers` and its deletion path in `cleanup`. This module wires them into
@@ -19,27 +26,32 @@ pub mod secrets;
 pub mod status;
 mod workers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::future::join_all;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::ListParams;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use signal_clients::retry::RetryPolicy;
 use signal_model::SignalPipeline;
 use tracing::{info, warn};
 
+use crate::dataplane::connections::{ConnectionLimits, Connections};
 use crate::metrics::Metrics;
 use crate::workload::FIELD_MANAGER;
+use conflicts::{ClaimIndex, qualified_name};
 pub use reconcile::{FINALIZER, ReconcileError, reconcile};
+pub use secrets::SecretCache;
 
 /// Retry delays after a failure: 5 s, doubling per consecutive failure, at most 5 minutes.
 const BACKOFF: RetryPolicy = RetryPolicy::new(Duration::from_secs(5), Duration::from_secs(300));
@@ -55,6 +67,10 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// How often an autoscaled pipeline's lag is looked at.
     pub autoscale_interval: Duration,
+    /// Reconciles running at once (of different pipelines).
+    pub concurrency: u16,
+    /// Reconciles working on one NATS or ClickHouse server at once.
+    pub connection_limits: ConnectionLimits,
 }
 
 impl Settings {
@@ -64,25 +80,139 @@ impl Settings {
             cleanup_timeout: Duration::from_secs(300),
             resync_interval: Duration::from_secs(60),
             autoscale_interval: Duration::from_secs(15),
+            concurrency: 32,
+            connection_limits: ConnectionLimits::default(),
         }
     }
 }
 
-/// Every pipeline the operator watches, across its controllers' caches: the view conflicts are
-/// decided on.
+/// Every pipeline the operator watches (across its controllers' scopes) by the claims it makes:
+/// the view conflicts are decided on, fed by the pipelines' watch events.
 #[derive(Clone, Default)]
 pub struct PipelineIndex {
-    stores: Vec<Store<SignalPipeline>>,
+    claims: Arc<Mutex<ClaimIndex>>,
 }
 
 impl PipelineIndex {
-    pub fn new(stores: Vec<Store<SignalPipeline>>) -> Self {
-        Self { stores }
+    /// The pipelines claiming the same table or stream as `pipeline` (itself included when known).
+    pub fn rivals(&self, pipeline: &SignalPipeline) -> Vec<Arc<SignalPipeline>> {
+        self.lock().rivals(pipeline)
     }
 
-    pub fn all(&self) -> Vec<Arc<SignalPipeline>> {
-        self.stores.iter().flat_map(|store| store.state()).collect()
+    /// Adds or replaces a pipeline (what a watch event does). Its status is not kept: conflicts
+    /// are decided on specs and metadata.
+    pub fn upsert(&self, mut pipeline: SignalPipeline) {
+        pipeline.status = None;
+        pipeline.metadata.managed_fields = None;
+        self.lock().upsert(Arc::new(pipeline));
     }
+
+    /// A feeder of the watch events of the pipelines in `namespace` (all namespaces: `None`).
+    pub fn feeder(&self, namespace: Option<String>) -> IndexFeeder {
+        IndexFeeder {
+            index: self.clone(),
+            namespace,
+            relisted: None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClaimIndex> {
+        // Plain inserts and removals: a panic elsewhere leaves the index consistent.
+        self.claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Applies one scope's watch events to a [`PipelineIndex`], as a reflector's writer does to its
+/// store: a relist replaces what the scope held.
+pub struct IndexFeeder {
+    index: PipelineIndex,
+    namespace: Option<String>,
+    /// The pipelines a relist in progress has listed.
+    relisted: Option<HashSet<String>>,
+}
+
+impl IndexFeeder {
+    pub fn apply_watcher_event(&mut self, event: &watcher::Event<SignalPipeline>) {
+        match event {
+            watcher::Event::Apply(pipeline) => self.index.upsert(pipeline.clone()),
+            watcher::Event::Delete(pipeline) => {
+                self.index.lock().remove(&qualified_name(pipeline));
+            }
+            watcher::Event::Init => self.relisted = Some(HashSet::new()),
+            watcher::Event::InitApply(pipeline) => {
+                if let Some(relisted) = &mut self.relisted {
+                    relisted.insert(qualified_name(pipeline));
+                }
+                self.index.upsert(pipeline.clone());
+            }
+            watcher::Event::InitDone => {
+                let Some(relisted) = self.relisted.take() else {
+                    return;
+                };
+                let prefix = self.namespace.as_ref().map(|ns| format!("{ns}/"));
+                self.index.lock().retain(|key| {
+                    relisted.contains(key) || prefix.as_ref().is_some_and(|p| !key.starts_with(p))
+                });
+            }
+        }
+    }
+}
+
+/// Watch caches a reconcile reads instead of asking the API server. Empty (the default), every
+/// read is a request and every write is made (for callers without watches, e.g. tests).
+#[derive(Clone, Default)]
+pub struct Caches {
+    deployments: Vec<Store<Deployment>>,
+    configmaps: Vec<Store<ConfigMap>>,
+    secrets: Option<SecretCache>,
+}
+
+impl Caches {
+    /// The owned Deployment `namespace/name` as last watched; `None` when not cached.
+    pub async fn deployment(&self, namespace: &str, name: &str) -> Option<Option<Deployment>> {
+        cached(&self.deployments, namespace, name).await
+    }
+
+    /// The owned ConfigMap `namespace/name` as last watched; `None` when not cached.
+    pub async fn configmap(&self, namespace: &str, name: &str) -> Option<Option<ConfigMap>> {
+        cached(&self.configmaps, namespace, name).await
+    }
+
+    pub fn secrets(&self) -> Option<&SecretCache> {
+        self.secrets.as_ref()
+    }
+}
+
+/// `Some(object or None)` from the first store, once filled; `None` without stores.
+async fn cached<K>(stores: &[Store<K>], namespace: &str, name: &str) -> Option<Option<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    if stores.is_empty() {
+        return None;
+    }
+    let reference = ObjectRef::<K>::new(name).within(namespace);
+    for store in stores {
+        // Fails only when the watch stopped, and then the controller stops too.
+        let _ = store.wait_until_ready().await;
+    }
+    Some(
+        stores
+            .iter()
+            .find_map(|store| store.get(&reference))
+            .map(|object| (*object).clone()),
+    )
+}
+
+/// What the operator last applied to an object, to skip applying it again unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AppliedRecord {
+    desired: u64,
+    /// The object's version right after the apply (a Deployment's generation, a ConfigMap's
+    /// resourceVersion): a later change by anyone else makes the cached one differ.
+    version: String,
 }
 
 /// What every reconcile shares.
@@ -92,8 +222,13 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub pipelines: PipelineIndex,
+    pub caches: Caches,
+    /// The NATS and ClickHouse clients, shared by every reconcile.
+    pub connections: Connections,
     /// Consecutive failures per `namespace/name`, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// What was last applied per `kind namespace/name`.
+    applied: Mutex<HashMap<String, AppliedRecord>>,
 }
 
 impl Context {
@@ -110,10 +245,69 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            connections: Connections::shared(settings.connection_limits, Some(metrics.clone())),
             settings,
             metrics,
             pipelines,
+            caches: Caches::default(),
             failures: Mutex::new(HashMap::new()),
+            applied: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads owned objects and Secrets from `caches`, and skips unchanged writes.
+    pub fn with_caches(mut self, caches: Caches) -> Self {
+        self.caches = caches;
+        self
+    }
+
+    /// Whether `desired` was already applied to object `key` and the object, at `live_version`,
+    /// has not changed since (unknown without a cache: `false`, apply).
+    pub fn unchanged_since_applied(
+        &self,
+        key: &str,
+        desired: &impl serde::Serialize,
+        live_version: Option<String>,
+    ) -> bool {
+        let Some(live_version) = live_version else {
+            return false;
+        };
+        let Ok(applied) = self.applied.lock() else {
+            return false;
+        };
+        applied.get(key)
+            == Some(&AppliedRecord {
+                desired: fingerprint(desired),
+                version: live_version,
+            })
+    }
+
+    /// Records that `desired` was applied to object `key`, which is now at `version`.
+    pub fn remember_applied(
+        &self,
+        key: &str,
+        desired: &impl serde::Serialize,
+        version: Option<String>,
+    ) {
+        let Ok(mut applied) = self.applied.lock() else {
+            return;
+        };
+        match version {
+            Some(version) => applied.insert(
+                key.to_string(),
+                AppliedRecord {
+                    desired: fingerprint(desired),
+                    version,
+                },
+            ),
+            None => applied.remove(key),
+        };
+    }
+
+    /// Forgets what was applied for pipeline `namespace/name` (deleted).
+    pub fn forget_applied(&self, namespace: &str, name: &str) {
+        if let Ok(mut applied) = self.applied.lock() {
+            applied.retain(|key, _| !key.ends_with(&format!(" {namespace}/{name}")));
         }
     }
 
@@ -141,6 +335,39 @@ impl Context {
             failures.remove(&Self::key(pipeline));
         }
     }
+}
+
+/// Drops what no reconcile reads from a watched object before it is cached: managed fields are
+/// often the largest part of an object, and a fleet's caches hold thousands.
+fn strip_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+/// A process-local fingerprint of what would be applied.
+fn fingerprint(desired: &impl serde::Serialize) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(desired)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What of a pipeline should trigger a reconcile: not its status (which reconciles write; the
+/// resync looks at the data plane anyway), but its spec (generation), finalizers, labels,
+/// annotations and deletion.
+fn reconcile_relevant(pipeline: &SignalPipeline) -> Option<u64> {
+    let meta = &pipeline.metadata;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (
+        &meta.uid,
+        meta.generation,
+        &meta.finalizers,
+        &meta.labels,
+        &meta.annotations,
+        meta.deletion_timestamp.as_ref().map(|t| t.0.to_string()),
+    )
+        .hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// The controller's delay after `previous_failures` consecutive failures (no jitter: kube's queue
@@ -201,23 +428,77 @@ pub async fn run(
 
     let owned =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
-    let controllers: Vec<Controller<SignalPipeline>> = scopes
-        .iter()
-        .map(|scope| {
-            Controller::new(pipeline_api(&client, *scope), watcher::Config::default())
-                .owns(scoped_api::<Deployment>(&client, *scope), owned.clone())
-                .owns(scoped_api::<ConfigMap>(&client, *scope), owned.clone())
-                .with_config(ControllerConfig::default().concurrency(8))
-                .shutdown_on_signal()
-        })
-        .collect();
-    let stores: Vec<Store<SignalPipeline>> = controllers.iter().map(Controller::store).collect();
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings,
-        metrics,
-        PipelineIndex::new(stores.clone()),
-    ));
+    let index = PipelineIndex::default();
+    let mut caches = Caches::default();
+    let mut secret_stores = Vec::new();
+    let mut pipeline_stores = Vec::new();
+    // Secret watches feed their stores only; nothing is triggered by them.
+    let mut secret_watches = Vec::new();
+    let mut controllers = Vec::new();
+    for scope in &scopes {
+        let (pipelines, pipeline_writer) = reflector::store::<SignalPipeline>();
+        let mut feeder = index.feeder(scope.map(str::to_string));
+        let pipeline_events = watcher(pipeline_api(&client, *scope), watcher::Config::default())
+            .default_backoff()
+            .modify(strip_managed_fields)
+            .map_ok(move |event| {
+                feeder.apply_watcher_event(&event);
+                event
+            })
+            .reflect(pipeline_writer)
+            .applied_objects()
+            .predicate_filter(reconcile_relevant, PredicateConfig::default());
+        let (deployments, deployment_writer) = reflector::store::<Deployment>();
+        let deployment_events = watcher(scoped_api::<Deployment>(&client, *scope), owned.clone())
+            .default_backoff()
+            // A reconcile reads an owned Deployment's replicas, pod-template annotations,
+            // generation and status, never its pod spec.
+            .modify(|deployment: &mut Deployment| {
+                strip_managed_fields(deployment);
+                if let Some(spec) = &mut deployment.spec {
+                    spec.template.spec = None;
+                }
+            })
+            .reflect(deployment_writer)
+            // Deletions too: a deleted Deployment is put back.
+            .touched_objects();
+        let (configmaps, configmap_writer) = reflector::store::<ConfigMap>();
+        let configmap_events = watcher(scoped_api::<ConfigMap>(&client, *scope), owned.clone())
+            .default_backoff()
+            // A reconcile needs an owned ConfigMap's version only (to skip an unchanged apply).
+            .modify(|configmap: &mut ConfigMap| {
+                strip_managed_fields(configmap);
+                configmap.data = None;
+                configmap.binary_data = None;
+            })
+            .reflect(configmap_writer)
+            .touched_objects();
+        // Metadata only: a Secret's data is read when a pipeline needs it, once per version.
+        let (secrets, secret_writer) = reflector::store();
+        secret_watches.push(
+            watcher(
+                scoped_api::<PartialObjectMeta<Secret>>(&client, *scope),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .reflect(secret_writer)
+            .for_each(|_| futures::future::ready(())),
+        );
+        caches.deployments.push(deployments);
+        caches.configmaps.push(configmaps);
+        secret_stores.push(secrets);
+        pipeline_stores.push(pipelines.clone());
+        controllers.push(
+            Controller::for_stream(pipeline_events, pipelines)
+                .owns_stream(deployment_events)
+                .owns_stream(configmap_events)
+                .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+                .shutdown_on_signal(),
+        );
+    }
+    caches.secrets = Some(SecretCache::new(secret_stores));
+    let stores = pipeline_stores;
+    let ctx = Arc::new(Context::new(client.clone(), settings, metrics, index).with_caches(caches));
 
     let runs = controllers.into_iter().map(|controller| {
         controller
@@ -239,7 +520,11 @@ pub async fn run(
         info!(scopes = scopes.len(), "controller caches are filled");
         on_ready();
     };
-    futures::join!(join_all(runs), ready);
+    // The Secret watches run until the controllers stop (on a shutdown signal).
+    tokio::select! {
+        _ = async { futures::join!(join_all(runs), ready) } => {}
+        _ = join_all(secret_watches) => {}
+    }
     info!("controller stopped");
     Ok(())
 }
@@ -262,6 +547,29 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_change_does_not_trigger_a_reconcile_but_spec_and_finalizers_do() {
+        let pipeline = crate::workload::fixtures::stored_pipeline("orders");
+        let mut with_status = pipeline.clone();
+        with_status.status = Some(signal_model::SignalPipelineStatus {
+            replicas: 3,
+            ..Default::default()
+        });
+        assert_eq!(
+            reconcile_relevant(&pipeline),
+            reconcile_relevant(&with_status)
+        );
+        let mut edited = pipeline.clone();
+        edited.metadata.generation = Some(edited.metadata.generation.unwrap_or(1) + 1);
+        assert_ne!(reconcile_relevant(&pipeline), reconcile_relevant(&edited));
+        let mut finalized = pipeline.clone();
+        finalized.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+        assert_ne!(
+            reconcile_relevant(&pipeline),
+            reconcile_relevant(&finalized)
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -4,7 +4,8 @@
 //! conflicts with older pipelines → read the Secrets → reconcile the data plane (stream, consumer,
 //! table) → server-side apply the ConfigMap and Deployment ([`super::workers`]; while the data
 //! plane is not ready, only a Deployment that already runs, with its manifest kept) → server-side
-//! apply the status. A deletion runs [`super::cleanup`] instead. Every failure is written into
+//! apply the status, unless it is what the pipeline already says. A deletion runs
+//! [`super::cleanup`] instead. Every failure is written into
 //! the conditions before it is returned, and the controller retries it with backoff.
 
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use super::events::publish;
 use super::secrets::{SecretError, load_credentials};
 use super::status::{StatusFigures, apply_status, build_status, is_ready};
 use super::workers::reconcile_workload;
-use crate::dataplane::{DataPlaneReport, PartReport, reconcile_data_plane};
+use crate::dataplane::{DataPlaneReport, PartReport, reconcile_data_plane_with};
 use crate::workload::WorkloadError;
 
 /// The finalizer that holds a pipeline until its data plane is cleaned up.
@@ -175,8 +176,11 @@ async fn apply(
         return Err(ReconcileError::InvalidSpec(message));
     }
 
-    let pipelines = ctx.pipelines.all();
-    if let Some(conflict) = find_conflict(pipeline, pipelines.iter().map(Arc::as_ref)) {
+    let step = Instant::now();
+    let rivals = ctx.pipelines.rivals(pipeline);
+    let conflict = find_conflict(pipeline, rivals.iter().map(Arc::as_ref));
+    ctx.metrics.observe_step("conflicts", step.elapsed());
+    if let Some(conflict) = conflict {
         let message = conflict.message();
         info!(pipeline = %key, holder = %conflict.holder, "conflict: not reconciling");
         block(
@@ -191,7 +195,16 @@ async fn apply(
         return Ok(Action::requeue(CONFLICT_RECHECK));
     }
 
-    let credentials = match load_credentials(&ctx.client, &namespace, &pipeline.spec).await {
+    let step = Instant::now();
+    let loaded = load_credentials(
+        &ctx.client,
+        ctx.caches.secrets(),
+        &namespace,
+        &pipeline.spec,
+    )
+    .await;
+    ctx.metrics.observe_step("secrets", step.elapsed());
+    let credentials = match loaded {
         Ok(credentials) => credentials,
         Err(error) => {
             let message = error.to_string();
@@ -220,16 +233,21 @@ async fn apply(
         )
         .await;
     }
-    let report = reconcile_data_plane(&name, &pipeline.spec, &credentials).await;
+    let report =
+        reconcile_data_plane_with(&ctx.connections, &key, &name, &pipeline.spec, &credentials)
+            .await;
     publish_data_plane_events(pipeline, ctx, &report).await;
     publish_dead_letter_and_health_events(pipeline, ctx, &report).await;
 
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let step = Instant::now();
     let deployment_name = crate::workload::deployment_name(&name);
-    let existing = deployments
-        .get_opt(&deployment_name)
-        .await
-        .map_err(kube_error(format!("reading Deployment {deployment_name}")))?;
+    let existing = match ctx.caches.deployment(&namespace, &deployment_name).await {
+        Some(cached) => cached,
+        None => Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
+            .get_opt(&deployment_name)
+            .await
+            .map_err(kube_error(format!("reading Deployment {deployment_name}")))?,
+    };
 
     let autoscale = pipeline.spec.workers.autoscale.as_ref().map(|spec| {
         decide(&AutoscaleInput {
@@ -256,6 +274,7 @@ async fn apply(
     let workload =
         reconcile_workload(pipeline, ctx, existing, replicas, report.all_ready()).await?;
     let deployment = workload.deployment;
+    ctx.metrics.observe_step("workload", step.elapsed());
 
     let mut conditions = vec![
         part_condition(STREAM_READY, &report.stream),
@@ -282,9 +301,9 @@ async fn apply(
     }
     .with_deployment(deployment.as_ref());
     let status = build_status(pipeline, &conditions, figures);
-    apply_status(api, &name, &status)
-        .await
-        .map_err(kube_error("writing the status"))?;
+    let step = Instant::now();
+    write_status(pipeline, ctx, api, &status).await?;
+    ctx.metrics.observe_step("status", step.elapsed());
     ctx.metrics
         .set_pipeline_ready(&key, Some(is_ready(&status)));
 
@@ -320,9 +339,7 @@ async fn block(
     warn!(pipeline = %name, reason, message, "pipeline blocked");
     let figures = StatusFigures::from_previous(pipeline.status.as_ref());
     let new_status = build_status(pipeline, &all_blocked(status, reason, message), figures);
-    apply_status(api, &name, &new_status)
-        .await
-        .map_err(kube_error("writing the status"))?;
+    write_status(pipeline, ctx, api, &new_status).await?;
     ctx.metrics.set_pipeline_ready(
         &format!("{}/{name}", pipeline.namespace().unwrap_or_default()),
         Some(false),
@@ -337,6 +354,24 @@ async fn block(
     )
     .await;
     Ok(())
+}
+
+/// Applies `status` unless the pipeline (as last watched) already has it: a resync that found
+/// nothing new writes nothing.
+async fn write_status(
+    pipeline: &SignalPipeline,
+    ctx: &Context,
+    api: &Api<SignalPipeline>,
+    status: &signal_model::SignalPipelineStatus,
+) -> Result<(), ReconcileError> {
+    let unchanged = pipeline.status.as_ref() == Some(status);
+    ctx.metrics.write("status", !unchanged);
+    if unchanged {
+        return Ok(());
+    }
+    apply_status(api, &pipeline.name_any(), status)
+        .await
+        .map_err(kube_error("writing the status"))
 }
 
 /// One event per part that changed something, and one per part that is not ready.

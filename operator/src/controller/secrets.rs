@@ -7,10 +7,16 @@
 //!
 //! The `tls` blocks reference Secret or ConfigMap keys holding PEM text; the operator reads the
 //! same keys the worker gets as mounted files, so both trust and present the same certificates.
+//!
+//! The controller reads Secrets through [`SecretCache`] (a metadata watch, data read once per
+//! version); ConfigMaps named by `tls` blocks are read per reconcile (rare, and not secret).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use signal_model::credentials::{
     CLICKHOUSE_SECRET_KEYS, CredentialsError, NATS_SECRET_KEYS, PipelineCredentials,
@@ -218,9 +224,67 @@ fn secret_value(secret: &Secret, key: &str, name: &str) -> Result<Option<String>
         .cloned())
 }
 
-/// Reads every referenced Secret from the pipeline's namespace and assembles the credentials.
+/// Secrets as a reconcile reads them with watches: a metadata-only watch says which Secrets exist
+/// and at which `resourceVersion`; a Secret's data is read (one GET) the first time a pipeline
+/// needs it and again only when its version changes, and only referenced Secrets are held in
+/// memory (not every Secret of the watched namespaces).
+#[derive(Clone, Default)]
+pub struct SecretCache {
+    metadata: Vec<Store<PartialObjectMeta<Secret>>>,
+    /// Referenced Secrets by `namespace/name`, as last read.
+    data: Arc<Mutex<HashMap<String, Secret>>>,
+}
+
+impl SecretCache {
+    pub fn new(metadata: Vec<Store<PartialObjectMeta<Secret>>>) -> Self {
+        Self {
+            metadata,
+            data: Arc::default(),
+        }
+    }
+
+    /// Secret `name` of `api`'s namespace, `None` when it does not exist.
+    async fn get(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Secret>, kube::Error> {
+        for store in &self.metadata {
+            // Fails only when the watch stopped, and then the controller stops too.
+            let _ = store.wait_until_ready().await;
+        }
+        let key = format!("{namespace}/{name}");
+        let reference = ObjectRef::<PartialObjectMeta<Secret>>::new(name).within(namespace);
+        let Some(meta) = self.metadata.iter().find_map(|store| store.get(&reference)) else {
+            self.lock().remove(&key);
+            return Ok(None);
+        };
+        if let Some(secret) = self.lock().get(&key)
+            && secret.metadata.resource_version == meta.metadata.resource_version
+        {
+            return Ok(Some(secret.clone()));
+        }
+        let secret = api.get_opt(name).await?;
+        match &secret {
+            Some(secret) => self.lock().insert(key, secret.clone()),
+            None => self.lock().remove(&key),
+        };
+        Ok(secret)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Secret>> {
+        self.data
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Reads every referenced Secret from the pipeline's namespace (through `cache` when given) and
+/// assembles the credentials.
 pub async fn load_credentials(
     client: &Client,
+    cache: Option<&SecretCache>,
     namespace: &str,
     spec: &SignalPipelineSpec,
 ) -> Result<PipelineCredentials, SecretError> {
@@ -243,9 +307,11 @@ pub async fn load_credentials(
         if secrets.contains_key(name) {
             continue;
         }
-        let secret = api
-            .get_opt(name)
-            .await
+        let secret = match cache {
+            Some(cache) => cache.get(&api, namespace, name).await,
+            None => api.get_opt(name).await,
+        };
+        let secret = secret
             .map_err(|source| SecretError::Api {
                 namespace: namespace.to_string(),
                 name: name.to_string(),

@@ -122,10 +122,22 @@ async fn apply_workload(
 
     if plan.apply_configmap {
         let configmap_name = configmap.name_any();
-        Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
-            .patch(&configmap_name, &params, &Patch::Apply(configmap))
+        let key = format!("configmap {namespace}/{configmap_name}");
+        let live_version = ctx
+            .caches
+            .configmap(&namespace, &configmap_name)
             .await
-            .map_err(kube_error(format!("applying ConfigMap {configmap_name}")))?;
+            .flatten()
+            .and_then(|live| live.metadata.resource_version);
+        let unchanged = ctx.unchanged_since_applied(&key, configmap, live_version);
+        ctx.metrics.write("configmap", !unchanged);
+        if !unchanged {
+            let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
+                .patch(&configmap_name, &params, &Patch::Apply(configmap))
+                .await
+                .map_err(kube_error(format!("applying ConfigMap {configmap_name}")))?;
+            ctx.remember_applied(&key, configmap, applied.metadata.resource_version);
+        }
     }
 
     let desired = build_deployment(
@@ -137,10 +149,21 @@ async fn apply_workload(
         },
     )?;
     let deployment_name = desired.name_any();
+    let key = format!("deployment {namespace}/{deployment_name}");
+    let generation =
+        |deployment: &Deployment| deployment.metadata.generation.map(|g| g.to_string());
+    if let Some(existing) = existing
+        && ctx.unchanged_since_applied(&key, &desired, generation(existing))
+    {
+        ctx.metrics.write("deployment", false);
+        return Ok(existing.clone());
+    }
+    ctx.metrics.write("deployment", true);
     let applied = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
         .patch(&deployment_name, &params, &Patch::Apply(&desired))
         .await
         .map_err(kube_error(format!("applying Deployment {deployment_name}")))?;
+    ctx.remember_applied(&key, &desired, generation(&applied));
 
     let change = describe_workload_change(
         existing,

@@ -19,6 +19,7 @@
 //! its remaining parts), so a reconcile during an outage takes about 6 s: the NATS connect bound, or
 //! one [`REQUEST_TIMEOUT`], the two sides running at the same time.
 
+pub mod connections;
 pub mod consumer;
 pub mod dead_letter_stream;
 pub mod partitions;
@@ -39,6 +40,7 @@ use signal_model::{
     ConsumerStatus, DeadLetterStatus, DeletionPolicy, SignalPipelineSpec, StreamStatus,
 };
 
+use connections::{Connections, ServerKind, Session};
 use dead_letter_stream::DeadLetterOutcome;
 use worker_health::WorkerHealth;
 
@@ -220,26 +222,22 @@ pub(crate) async fn bounded<T>(
     }
 }
 
-/// Opens a JetStream context whose API requests time out after [`REQUEST_TIMEOUT`].
+/// Opens a JetStream context on a new connection of its own, whose API requests time out after
+/// [`REQUEST_TIMEOUT`] (the controller's reconciles take shared ones from [`Connections`]).
 pub(crate) async fn connect_jetstream(
     spec: &SignalPipelineSpec,
     creds: &PipelineCredentials,
     client_name: &str,
 ) -> Result<jetstream::Context, DataPlaneError> {
-    let url = spec.nats.url.clone();
-    let client = bounded(
-        format!("connecting to NATS at {url}"),
-        NATS_CONNECT_BOUND,
-        async {
-            signal_clients::connect::nats(&url, client_name, &creds.nats, creds.tls.nats.as_ref())
-                .await
-                .map_err(|error| nats_connect_error(&url, error))
-        },
-    )
-    .await?;
-    Ok(jetstream::ContextBuilder::new()
-        .timeout(REQUEST_TIMEOUT)
-        .build(client))
+    Connections::per_call()
+        .session(client_name)
+        .jetstream(
+            &spec.nats.url,
+            &creds.nats,
+            creds.tls.nats.as_ref(),
+            client_name,
+        )
+        .await
 }
 
 /// Tells a refused login and a bad URL apart from a server that cannot be reached: "unreachable"
@@ -277,21 +275,58 @@ fn nats_connect_error(url: &str, error: signal_clients::connect::ConnectError) -
 }
 
 /// Brings the stream, the consumer, the table and the dead-letter stream in line with `spec`, and
-/// reads the workers' health reports.
-///
-/// NATS and ClickHouse are handled concurrently; the consumer waits for the stream it lives on.
-/// Never fails: every problem becomes a part that is not ready, with a reason and a message.
+/// reads the workers' health reports, on connections of its own (see [`reconcile_data_plane_with`]).
 pub async fn reconcile_data_plane(
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
     creds: &PipelineCredentials,
 ) -> DataPlaneReport {
-    let nats_side = reconcile_nats_side(pipeline_name, spec, creds);
-    let table_side = table::reconcile_table(
-        &spec.clickhouse,
-        &creds.clickhouse,
-        creds.tls.clickhouse.as_ref(),
-    );
+    reconcile_data_plane_with(
+        &Connections::per_call(),
+        pipeline_name,
+        pipeline_name,
+        spec,
+        creds,
+    )
+    .await
+}
+
+/// Brings the stream, the consumer, the table and the dead-letter stream in line with `spec`, and
+/// reads the workers' health reports, with clients from `connections` for pipeline `key`
+/// (`namespace/name`), waiting for a turn on each server.
+///
+/// NATS and ClickHouse are handled concurrently; the consumer waits for the stream it lives on.
+/// Never fails: every problem becomes a part that is not ready, with a reason and a message.
+pub async fn reconcile_data_plane_with(
+    connections: &Connections,
+    key: &str,
+    pipeline_name: &str,
+    spec: &SignalPipelineSpec,
+    creds: &PipelineCredentials,
+) -> DataPlaneReport {
+    let session = connections.session(key);
+    let nats_side = async {
+        let _turn = connections.turn(ServerKind::Nats, &spec.nats.url).await;
+        let started = std::time::Instant::now();
+        let side = reconcile_nats_side(&session, pipeline_name, spec, creds).await;
+        connections.observe_step("nats", started.elapsed());
+        side
+    };
+    let table_side = async {
+        let _turn = connections
+            .turn(ServerKind::ClickHouse, &spec.clickhouse.url)
+            .await;
+        let started = std::time::Instant::now();
+        let table = table::reconcile_table_with(
+            &session,
+            &spec.clickhouse,
+            &creds.clickhouse,
+            creds.tls.clickhouse.as_ref(),
+        )
+        .await;
+        connections.observe_step("clickhouse", started.elapsed());
+        table
+    };
     let (nats, table) = tokio::join!(nats_side, table_side);
     DataPlaneReport {
         stream: nats.stream,
@@ -321,11 +356,19 @@ struct NatsSide {
 }
 
 async fn reconcile_nats_side(
+    session: &Session<'_>,
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
     creds: &PipelineCredentials,
 ) -> NatsSide {
-    let js = match connect_jetstream(spec, creds, &format!("signal-operator/{pipeline_name}")).await
+    let js = match session
+        .jetstream(
+            &spec.nats.url,
+            &creds.nats,
+            creds.tls.nats.as_ref(),
+            &format!("signal-operator/{pipeline_name}"),
+        )
+        .await
     {
         Ok(js) => js,
         Err(error) => return NatsSide::unanswered(PartReport::from_error(&error)),

@@ -18,6 +18,7 @@ use signal_model::credentials::UserPassword;
 use signal_model::ddl;
 use signal_model::tls::TlsMaterial;
 
+use super::connections::{Connections, Session};
 use super::table_clause_diff::{PrintedClauses, diff_clauses};
 use super::table_schema_diff::{LiveColumn, diff_schema};
 use super::table_scratch::printed_spec_clauses;
@@ -31,8 +32,18 @@ pub struct TableOutcome {
     pub schema_drift: Option<String>,
 }
 
-/// Brings the table in line with `spec` as far as adding things allows.
+/// Brings the table in line with `spec` as far as adding things allows, with clients of its own.
 pub async fn reconcile_table(
+    spec: &ClickHouseSpec,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> TableOutcome {
+    reconcile_table_with(&Connections::per_call().session(""), spec, auth, tls).await
+}
+
+/// Brings the table in line with `spec` as far as adding things allows, with `session`'s clients.
+pub async fn reconcile_table_with(
+    session: &Session<'_>,
     spec: &ClickHouseSpec,
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
@@ -44,8 +55,8 @@ pub async fn reconcile_table(
         ),
         PART_TIMEOUT,
         async {
-            let (client, url, version) = connect_reachable(spec, auth, tls).await?;
-            apply_table(&client, &url, version, spec, auth, tls).await
+            let (client, url, version) = connect_reachable(session, spec, auth, tls).await?;
+            apply_table(session, &client, &url, version, spec, auth, tls).await
         },
     )
     .await
@@ -58,6 +69,7 @@ pub async fn reconcile_table(
 /// The first of the spec's replica URLs (`url`, then `cluster.replicaUrls`) whose server answers,
 /// with its release. When none answers, the error of the first.
 async fn connect_reachable(
+    session: &Session<'_>,
     spec: &ClickHouseSpec,
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
@@ -65,8 +77,7 @@ async fn connect_reachable(
     let mut first_error = None;
     for url in spec.urls() {
         // Unusable TLS material is a [`DataPlaneError::Tls`], whichever replica it is for.
-        let client = signal_clients::connect::clickhouse(url, auth, tls)
-            .map_err(|error| DataPlaneError::Tls(error.to_string()))?;
+        let client = session.clickhouse(url, auth, tls)?;
         match server_version(&client, url).await {
             Ok(version) => return Ok((client, url.to_string(), version)),
             Err(
@@ -95,6 +106,7 @@ fn name_the_server(error: DataPlaneError, url: &str) -> DataPlaneError {
 }
 
 async fn apply_table(
+    session: &Session<'_>,
     client: &Client,
     url: &str,
     version: ServerVersion,
@@ -128,13 +140,22 @@ async fn apply_table(
         execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!("created database {}", spec.database));
     }
-    let live_clauses = table_clauses(client, url, &spec.database, &spec.table).await?;
+    let live_clauses =
+        live_table_clauses(session, client, url, &spec.database, &spec.table).await?;
     let created = live_clauses.is_none();
     if created {
         let sql = ddl::create_table_sql(spec, version)
             .map_err(|error| DataPlaneError::InvalidSpec(error.to_string()))?;
         execute_ddl(client, url, &sql, &mut queued).await?;
         changes.push(format!("created table {name}"));
+        // The table has the spec's clauses as the server prints them: remembered, so the next
+        // reconciles need not read them back (see `live_table_clauses`).
+        if let Ok(printed) = printed_spec_clauses(client, spec, version).await {
+            session.remember_clauses(
+                &clauses_key(url, &spec.database, &spec.table),
+                Some(printed),
+            );
+        }
     }
     if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {
         let exists = table_clauses(client, url, &spec.database, &distributed.table)
@@ -183,8 +204,7 @@ async fn apply_table(
         // one) on a cluster that replicates internally, so it is altered on each replica URL of
         // the spec by itself.
         for replica_url in spec.urls() {
-            let replica = signal_clients::connect::clickhouse(replica_url, auth, tls)
-                .map_err(|error| DataPlaneError::Tls(error.to_string()))?;
+            let replica = session.clickhouse(replica_url, auth, tls)?;
             let live = match live_columns(&replica, replica_url, &spec.database, &distributed.table)
                 .await
             {
@@ -387,6 +407,57 @@ async fn database_exists(
     Ok(count > 0)
 }
 
+/// The table's engine and keys as [`table_clauses`] reads them, remembered by a pooled `session`
+/// for [`LIVE_CLAUSES_TTL`]: ClickHouse 18.16 answers `system.tables` by printing the `CREATE` of
+/// every table in the database, so a fleet of pipelines sharing one database would make each
+/// reconcile cost as much as the fleet is large. Existence is checked on every reconcile
+/// (`EXISTS TABLE`, one table); within the TTL the clauses are not read again, so a table
+/// recreated by hand with other clauses is reported as drift within the TTL.
+async fn live_table_clauses(
+    session: &Session<'_>,
+    client: &Client,
+    url: &str,
+    database: &str,
+    table: &str,
+) -> Result<Option<PrintedClauses>, DataPlaneError> {
+    let key = clauses_key(url, database, table);
+    if !table_exists(client, url, database, table).await? {
+        session.remember_clauses(&key, None);
+        return Ok(None);
+    }
+    if let Some(clauses) = session.remembered_clauses(&key, LIVE_CLAUSES_TTL) {
+        return Ok(Some(clauses));
+    }
+    let clauses = table_clauses(client, url, database, table).await?;
+    session.remember_clauses(&key, clauses.clone());
+    Ok(clauses)
+}
+
+fn clauses_key(url: &str, database: &str, table: &str) -> String {
+    format!("{url} {database}.{table}")
+}
+
+/// How long [`live_table_clauses`] trusts what it read.
+pub const LIVE_CLAUSES_TTL: std::time::Duration = std::time::Duration::from_secs(1800);
+
+async fn table_exists(
+    client: &Client,
+    url: &str,
+    database: &str,
+    table: &str,
+) -> Result<bool, DataPlaneError> {
+    let sql = format!("EXISTS TABLE {}", ddl::qualified_table(database, table));
+    let exists = bounded("looking up the table", REQUEST_TIMEOUT, async {
+        client
+            .query(&sql)
+            .fetch_one::<u8>()
+            .await
+            .map_err(|error| query_error(url, &sql, error))
+    })
+    .await?;
+    Ok(exists == 1)
+}
+
 /// The table's engine and keys as the server prints them, or `None` when the table does not
 /// exist. These three columns of `system.tables` exist on 18.16 and on current servers alike.
 pub async fn table_clauses(
@@ -460,7 +531,8 @@ pub async fn drop_table(
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
 ) -> Result<(), DataPlaneError> {
-    let (client, url, _) = connect_reachable(spec, auth, tls).await?;
+    let (client, url, _) =
+        connect_reachable(&Connections::per_call().session(""), spec, auth, tls).await?;
     let cluster = spec.cluster_name();
     let mut queued = Vec::new();
     if let Some(distributed) = spec.cluster.as_ref().and_then(|c| c.distributed.as_ref()) {

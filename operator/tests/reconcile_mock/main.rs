@@ -26,7 +26,6 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::store;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use signal_model::credentials::PipelineCredentials;
@@ -113,13 +112,14 @@ fn being_deleted(mut pipeline: SignalPipeline) -> SignalPipeline {
     pipeline
 }
 
-/// The controller's view of every pipeline, as its reflector stores would hold them.
+/// The controller's view of every pipeline, as its watch would feed it.
 fn index_of(pipelines: &[&SignalPipeline]) -> PipelineIndex {
-    let (reader, mut writer) = store::<SignalPipeline>();
+    let index = PipelineIndex::default();
+    let mut feeder = index.feeder(None);
     for pipeline in pipelines {
-        writer.apply_watcher_event(&watcher::Event::Apply((*pipeline).clone()));
+        feeder.apply_watcher_event(&watcher::Event::Apply((*pipeline).clone()));
     }
-    PipelineIndex::new(vec![reader])
+    index
 }
 
 /// Starts `reconcile` of `pipeline` against a fresh mock API; the returned task ends when the
