@@ -71,6 +71,24 @@ enum Step {
     Stop,
 }
 
+/// What became of one message.
+#[derive(Default)]
+struct Processed {
+    /// The message is poison: its dead letter.
+    letter: Option<DeadLetter>,
+    /// The server had nothing more for the consumer when it delivered the message.
+    caught_up: bool,
+}
+
+/// Whether a partial batch is handed over at once rather than at `maxWait`: the consumer has
+/// caught up with the stream and the batch before this one was full, so this one ends a burst
+/// (the end of a backlog, the tail of a poisoned stream) and nothing more is coming soon. A
+/// trickle still waits `maxWait` (its batches are not full), so this adds at most one insert per
+/// full batch.
+fn ends_burst(caught_up: bool, previous_full: bool, batch: &Batch) -> bool {
+    caught_up && previous_full && !batch.is_empty()
+}
+
 /// A pull request's message stream, and whether it may still deliver.
 struct OpenPull {
     messages: jetstream::consumer::pull::Batch,
@@ -102,6 +120,9 @@ impl Puller {
         let mut pending: VecDeque<jetstream::Message> = VecDeque::new();
         let mut letters: Vec<DeadLetter> = Vec::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Whether the batch handed over last was full: the stream was flowing faster than
+        // batches fill, so the batch that catches up with it ends a burst (see `ends_burst`).
+        let mut previous_full = false;
         while !shutdown.is_cancelled() {
             let expires = match batch.deadline(&self.limits) {
                 Some(deadline) => deadline.saturating_duration_since(Instant::now()),
@@ -164,14 +185,19 @@ impl Puller {
                         }
                     }
                 };
-                if let Some(letter) = self.process(&mut batch, message, &wanted_texts, &mut texts) {
+                let processed = self.process(&mut batch, message, &wanted_texts, &mut texts);
+                if let Some(letter) = processed.letter {
                     letters.push(letter);
-                    if letters.len() >= LETTERS_PER_HAND_OVER {
-                        self.send_letters(&mut letters, &mut pull, &mut pending)
-                            .await;
-                    }
                 }
-                if batch.is_full(&self.limits) {
+                // Caught up, the last letters go now rather than when the pull expires.
+                if letters.len() >= LETTERS_PER_HAND_OVER
+                    || (processed.caught_up && !letters.is_empty())
+                {
+                    self.send_letters(&mut letters, &mut pull, &mut pending)
+                        .await;
+                }
+                let full = batch.is_full(&self.limits);
+                if full || ends_burst(processed.caught_up, previous_full, &batch) {
                     // Dead letters do not wait for the writer, which may be stuck on ClickHouse.
                     self.send_letters(&mut letters, &mut pull, &mut pending)
                         .await;
@@ -182,6 +208,7 @@ impl Puller {
                         Step::Continue => new_batch(),
                         Step::Stop => return self.let_go(&pending, &letters),
                     };
+                    previous_full = full;
                 }
             }
             self.send_letters(&mut letters, &mut pull, &mut pending)
@@ -200,6 +227,7 @@ impl Puller {
                     Step::Continue => new_batch(),
                     Step::Stop => return self.let_go(&pending, &letters),
                 };
+                previous_full = false;
             }
         }
         self.let_go(&pending, &letters);
@@ -278,14 +306,15 @@ impl Puller {
         message: jetstream::Message,
         wanted_texts: &[usize],
         texts: &mut Vec<String>,
-    ) -> Option<DeadLetter> {
-        let (sequence, timestamp_nanos, delivered) = match message.info() {
+    ) -> Processed {
+        let (sequence, timestamp_nanos, delivered, caught_up) = match message.info() {
             Ok(info) => {
                 self.metrics.consumer_lag.set(info.pending);
                 (
                     info.stream_sequence,
                     i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
                     info.delivered,
+                    info.pending == 0,
                 )
             }
             Err(error) => {
@@ -294,10 +323,12 @@ impl Puller {
                 if let Some(reply) = &message.reply {
                     self.held.release([reply], &self.metrics);
                 }
-                return None;
+                return Processed::default();
             }
         };
-        let reply = message.reply.clone()?;
+        let Some(reply) = message.reply.clone() else {
+            return Processed::default();
+        };
         let encoded = {
             let headers = message.headers.as_ref().map(Headers);
             let meta = MessageMeta {
@@ -331,11 +362,22 @@ impl Puller {
                     })
                     .flatten();
                 batch.push(reply, sequence, message.payload.len(), last_delivery);
-                None
+                Processed {
+                    letter: None,
+                    caught_up,
+                }
             }
             Err(reason) => {
                 self.metrics.count_poison(reason.label());
-                DeadLetter::from_message(&message, sequence, reason.label(), reason.to_string())
+                Processed {
+                    letter: DeadLetter::from_message(
+                        &message,
+                        sequence,
+                        reason.label(),
+                        reason.to_string(),
+                    ),
+                    caught_up,
+                }
             }
         }
     }
