@@ -1,7 +1,7 @@
 //! Every message the worker holds, kept alive until it is settled.
 //!
 //! A message is held from the moment a pull hands it to the worker until it is acknowledged
-//! (stored), terminated (dead-lettered) or let go (shutdown). While held, it gets an in-progress
+//! (stored or dead-lettered) or let go (shutdown). While held, it gets an in-progress
 //! ack (`+WPI`) every third of the ack wait, whatever the worker is doing with it: buffered from a
 //! pull, in the batch being filled, waiting for the writer, in an insert attempt, or waiting for
 //! its dead letter to be confirmed. So JetStream redelivers a message only when the worker that
@@ -21,7 +21,6 @@ use crate::metrics::Metrics;
 
 const PROGRESS: Bytes = Bytes::from_static(b"+WPI");
 const ACK: Bytes = Bytes::from_static(b"+ACK");
-const TERMINATE: Bytes = Bytes::from_static(b"+TERM");
 
 /// The messages held, by their reply (ack) subject, which is unique per delivery.
 pub struct HeldMessages {
@@ -109,16 +108,6 @@ impl HeldMessages {
         let failed = self.send_each(replies, &ACK).await;
         self.release(replies, metrics);
         failed
-    }
-
-    /// Terminates a dead-lettered message so JetStream never redelivers it, and lets it go.
-    pub async fn terminate(&self, reply: &Subject, metrics: &Metrics) -> bool {
-        let sent = self
-            .send_each(std::slice::from_ref(reply), &TERMINATE)
-            .await
-            == 0;
-        self.release([reply], metrics);
-        sent
     }
 
     /// Publishes `body` to each reply subject; an ack is a plain publish queued to the client,
