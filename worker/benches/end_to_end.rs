@@ -473,8 +473,8 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
     let pid = worker.pid();
     let mut peak_kib = 0;
     let mut first_row: Option<(Instant, u64)> = None;
-    // The last batch is partial (unless the valid rows fill whole batches) and waits for
-    // `maxWait`: the steady rate runs from the first batch stored to the last full one.
+    // The last batch is partial (unless the valid rows fill whole batches): the steady rate
+    // runs from the first batch stored to the last full one.
     let max_rows = u64::from(manifest.spec.workers.batch.max_rows);
     let last_full_batch = valid / max_rows * max_rows;
     let mut last_full: Option<Instant> = None;
