@@ -421,3 +421,28 @@ impl Puller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_caught_up_batch_after_a_full_one_ends_a_burst() {
+        let mut batch = Batch::with_capacity(16);
+        assert!(
+            !ends_burst(true, true, &batch),
+            "an empty batch has nothing to insert"
+        );
+        batch.buffer().push(1);
+        batch.push(async_nats::Subject::from("ack.1"), 1, 1, None);
+        assert!(ends_burst(true, true, &batch));
+        assert!(
+            !ends_burst(false, true, &batch),
+            "more messages are pending"
+        );
+        assert!(
+            !ends_burst(true, false, &batch),
+            "a trickle still batches for maxWait"
+        );
+    }
+}
