@@ -28,7 +28,11 @@ use crate::held_messages::HeldMessages;
 use crate::metrics::Metrics;
 
 /// The writer's request for its next batch.
-pub type BatchRequest = oneshot::Sender<SealedBatch>;
+pub struct BatchRequest {
+    pub reply: oneshot::Sender<SealedBatch>,
+    /// The buffer of the batch the writer stored last, for the puller to fill again.
+    pub spare_rows: Option<Vec<u8>>,
+}
 
 /// Shortest pull request; the server needs some time to answer one.
 const MIN_EXPIRES: Duration = Duration::from_millis(20);
@@ -67,7 +71,8 @@ pub struct Puller {
 }
 
 enum Step {
-    Continue,
+    /// Go on with a new batch, in the writer's spare buffer when it gave one back.
+    Continue(Option<Vec<u8>>),
     Stop,
 }
 
@@ -115,8 +120,11 @@ impl Puller {
             })
             .unwrap_or_default();
         let mut texts = Vec::new();
-        let new_batch = || Batch::with_capacity(self.limits.max_bytes.min(16 << 20));
-        let mut batch = new_batch();
+        let new_batch = |spare_rows: Option<Vec<u8>>| match spare_rows {
+            Some(rows) => Batch::with_buffer(rows),
+            None => Batch::with_capacity(self.limits.max_bytes.min(16 << 20)),
+        };
+        let mut batch = new_batch(None);
         let mut pending: VecDeque<jetstream::Message> = VecDeque::new();
         let mut letters: Vec<DeadLetter> = Vec::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -205,7 +213,7 @@ impl Puller {
                         .hand_over(batch, &mut requests, Some(&mut pull), &mut pending)
                         .await
                     {
-                        Step::Continue => new_batch(),
+                        Step::Continue(spare_rows) => new_batch(spare_rows),
                         Step::Stop => return self.let_go(&pending, &letters),
                     };
                     previous_full = full;
@@ -224,7 +232,7 @@ impl Puller {
                     .hand_over(batch, &mut requests, None, &mut pending)
                     .await
                 {
-                    Step::Continue => new_batch(),
+                    Step::Continue(spare_rows) => new_batch(spare_rows),
                     Step::Stop => return self.let_go(&pending, &letters),
                 };
                 previous_full = false;
@@ -397,8 +405,8 @@ impl Puller {
                 request = requests.recv() => {
                     let Some(request) = request else { return Step::Stop };
                     // A writer gone before taking its batch leaves the messages to redelivery.
-                    return match request.send(batch.seal()) {
-                        Ok(()) => Step::Continue,
+                    return match request.reply.send(batch.seal()) {
+                        Ok(()) => Step::Continue(request.spare_rows),
                         Err(_) => Step::Stop,
                     };
                 }
