@@ -78,13 +78,27 @@ impl HeldMessages {
 
     /// Starts keeping a delivery alive; `bytes` is its payload size.
     pub fn hold(&self, reply: &Subject, bytes: usize, metrics: &Metrics) {
+        self.hold_all([(reply, bytes)], metrics);
+    }
+
+    /// Starts keeping deliveries alive, `(reply, payload size)` each: one lock and one update of
+    /// the gauges for all of them (what a pull has already delivered).
+    pub fn hold_all<'a>(
+        &self,
+        deliveries: impl IntoIterator<Item = (&'a Subject, usize)>,
+        metrics: &Metrics,
+    ) {
         let mut held = self.lock();
-        if held.sizes.insert(ReplyKey(reply.clone()), bytes).is_none() {
-            held.bytes += bytes;
-            held.high_water = held.high_water.max(held.bytes);
+        for (reply, bytes) in deliveries {
+            if held.sizes.insert(ReplyKey(reply.clone()), bytes).is_none() {
+                held.bytes += bytes;
+            }
         }
         metrics.held_bytes.set(held.bytes as u64);
-        metrics.held_bytes_max.set(held.high_water as u64);
+        if held.bytes > held.high_water {
+            held.high_water = held.bytes;
+            metrics.held_bytes_max.set(held.high_water as u64);
+        }
     }
 
     /// Stops keeping the deliveries alive (they were settled, or are left to redelivery).
@@ -161,8 +175,7 @@ mod tests {
         let metrics = Metrics::new();
         let a = Subject::from("$JS.ACK.a");
         let b = Subject::from("$JS.ACK.b");
-        held.hold(&a, 10, &metrics);
-        held.hold(&b, 5, &metrics);
+        held.hold_all([(&a, 10), (&b, 5)], &metrics);
         held.hold(&a, 10, &metrics);
         assert_eq!((held.count(), metrics.held_bytes.get()), (2, 15));
         held.release([&a], &metrics);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use signal_clients::retry::Backoff;
 use signal_model::row_encoder::{HeaderLookup, MessageMeta, RowEncoder};
 use tokio::sync::{mpsc, oneshot};
@@ -184,7 +184,7 @@ impl Puller {
                             _ = tokio::time::sleep_until(pull_ends) => None,
                             _ = shutdown.cancelled() => None,
                         };
-                        match self.receive(next) {
+                        match self.receive_ready(next, &mut pull, &mut pending) {
                             Some(message) => message,
                             None => {
                                 pull.open = false;
@@ -271,6 +271,48 @@ impl Puller {
                 None
             }
         }
+    }
+
+    /// Takes one item of a pull and every message the pull has already received after it
+    /// (those go to `pending`, in order), and holds them all at once: one lock per wake-up rather
+    /// than one per message. Returns the first message.
+    fn receive_ready(
+        &self,
+        next: Option<Result<jetstream::Message, impl std::fmt::Display>>,
+        pull: &mut OpenPull,
+        pending: &mut VecDeque<jetstream::Message>,
+    ) -> Option<jetstream::Message> {
+        let first = match next? {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::debug!(%error, "pull request ended");
+                return None;
+            }
+        };
+        let already = pending.len();
+        while let Some(next) = pull.messages.next().now_or_never() {
+            match next {
+                Some(Ok(message)) => pending.push_back(message),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "pull request ended");
+                    pull.open = false;
+                    break;
+                }
+                None => {
+                    pull.open = false;
+                    break;
+                }
+            }
+        }
+        let received = std::iter::once(&first).chain(pending.range(already..));
+        self.metrics
+            .messages_received
+            .inc_by(1 + (pending.len() - already) as u64);
+        self.held.hold_all(
+            received.filter_map(|m| Some((m.reply.as_ref()?, m.payload.len()))),
+            &self.metrics,
+        );
+        Some(first)
     }
 
     /// Hands the dead letters gathered so far to the router, all at once. While the router is
