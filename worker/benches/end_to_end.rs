@@ -15,6 +15,9 @@
 //! run (default 1,000,000). `SIGNAL_BENCH_MAX_ROWS` and `SIGNAL_BENCH_MAX_ACK_PENDING` override the
 //! spec's batch size and ack window; `SIGNAL_BENCH_WORKER_LOG=signal_worker=debug` keeps the
 //! worker's logs, which time every batch (waiting for it, inserting it, queueing its acks).
+//! `SIGNAL_BENCH_WORKER_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`
+//! runs the worker under that command (the worker binary and its arguments follow it), for
+//! instruction counts that do not depend on the machine's load.
 
 use std::future::IntoFuture;
 use std::process::{Command, Stdio};
@@ -453,7 +456,19 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
     std::fs::write(&manifest_path, manifest.to_yaml()?)?;
     let port = signal_testkit::free_port()?;
     let log_path = dir.path().join("worker.log");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_signal-worker"));
+    let worker_bin = env!("CARGO_BIN_EXE_signal-worker");
+    // A wrapper (`valgrind --tool=callgrind ...`) counts the worker's instructions, which do
+    // not depend on the load of a shared machine.
+    let wrapper = std::env::var("SIGNAL_BENCH_WORKER_WRAPPER").unwrap_or_default();
+    let mut wrapper = wrapper.split_whitespace();
+    let mut command = match wrapper.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(wrapper).arg(worker_bin);
+            command
+        }
+        None => Command::new(worker_bin),
+    };
     command
         .arg("--pipeline")
         .arg(&manifest_path)
