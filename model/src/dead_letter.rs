@@ -79,7 +79,7 @@ impl SignalPipelineSpec {
     }
 
     /// The larger of JetStream's default window and twice `ackWait` (a worker that crashed
-    /// between publishing a dead letter and terminating the original sees the original again
+    /// between publishing a dead letter and acknowledging the original sees the original again
     /// after `ackWait`), and no longer than `maxAge`, which the server requires.
     fn default_dead_letter_duplicate_window(&self) -> HumanDuration {
         let wanted = self

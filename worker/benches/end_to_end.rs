@@ -19,6 +19,9 @@
 //! partitioned drains. `SIGNAL_BENCH_MAX_ROWS` and `SIGNAL_BENCH_MAX_ACK_PENDING` override the
 //! spec's batch size and ack window; `SIGNAL_BENCH_WORKER_LOG=signal_worker=debug` keeps the
 //! worker's logs, which time every batch (waiting for it, inserting it, queueing its acks).
+//! `SIGNAL_BENCH_WORKER_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p"`
+//! runs the worker under that command (the worker binary and its arguments follow it), for
+//! instruction counts that do not depend on the machine's load.
 
 use std::future::IntoFuture;
 use std::process::{Command, Stdio};
@@ -466,7 +469,19 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
     std::fs::write(&manifest_path, manifest.to_yaml()?)?;
     let port = signal_testkit::free_port()?;
     let log_path = dir.path().join("worker.log");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_signal-worker"));
+    let worker_bin = env!("CARGO_BIN_EXE_signal-worker");
+    // A wrapper (`valgrind --tool=callgrind ...`) counts the worker's instructions, which do
+    // not depend on the load of a shared machine.
+    let wrapper = std::env::var("SIGNAL_BENCH_WORKER_WRAPPER").unwrap_or_default();
+    let mut wrapper = wrapper.split_whitespace();
+    let mut command = match wrapper.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(wrapper).arg(worker_bin);
+            command
+        }
+        None => Command::new(worker_bin),
+    };
     command
         .arg("--pipeline")
         .arg(&manifest_path)
@@ -486,8 +501,8 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
     let pid = worker.pid();
     let mut peak_kib = 0;
     let mut first_row: Option<(Instant, u64)> = None;
-    // The last batch is partial (unless the valid rows fill whole batches) and waits for
-    // `maxWait`: the steady rate runs from the first batch stored to the last full one.
+    // The last batch is partial (unless the valid rows fill whole batches): the steady rate
+    // runs from the first batch stored to the last full one.
     let max_rows = u64::from(manifest.spec.workers.batch.max_rows);
     let last_full_batch = valid / max_rows * max_rows;
     let mut last_full: Option<Instant> = None;

@@ -70,8 +70,15 @@ pub struct SealedBatch {
 
 impl Batch {
     pub fn with_capacity(bytes: usize) -> Self {
+        Self::with_buffer(Vec::with_capacity(bytes))
+    }
+
+    /// A batch that fills `rows` (emptied first), a stored batch's buffer given back by
+    /// [`SealedBatch::take_buffer`]: no allocation, and no fresh pages to fault in, per batch.
+    pub fn with_buffer(mut rows: Vec<u8>) -> Self {
+        rows.clear();
         Self {
-            rows: Vec::with_capacity(bytes),
+            rows,
             settle: Settle::default(),
             message_bytes: 0,
             started: None,
@@ -154,6 +161,15 @@ impl Batch {
 }
 
 impl SealedBatch {
+    /// Takes the rows' buffer back, emptied, for the next batch to fill; `None` while something
+    /// else (an insert still in progress) refers to it. The rows are gone afterwards.
+    pub fn take_buffer(&mut self) -> Option<Vec<u8>> {
+        let mut rows = std::mem::take(&mut self.rows).try_into_mut().ok()?;
+        // Emptied before the conversion, which would otherwise copy the rows into place.
+        rows.clear();
+        Some(rows.into())
+    }
+
     pub fn len(&self) -> usize {
         self.settle.replies.len()
     }
@@ -310,6 +326,29 @@ mod tests {
         assert!(!sealed.cache.contains_key("k5") && sealed.cache.contains_key("k6"));
         assert!(sealed.take_last_deliveries().is_empty());
         assert_eq!(batch_of(&[1, 2], &[1, 2]).take_last_deliveries().len(), 2);
+    }
+
+    #[test]
+    fn a_stored_batchs_buffer_is_taken_back_without_reallocating() {
+        let sealed_row = || {
+            let mut batch = Batch::with_capacity(64);
+            batch.buffer().extend_from_slice(b"row");
+            batch.push(Subject::from("ack.1"), 1, 3, None);
+            batch.seal()
+        };
+        let mut sealed = sealed_row();
+        let _in_flight = sealed.rows.clone();
+        assert!(
+            sealed.take_buffer().is_none(),
+            "an insert still holds the rows"
+        );
+        let mut sealed = sealed_row();
+        let address = sealed.rows.as_ptr();
+        let buffer = sealed.take_buffer().expect("nothing else holds the rows");
+        assert!(buffer.is_empty() && buffer.capacity() >= 64);
+        assert_eq!(buffer.as_ptr(), address, "the same allocation");
+        let next = Batch::with_buffer(buffer);
+        assert!(next.is_empty() && next.bytes() == 0);
     }
 
     #[test]

@@ -1,21 +1,27 @@
 //! Dead letters: poison messages (and messages on their last allowed delivery whose insert
-//! failed) published to the dead-letter subject with headers that say why, then terminated so
+//! failed) published to the dead-letter subject with headers that say why, then acknowledged so
 //! JetStream stops redelivering them.
 //!
 //! Durable by construction: a dead letter is published through JetStream only, and the original is
-//! terminated only once the stream that captures the subject has acknowledged it. When no stream
+//! acknowledged only once the stream that captures the subject has acknowledged it. When no stream
 //! captures the subject the original stays held (kept alive, unacknowledged), the worker reports
 //! `DeadLetterUnroutable`, and the publish is retried until a stream appears. Each dead letter
 //! carries a `Nats-Msg-Id` made of the source stream's identity and the message's sequence, so a
-//! re-publish after a crash (published, not yet terminated) is dropped by the dead-letter stream's
-//! duplicate window: one dead letter per poison message.
+//! re-publish after a crash (published, not yet acknowledged) is dropped by the dead-letter
+//! stream's duplicate window: one dead letter per poison message.
+//!
+//! The original gets a plain `+ACK`, not a `+TERM`: both end its redeliveries, but nats-server
+//! answers every `+TERM` with a JSON advisory (built, marshalled and published per message),
+//! which on a poisoned stream was a large share of the server's CPU. The dead letter in its
+//! stream is the record of what happened.
 //!
 //! Routing is concurrent: publishes are sent without waiting for each ack, up to
 //! [`MAX_IN_FLIGHT`] messages (and about one batch's bytes) in flight or waiting for a retry at
-//! once, and each original is terminated as its own dead letter is confirmed. Good messages keep
-//! flowing while dead letters wait, until that bound is reached. Letters arrive in groups (the
-//! puller hands over what a pull brought, up to 64 at once), so a group may pass the bound by
-//! its size; one wake-up of the router then serves many letters.
+//! once, and the originals are acknowledged as their dead letters are confirmed (every
+//! confirmation already in at once). Good messages keep flowing while dead letters wait, until
+//! that bound is reached. Letters arrive in groups (the puller hands over what a pull brought,
+//! up to 64 at once), so a group may pass the bound by its size; one wake-up of the router then
+//! serves many letters.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,9 +30,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use signal_clients::dead_letter::{HEADER_REASON, HEADER_SEQUENCE, HEADER_STREAM, HEADER_SUBJECT};
 use signal_model::worker_health::HealthReason;
 use tokio::sync::mpsc;
@@ -87,7 +93,7 @@ pub fn message_id(stream: &str, stream_created_unix_nanos: i128, sequence: u64) 
 
 /// Where poison goes, and what routing it needs.
 pub struct DeadLetterRouter {
-    /// `None`: the pipeline has no dead-letter subject; poison is terminated and counted.
+    /// `None`: the pipeline has no dead-letter subject; poison is acknowledged and counted.
     pub subject: Option<String>,
     pub stream: String,
     pub stream_created_unix_nanos: i128,
@@ -138,11 +144,16 @@ impl DeadLetterRouter {
                     }
                     None => open = false,
                 },
-                Some((letter, result)) = in_flight.next() => {
-                    let bytes = letter.payload.len();
-                    match self.settle(letter, result).await {
-                        Some(letter) => waiting.push_back(letter),
-                        None => bytes_held -= bytes,
+                Some(first) = in_flight.next() => {
+                    // Every answer already in is settled with it: one round of acks, one lock.
+                    let mut answered = vec![first];
+                    while let Some(Some(next)) = in_flight.next().now_or_never() {
+                        answered.push(next);
+                    }
+                    bytes_held -= answered.iter().map(|(l, _)| l.payload.len()).sum::<usize>();
+                    for letter in self.settle(answered).await {
+                        bytes_held += letter.payload.len();
+                        waiting.push_back(letter);
                     }
                 }
                 _ = retry.tick(), if !stopping && !waiting.is_empty() => {
@@ -219,51 +230,64 @@ impl DeadLetterRouter {
         })
     }
 
-    /// Terminates a confirmed letter's original, or returns the letter for another try.
-    async fn settle(
-        &self,
-        letter: DeadLetter,
-        result: Result<(), PublishFailure>,
-    ) -> Option<DeadLetter> {
-        match result {
-            Ok(()) => {
-                if !self.held.terminate(&letter.reply, &self.metrics).await {
-                    // The dead letter is stored; a redelivery publishes it again under the same
-                    // message id, which the stream drops.
-                    tracing::warn!(
-                        sequence = letter.stream_sequence,
-                        "terminating a dead-lettered message failed"
-                    );
+    /// Acknowledges the originals of the confirmed letters, all at once, and returns the
+    /// letters to try again.
+    async fn settle(&self, answered: Vec<Published>) -> Vec<DeadLetter> {
+        let mut retry = Vec::new();
+        let mut stored = Vec::with_capacity(answered.len());
+        for (letter, result) in answered {
+            match result {
+                Ok(()) => stored.push(letter),
+                Err(PublishFailure::Unroutable(message)) => {
+                    self.metrics.dead_letters_unroutable.inc();
+                    self.health
+                        .set(HealthReason::DeadLetterUnroutable, &message, &self.metrics);
+                    retry.push(letter);
                 }
-                match &self.subject {
-                    Some(_) => {
-                        self.metrics.dead_letters_published.inc();
-                        if self.health.has(HealthReason::DeadLetterUnroutable) {
-                            self.health
-                                .clear(HealthReason::DeadLetterUnroutable, &self.metrics);
-                        }
-                        // The dead letter carries the reason and the metrics count it.
-                        tracing::debug!(sequence = letter.stream_sequence, reason = %letter.reason, "message dead-lettered");
-                    }
-                    None => tracing::warn!(
-                        sequence = letter.stream_sequence,
-                        reason = %letter.reason,
-                        "poison message terminated (no dead-letter subject)"
-                    ),
+                Err(PublishFailure::Transient(message)) => {
+                    tracing::warn!(sequence = letter.stream_sequence, error = %message, "dead-letter publish failed; retrying");
+                    retry.push(letter);
                 }
-                None
-            }
-            Err(PublishFailure::Unroutable(message)) => {
-                self.metrics.dead_letters_unroutable.inc();
-                self.health
-                    .set(HealthReason::DeadLetterUnroutable, &message, &self.metrics);
-                Some(letter)
-            }
-            Err(PublishFailure::Transient(message)) => {
-                tracing::warn!(sequence = letter.stream_sequence, error = %message, "dead-letter publish failed; retrying");
-                Some(letter)
             }
         }
+        if stored.is_empty() {
+            return retry;
+        }
+        let replies: Vec<Subject> = stored.iter().map(|letter| letter.reply.clone()).collect();
+        let failed = self
+            .held
+            .acknowledge_dead_lettered(&replies, &self.metrics)
+            .await;
+        if failed > 0 {
+            // The dead letters are stored; a redelivery publishes them again under the same
+            // message ids, which the stream drops.
+            tracing::warn!(failed, "acknowledging dead-lettered messages failed");
+        }
+        match &self.subject {
+            Some(_) => {
+                self.metrics
+                    .dead_letters_published
+                    .inc_by(stored.len() as u64);
+                if self.health.has(HealthReason::DeadLetterUnroutable) {
+                    self.health
+                        .clear(HealthReason::DeadLetterUnroutable, &self.metrics);
+                }
+                // The dead letter carries the reason and the metrics count it.
+                for letter in &stored {
+                    tracing::debug!(sequence = letter.stream_sequence, reason = %letter.reason, "message dead-lettered");
+                }
+            }
+            None => {
+                for letter in &stored {
+                    tracing::warn!(
+                        sequence = letter.stream_sequence,
+                        reason = %letter.reason,
+                        "poison message acknowledged without a dead letter (no dead-letter subject)"
+                    );
+                }
+            }
+        }
+        retry
     }
 }
 

@@ -1,16 +1,22 @@
 //! Every message the worker holds, kept alive until it is settled.
 //!
 //! A message is held from the moment a pull hands it to the worker until it is acknowledged
-//! (stored), terminated (dead-lettered) or let go (shutdown). While held, it gets an in-progress
+//! (stored or dead-lettered) or let go (shutdown). While held, it gets an in-progress
 //! ack (`+WPI`) every third of the ack wait, whatever the worker is doing with it: buffered from a
 //! pull, in the batch being filled, waiting for the writer, in an insert attempt, or waiting for
 //! its dead letter to be confirmed. So JetStream redelivers a message only when the worker that
 //! held it is gone, never because an insert or a publish was slow.
 //!
 //! The registry also counts the payload bytes held, for the memory bound (README, "Memory").
+//!
+//! On an AckAll consumer (partitioned mode) any ack, of a stored message or of a dead-lettered
+//! original, settles every delivery below it too. So there a dead-lettered original is not
+//! acknowledged on its own: it is marked confirmed, and is settled by the first ack through a
+//! sequence at or above it that is safe, one whose range holds nothing unconfirmed (a stored
+//! batch's ack, or its own once nothing below it is still held).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::Subject;
@@ -21,13 +27,18 @@ use crate::metrics::Metrics;
 
 const PROGRESS: Bytes = Bytes::from_static(b"+WPI");
 const ACK: Bytes = Bytes::from_static(b"+ACK");
-const TERMINATE: Bytes = Bytes::from_static(b"+TERM");
 
 /// The messages held, by their reply (ack) subject, which is unique per delivery.
 pub struct HeldMessages {
     client: async_nats::Client,
     held: Mutex<Held>,
+    /// `Some` on an AckAll consumer: whether an ack may be sent now (the partition lease's
+    /// fence).
+    cumulative: Option<MayAck>,
 }
+
+/// Whether an acknowledgement may be sent now.
+pub type MayAck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// A reply subject as a map key: `Subject` is not `Hash`, and copying it into a `String` would
 /// allocate once per message; a clone of the `Subject` only counts a reference.
@@ -62,6 +73,29 @@ struct Held {
     sizes: HashMap<ReplyKey, usize, foldhash::fast::RandomState>,
     bytes: usize,
     high_water: usize,
+    /// AckAll consumers only: held dead-lettered originals whose dead letters are stored, by
+    /// stream sequence, waiting for a safe ack at or above them.
+    confirmed: BTreeMap<u64, Subject>,
+}
+
+impl Held {
+    /// Forgets a delivery (settled, or left to redelivery).
+    fn remove(&mut self, reply: &str) {
+        if let Some(bytes) = self.sizes.remove(reply) {
+            self.bytes -= bytes;
+        }
+        if self.confirmed.is_empty() {
+            return;
+        }
+        if let Some(sequence) = stream_sequence(reply)
+            && self
+                .confirmed
+                .get(&sequence)
+                .is_some_and(|kept| kept.as_str() == reply)
+        {
+            self.confirmed.remove(&sequence);
+        }
+    }
 }
 
 impl HeldMessages {
@@ -69,6 +103,16 @@ impl HeldMessages {
         Self {
             client,
             held: Mutex::new(Held::default()),
+            cumulative: None,
+        }
+    }
+
+    /// The registry of an AckAll consumer, whose acks may be sent only while `may_ack` says so.
+    pub fn cumulative(client: async_nats::Client, may_ack: MayAck) -> Self {
+        Self {
+            client,
+            held: Mutex::new(Held::default()),
+            cumulative: Some(may_ack),
         }
     }
 
@@ -79,22 +123,34 @@ impl HeldMessages {
 
     /// Starts keeping a delivery alive; `bytes` is its payload size.
     pub fn hold(&self, reply: &Subject, bytes: usize, metrics: &Metrics) {
+        self.hold_all([(reply, bytes)], metrics);
+    }
+
+    /// Starts keeping deliveries alive, `(reply, payload size)` each: one lock and one update of
+    /// the gauges for all of them (what a pull has already delivered).
+    pub fn hold_all<'a>(
+        &self,
+        deliveries: impl IntoIterator<Item = (&'a Subject, usize)>,
+        metrics: &Metrics,
+    ) {
         let mut held = self.lock();
-        if held.sizes.insert(ReplyKey(reply.clone()), bytes).is_none() {
-            held.bytes += bytes;
-            held.high_water = held.high_water.max(held.bytes);
+        for (reply, bytes) in deliveries {
+            if held.sizes.insert(ReplyKey(reply.clone()), bytes).is_none() {
+                held.bytes += bytes;
+            }
         }
         metrics.held_bytes.set(held.bytes as u64);
-        metrics.held_bytes_max.set(held.high_water as u64);
+        if held.bytes > held.high_water {
+            held.high_water = held.bytes;
+            metrics.held_bytes_max.set(held.high_water as u64);
+        }
     }
 
     /// Stops keeping the deliveries alive (they were settled, or are left to redelivery).
     pub fn release<'a>(&self, replies: impl IntoIterator<Item = &'a Subject>, metrics: &Metrics) {
         let mut held = self.lock();
         for reply in replies {
-            if let Some(bytes) = held.sizes.remove(reply.as_str()) {
-                held.bytes -= bytes;
-            }
+            held.remove(reply.as_str());
         }
         metrics.held_bytes.set(held.bytes as u64);
     }
@@ -121,35 +177,103 @@ impl HeldMessages {
         metrics: &Metrics,
     ) -> bool {
         let sent = self.send_each(std::slice::from_ref(last), &ACK).await == 0;
-        self.release(replies, metrics);
+        {
+            let mut held = self.lock();
+            for reply in replies {
+                held.remove(reply.as_str());
+            }
+            // The ack also settled the confirmed originals below it.
+            if let Some(through) = stream_sequence(last.as_str()) {
+                let settled: Vec<Subject> = held
+                    .confirmed
+                    .range(..=through)
+                    .map(|(_, reply)| reply.clone())
+                    .collect();
+                for reply in settled {
+                    held.remove(reply.as_str());
+                }
+            }
+            metrics.held_bytes.set(held.bytes as u64);
+        }
+        self.settle_confirmed(metrics).await;
         sent
     }
 
-    /// How many held deliveries outside `batch` have a stream sequence at most `sequence`: on an
-    /// AckAll consumer, an ack through `sequence` would also settle them (e.g. poison whose dead
-    /// letter is not confirmed yet), so it has to wait until there are none.
+    /// Settles dead-lettered originals whose dead letters are stored; returns how many acks
+    /// could not be sent. On an AckAll consumer they are marked confirmed and settled by the
+    /// first safe ack at or above them (see the module doc).
+    pub async fn acknowledge_dead_lettered(&self, replies: &[Subject], metrics: &Metrics) -> usize {
+        if self.cumulative.is_none() {
+            return self.acknowledge(replies, metrics).await;
+        }
+        {
+            let mut held = self.lock();
+            for reply in replies {
+                if let Some(sequence) = stream_sequence(reply.as_str()) {
+                    held.confirmed.insert(sequence, reply.clone());
+                }
+            }
+        }
+        self.settle_confirmed(metrics).await
+    }
+
+    /// AckAll consumers: acknowledges the highest confirmed original with nothing unconfirmed
+    /// held below it, which settles it and every confirmed original below it.
+    async fn settle_confirmed(&self, metrics: &Metrics) -> usize {
+        let Some(may_ack) = &self.cumulative else {
+            return 0;
+        };
+        let through = {
+            let mut held = self.lock();
+            if held.confirmed.is_empty() {
+                return 0;
+            }
+            let lowest_unconfirmed = held
+                .sizes
+                .keys()
+                .filter_map(|key| stream_sequence(key.0.as_str()))
+                .filter(|sequence| !held.confirmed.contains_key(sequence))
+                .min()
+                .unwrap_or(u64::MAX);
+            let Some((_, through)) = held.confirmed.range(..lowest_unconfirmed).next_back() else {
+                return 0;
+            };
+            let through = through.clone();
+            if !may_ack() {
+                return 0;
+            }
+            let settled: Vec<Subject> = held
+                .confirmed
+                .range(..lowest_unconfirmed)
+                .map(|(_, reply)| reply.clone())
+                .collect();
+            for reply in settled {
+                held.remove(reply.as_str());
+            }
+            metrics.held_bytes.set(held.bytes as u64);
+            through
+        };
+        self.send_each(std::slice::from_ref(&through), &ACK).await
+    }
+
+    /// How many held deliveries outside `batch`, not confirmed dead-lettered, have a stream
+    /// sequence at most `sequence`: on an AckAll consumer, an ack through `sequence` would also
+    /// settle them (e.g. poison whose dead letter is not stored yet), so it has to wait until
+    /// there are none.
     pub fn held_outside_up_to(&self, sequence: u64, batch: &[Subject]) -> usize {
         let held = self.lock();
+        // Confirmed originals are settled by that ack safely: their dead letters are stored.
         let up_to = held
             .sizes
             .keys()
-            .filter(|key| stream_sequence(key.0.as_str()).is_some_and(|s| s <= sequence))
+            .filter_map(|key| stream_sequence(key.0.as_str()))
+            .filter(|s| *s <= sequence && !held.confirmed.contains_key(s))
             .count();
         let of_batch = batch
             .iter()
             .filter(|reply| held.sizes.contains_key(reply.as_str()))
             .count();
         up_to.saturating_sub(of_batch)
-    }
-
-    /// Terminates a dead-lettered message so JetStream never redelivers it, and lets it go.
-    pub async fn terminate(&self, reply: &Subject, metrics: &Metrics) -> bool {
-        let sent = self
-            .send_each(std::slice::from_ref(reply), &TERMINATE)
-            .await
-            == 0;
-        self.release([reply], metrics);
-        sent
     }
 
     /// Publishes `body` to each reply subject; an ack is a plain publish queued to the client,
@@ -215,8 +339,7 @@ mod tests {
         let metrics = Metrics::new();
         let a = Subject::from("$JS.ACK.a");
         let b = Subject::from("$JS.ACK.b");
-        held.hold(&a, 10, &metrics);
-        held.hold(&b, 5, &metrics);
+        held.hold_all([(&a, 10), (&b, 5)], &metrics);
         held.hold(&a, 10, &metrics);
         assert_eq!((held.count(), metrics.held_bytes.get()), (2, 15));
         held.release([&a], &metrics);
@@ -254,5 +377,55 @@ mod tests {
         assert_eq!(held.held_outside_up_to(4, &batch), 2);
         held.release([&ack(1), &ack(3)], &metrics);
         assert_eq!(held.held_outside_up_to(4, &batch), 0);
+    }
+
+    #[tokio::test]
+    async fn on_an_ack_all_consumer_a_dead_lettered_original_waits_for_what_lies_below_it() {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .expect("lazy client");
+        let fence_open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let may_ack: MayAck = {
+            let open = fence_open.clone();
+            Arc::new(move || open.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let held = HeldMessages::cumulative(client, may_ack);
+        let metrics = Metrics::new();
+        let ack = |seq: u64| Subject::from(format!("$JS.ACK.S.C.1.{seq}.{seq}.0.0"));
+        for seq in 1..=6 {
+            held.hold(&ack(seq), 1, &metrics);
+        }
+        // Poison 3's dead letter is stored, but 1 and 2 are not: its ack would settle them.
+        held.acknowledge_dead_lettered(&[ack(3)], &metrics).await;
+        assert_eq!(held.count(), 6, "nothing may be acknowledged through 3 yet");
+        // A batch of 4..6 may be acknowledged through 6 (3 is confirmed), but 1 and 2 still hold it.
+        assert_eq!(held.held_outside_up_to(6, &[ack(4), ack(5), ack(6)]), 2);
+        // The batch of 1 and 2 is stored and acknowledged through 2: 3 is settled next, alone.
+        held.acknowledge_through(&ack(2), &[ack(1), ack(2)], &metrics)
+            .await;
+        assert_eq!(
+            held.count(),
+            3,
+            "3 settled after the ack through 2; 4..6 held"
+        );
+        assert_eq!(held.held_outside_up_to(6, &[ack(4), ack(5), ack(6)]), 0);
+
+        // Past the fence nothing is acknowledged, confirmed or not.
+        fence_open.store(false, std::sync::atomic::Ordering::SeqCst);
+        held.hold(&ack(7), 1, &metrics);
+        held.release([&ack(4), &ack(5), &ack(6)], &metrics);
+        held.acknowledge_dead_lettered(&[ack(7)], &metrics).await;
+        assert_eq!(held.count(), 1, "7 stays held past the fence");
+        // Confirmed 7, below a batch of 8 and 9, does not hold the batch back and is settled by
+        // its ack through 9.
+        fence_open.store(true, std::sync::atomic::Ordering::SeqCst);
+        held.hold(&ack(8), 1, &metrics);
+        held.hold(&ack(9), 1, &metrics);
+        assert_eq!(held.held_outside_up_to(9, &[ack(8), ack(9)]), 0);
+        held.acknowledge_through(&ack(9), &[ack(8), ack(9)], &metrics)
+            .await;
+        assert_eq!(held.count(), 0, "the ack through 9 settled 7");
     }
 }

@@ -312,7 +312,11 @@ async fn ingest(
 
     let pull_stop = stop.child_token();
     let keep_alive_stop = CancellationToken::new();
-    let held = Arc::new(HeldMessages::new(shared.nats.clone()));
+    // AckAll: every ack settles what lies below it, so acks go out only within the fence.
+    let held = Arc::new(HeldMessages::cumulative(shared.nats.clone(), {
+        let fence = fence.clone();
+        Arc::new(move || fence.may_ack())
+    }));
     let keep_alive = {
         let held = held.clone();
         let stop = keep_alive_stop.clone();
@@ -453,9 +457,15 @@ async fn write_loop(
     fence: &Fence,
     ack_wait: Duration,
 ) -> Result<(), String> {
+    // The stored batch's buffer goes back to the puller with the next request.
+    let mut spare_rows = None;
     loop {
         let (reply, batch) = oneshot::channel();
-        if requests.send(reply).await.is_err() {
+        let request = BatchRequest {
+            reply,
+            spare_rows: spare_rows.take(),
+        };
+        if requests.send(request).await.is_err() {
             return Ok(());
         }
         let Ok(mut batch) = batch.await else {
@@ -465,6 +475,7 @@ async fn write_loop(
             held.release(&batch.settle.replies, metrics);
             return Err(format!("batch not stored, left for redelivery: {error}"));
         }
+        spare_rows = batch.take_buffer();
         let replies = &batch.settle.replies;
         let Some((last_index, &last_sequence)) = batch
             .settle

@@ -435,10 +435,16 @@ async fn write_loop(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) {
+    // The stored batch's buffer goes back to the puller with the next request.
+    let mut spare_rows = None;
     loop {
         let asked = Instant::now();
         let (reply, batch) = oneshot::channel();
-        if requests.send(reply).await.is_err() {
+        let request = BatchRequest {
+            reply,
+            spare_rows: spare_rows.take(),
+        };
+        if requests.send(request).await.is_err() {
             return;
         }
         // The puller drops the reply when it stops without a batch.
@@ -446,6 +452,7 @@ async fn write_loop(
         let received = Instant::now();
         match sink.store(&mut batch, shutdown).await {
             Ok(()) => {
+                spare_rows = batch.take_buffer();
                 let rows = batch.len() as u64;
                 let stored = Instant::now();
                 // Only now, with the rows confirmed, may their messages be acknowledged.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use signal_clients::retry::Backoff;
 use signal_model::partitions::PartitionScheme;
 use signal_model::row_encoder::{HeaderLookup, MessageMeta, RowEncoder};
@@ -29,7 +29,11 @@ use crate::held_messages::HeldMessages;
 use crate::metrics::Metrics;
 
 /// The writer's request for its next batch.
-pub type BatchRequest = oneshot::Sender<SealedBatch>;
+pub struct BatchRequest {
+    pub reply: oneshot::Sender<SealedBatch>,
+    /// The buffer of the batch the writer stored last, for the puller to fill again.
+    pub spare_rows: Option<Vec<u8>>,
+}
 
 /// Shortest pull request; the server needs some time to answer one.
 const MIN_EXPIRES: Duration = Duration::from_millis(20);
@@ -70,8 +74,27 @@ pub struct Puller {
 }
 
 enum Step {
-    Continue,
+    /// Go on with a new batch, in the writer's spare buffer when it gave one back.
+    Continue(Option<Vec<u8>>),
     Stop,
+}
+
+/// What became of one message.
+#[derive(Default)]
+struct Processed {
+    /// The message is poison: its dead letter.
+    letter: Option<DeadLetter>,
+    /// The server had nothing more for the consumer when it delivered the message.
+    caught_up: bool,
+}
+
+/// Whether a partial batch is handed over at once rather than at `maxWait`: the consumer has
+/// caught up with the stream and the batch before this one was full, so this one ends a burst
+/// (the end of a backlog, the tail of a poisoned stream) and nothing more is coming soon. A
+/// trickle still waits `maxWait` (its batches are not full), so this adds at most one insert per
+/// full batch.
+fn ends_burst(caught_up: bool, previous_full: bool, batch: &Batch) -> bool {
+    caught_up && previous_full && !batch.is_empty()
 }
 
 /// A pull request's message stream, and whether it may still deliver.
@@ -100,11 +123,17 @@ impl Puller {
             })
             .unwrap_or_default();
         let mut texts = Vec::new();
-        let new_batch = || Batch::with_capacity(self.limits.max_bytes.min(16 << 20));
-        let mut batch = new_batch();
+        let new_batch = |spare_rows: Option<Vec<u8>>| match spare_rows {
+            Some(rows) => Batch::with_buffer(rows),
+            None => Batch::with_capacity(self.limits.max_bytes.min(16 << 20)),
+        };
+        let mut batch = new_batch(None);
         let mut pending: VecDeque<jetstream::Message> = VecDeque::new();
         let mut letters: Vec<DeadLetter> = Vec::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Whether the batch handed over last was full: the stream was flowing faster than
+        // batches fill, so the batch that catches up with it ends a burst (see `ends_burst`).
+        let mut previous_full = false;
         while !shutdown.is_cancelled() {
             let expires = match batch.deadline(&self.limits) {
                 Some(deadline) => deadline.saturating_duration_since(Instant::now()),
@@ -158,7 +187,7 @@ impl Puller {
                             _ = tokio::time::sleep_until(pull_ends) => None,
                             _ = shutdown.cancelled() => None,
                         };
-                        match self.receive(next) {
+                        match self.receive_ready(next, &mut pull, &mut pending) {
                             Some(message) => message,
                             None => {
                                 pull.open = false;
@@ -167,14 +196,19 @@ impl Puller {
                         }
                     }
                 };
-                if let Some(letter) = self.process(&mut batch, message, &wanted_texts, &mut texts) {
+                let processed = self.process(&mut batch, message, &wanted_texts, &mut texts);
+                if let Some(letter) = processed.letter {
                     letters.push(letter);
-                    if letters.len() >= LETTERS_PER_HAND_OVER {
-                        self.send_letters(&mut letters, &mut pull, &mut pending)
-                            .await;
-                    }
                 }
-                if batch.is_full(&self.limits) {
+                // Caught up, the last letters go now rather than when the pull expires.
+                if letters.len() >= LETTERS_PER_HAND_OVER
+                    || (processed.caught_up && !letters.is_empty())
+                {
+                    self.send_letters(&mut letters, &mut pull, &mut pending)
+                        .await;
+                }
+                let full = batch.is_full(&self.limits);
+                if full || ends_burst(processed.caught_up, previous_full, &batch) {
                     // Dead letters do not wait for the writer, which may be stuck on ClickHouse.
                     self.send_letters(&mut letters, &mut pull, &mut pending)
                         .await;
@@ -182,9 +216,10 @@ impl Puller {
                         .hand_over(batch, &mut requests, Some(&mut pull), &mut pending)
                         .await
                     {
-                        Step::Continue => new_batch(),
+                        Step::Continue(spare_rows) => new_batch(spare_rows),
                         Step::Stop => return self.let_go(&pending, &letters),
                     };
+                    previous_full = full;
                 }
             }
             self.send_letters(&mut letters, &mut pull, &mut pending)
@@ -200,9 +235,10 @@ impl Puller {
                     .hand_over(batch, &mut requests, None, &mut pending)
                     .await
                 {
-                    Step::Continue => new_batch(),
+                    Step::Continue(spare_rows) => new_batch(spare_rows),
                     Step::Stop => return self.let_go(&pending, &letters),
                 };
+                previous_full = false;
             }
         }
         self.let_go(&pending, &letters);
@@ -238,6 +274,48 @@ impl Puller {
                 None
             }
         }
+    }
+
+    /// Takes one item of a pull and every message the pull has already received after it
+    /// (those go to `pending`, in order), and holds them all at once: one lock per wake-up rather
+    /// than one per message. Returns the first message.
+    fn receive_ready(
+        &self,
+        next: Option<Result<jetstream::Message, impl std::fmt::Display>>,
+        pull: &mut OpenPull,
+        pending: &mut VecDeque<jetstream::Message>,
+    ) -> Option<jetstream::Message> {
+        let first = match next? {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::debug!(%error, "pull request ended");
+                return None;
+            }
+        };
+        let already = pending.len();
+        while let Some(next) = pull.messages.next().now_or_never() {
+            match next {
+                Some(Ok(message)) => pending.push_back(message),
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "pull request ended");
+                    pull.open = false;
+                    break;
+                }
+                None => {
+                    pull.open = false;
+                    break;
+                }
+            }
+        }
+        let received = std::iter::once(&first).chain(pending.range(already..));
+        self.metrics
+            .messages_received
+            .inc_by(1 + (pending.len() - already) as u64);
+        self.held.hold_all(
+            received.filter_map(|m| Some((m.reply.as_ref()?, m.payload.len()))),
+            &self.metrics,
+        );
+        Some(first)
     }
 
     /// Hands the dead letters gathered so far to the router, all at once. While the router is
@@ -281,14 +359,15 @@ impl Puller {
         message: jetstream::Message,
         wanted_texts: &[usize],
         texts: &mut Vec<String>,
-    ) -> Option<DeadLetter> {
-        let (sequence, timestamp_nanos, delivered) = match message.info() {
+    ) -> Processed {
+        let (sequence, timestamp_nanos, delivered, caught_up) = match message.info() {
             Ok(info) => {
                 self.metrics.consumer_lag.set(info.pending);
                 (
                     info.stream_sequence,
                     i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(i64::MAX),
                     info.delivered,
+                    info.pending == 0,
                 )
             }
             Err(error) => {
@@ -297,10 +376,12 @@ impl Puller {
                 if let Some(reply) = &message.reply {
                     self.held.release([reply], &self.metrics);
                 }
-                return None;
+                return Processed::default();
             }
         };
-        let reply = message.reply.clone()?;
+        let Some(reply) = message.reply.clone() else {
+            return Processed::default();
+        };
         let encoded = {
             let headers = message.headers.as_ref().map(Headers);
             let meta = MessageMeta {
@@ -338,11 +419,22 @@ impl Puller {
                     })
                     .flatten();
                 batch.push(reply, sequence, message.payload.len(), last_delivery);
-                None
+                Processed {
+                    letter: None,
+                    caught_up,
+                }
             }
             Err(reason) => {
                 self.metrics.count_poison(reason.label());
-                DeadLetter::from_message(&message, sequence, reason.label(), reason.to_string())
+                Processed {
+                    letter: DeadLetter::from_message(
+                        &message,
+                        sequence,
+                        reason.label(),
+                        reason.to_string(),
+                    ),
+                    caught_up,
+                }
             }
         }
     }
@@ -362,8 +454,8 @@ impl Puller {
                 request = requests.recv() => {
                     let Some(request) = request else { return Step::Stop };
                     // A writer gone before taking its batch leaves the messages to redelivery.
-                    return match request.send(batch.seal()) {
-                        Ok(()) => Step::Continue,
+                    return match request.reply.send(batch.seal()) {
+                        Ok(()) => Step::Continue(request.spare_rows),
                         Err(_) => Step::Stop,
                     };
                 }
@@ -384,5 +476,30 @@ impl Puller {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_caught_up_batch_after_a_full_one_ends_a_burst() {
+        let mut batch = Batch::with_capacity(16);
+        assert!(
+            !ends_burst(true, true, &batch),
+            "an empty batch has nothing to insert"
+        );
+        batch.buffer().push(1);
+        batch.push(async_nats::Subject::from("ack.1"), 1, 1, None);
+        assert!(ends_burst(true, true, &batch));
+        assert!(
+            !ends_burst(false, true, &batch),
+            "more messages are pending"
+        );
+        assert!(
+            !ends_burst(true, false, &batch),
+            "a trickle still batches for maxWait"
+        );
     }
 }

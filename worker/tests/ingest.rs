@@ -52,6 +52,35 @@ fn ten_thousand_messages_become_ten_thousand_rows_each_sequence_once() {
 }
 
 #[test]
+fn the_partial_batch_that_ends_a_burst_does_not_wait_for_max_wait() {
+    let env = TestEnv::start();
+    let mut manifest = env.manifest("burst", sample_columns());
+    // Two full batches and a partial one; the partial one would wait a minute on its own.
+    manifest.spec.workers.batch.max_rows = 400;
+    manifest.spec.workers.batch.max_wait = HumanDuration::from_secs(60);
+    // At least three times maxWait, or the worker refuses the spec (redelivery_problems).
+    manifest.spec.consumer.ack_wait = HumanDuration::from_secs(180);
+    env.provision(&manifest);
+    const MESSAGES: u64 = 950;
+    env.publish_samples("burst.signals", 0..MESSAGES);
+
+    let worker = env.start_worker(&manifest);
+    // Well within maxWait: only the caught-up hand-over can store the last 150 rows by then.
+    wait_for("every row, before maxWait", Duration::from_secs(30), || {
+        env.row_count(&manifest) >= MESSAGES
+    });
+    wait_for(
+        "every message acknowledged",
+        Duration::from_secs(20),
+        || env.consumer_settled(&manifest),
+    );
+    let summary = env.sequences(&manifest);
+    assert_eq!(summary.rows, MESSAGES, "{summary:?}");
+    assert!(summary.covers(MESSAGES), "{summary:?}");
+    worker.stop(&env).expect("clean stop");
+}
+
+#[test]
 fn a_batch_flushes_on_its_wait_when_rows_trickle_in() {
     let env = TestEnv::start();
     let mut manifest = env.manifest("trickle", sample_columns());
