@@ -5,8 +5,12 @@
 //! key already holding a newer `_stream_sequence`, so a batch stored late (by another worker, or
 //! redelivered after a crash) never overwrites newer values.
 //!
-//! It runs as its own task behind a small queue. When Redis is slow or down the queue fills and
-//! further updates are dropped and counted: the cache never holds back ClickHouse ingestion.
+//! It runs as its own task behind a queue that keeps only each key's newest entry: updates that
+//! arrive while a write is in flight, or while Redis is slow or down, are merged into it, and a
+//! write that fails puts its entries back (unless newer ones arrived), so once Redis answers
+//! again every key gets its newest value. The cache never holds back ClickHouse ingestion: the
+//! queue holds at most [`MAX_PENDING_KEYS`] keys, and updates of further keys are dropped and
+//! counted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,14 +24,15 @@ use signal_model::cache_key::KeyTemplate;
 use signal_model::credentials::UserPassword;
 use signal_model::tls::TlsMaterial;
 use signal_model::worker_health::HealthReason;
-use tokio::sync::mpsc;
+use std::sync::Mutex;
+use tokio::sync::Notify;
 
 use crate::batch::CacheEntry;
 use crate::health::Health;
 use crate::metrics::Metrics;
 
-/// Batches of cache updates queued at most; beyond that updates are dropped.
-const QUEUE_BATCHES: usize = 4;
+/// Keys waiting to be written at most (a few MiB); updates of further keys are dropped.
+pub const MAX_PENDING_KEYS: usize = 20_000;
 
 /// Hash field holding the stream sequence of the row the key's fields come from.
 pub const SEQUENCE_FIELD: &str = "_stream_sequence";
@@ -112,18 +117,76 @@ impl CacheLayout {
 /// The sending side of the cache queue.
 #[derive(Clone)]
 pub struct CacheQueue {
-    sender: mpsc::Sender<HashMap<String, CacheEntry>>,
+    shared: Arc<Shared>,
+    /// Dropped with the last queue handle, which tells the writer to finish.
+    _open: Arc<OpenQueue>,
     metrics: Arc<Metrics>,
 }
 
+/// What the queue handles and the writer share.
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    entries: HashMap<String, CacheEntry>,
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A panic while holding the lock leaves a plain map behind; it is still usable.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Merges `entries` into the queue, keeping each key's newest; returns how many were
+    /// dropped because the queue is full.
+    fn merge(&self, entries: HashMap<String, CacheEntry>) -> u64 {
+        let mut dropped = 0;
+        {
+            let mut pending = self.lock();
+            for (key, entry) in entries {
+                let room = pending.entries.len() < MAX_PENDING_KEYS;
+                match pending.entries.get_mut(&key) {
+                    Some(queued) => {
+                        if entry.stream_sequence >= queued.stream_sequence {
+                            *queued = entry;
+                        }
+                    }
+                    None if room => {
+                        pending.entries.insert(key, entry);
+                    }
+                    None => dropped += 1,
+                }
+            }
+        }
+        self.wake.notify_one();
+        dropped
+    }
+}
+
+/// Marks the queue closed when the last [`CacheQueue`] goes.
+struct OpenQueue(Arc<Shared>);
+
+impl Drop for OpenQueue {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
+}
+
 impl CacheQueue {
-    /// Queues a stored batch's entries, or drops them when Redis is behind.
+    /// Queues a stored batch's entries (each key keeps its newest).
     pub fn offer(&self, entries: HashMap<String, CacheEntry>) {
         if entries.is_empty() {
             return;
         }
-        if self.sender.try_send(entries).is_err() {
-            self.metrics.redis_skipped.inc();
+        let dropped = self.shared.merge(entries);
+        if dropped > 0 {
+            self.metrics.redis_skipped.inc_by(dropped);
         }
     }
 }
@@ -139,7 +202,7 @@ pub fn start(
     health: Arc<Health>,
 ) -> Result<(CacheQueue, tokio::task::JoinHandle<()>), signal_clients::connect::ConnectError> {
     let client = signal_clients::connect::redis(&spec.redis.url, auth, tls)?;
-    let (sender, receiver) = mpsc::channel(QUEUE_BATCHES);
+    let shared = Arc::new(Shared::default());
     let ttl = spec.ttl.0;
     let writer = Writer {
         client,
@@ -148,8 +211,13 @@ pub fn start(
         metrics: metrics.clone(),
         health,
     };
-    let task = tokio::spawn(writer.run(receiver));
-    Ok((CacheQueue { sender, metrics }, task))
+    let task = tokio::spawn(writer.run(shared.clone()));
+    let queue = CacheQueue {
+        _open: Arc::new(OpenQueue(shared.clone())),
+        shared,
+        metrics,
+    };
+    Ok((queue, task))
 }
 
 async fn connect(client: &redis::Client) -> redis::RedisResult<ConnectionManager> {
@@ -170,7 +238,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, receiver: mpsc::Receiver<HashMap<String, CacheEntry>>) {
+    async fn run(self, queue: Arc<Shared>) {
         let Writer {
             client,
             url,
@@ -178,14 +246,14 @@ impl Writer {
             metrics,
             health,
         } = self;
-        write_loop(client, &url, receiver, ttl, metrics, &health).await;
+        write_loop(client, &url, &queue, ttl, metrics, &health).await;
     }
 }
 
 async fn write_loop(
     client: redis::Client,
     url: &str,
-    mut receiver: mpsc::Receiver<HashMap<String, CacheEntry>>,
+    queue: &Shared,
     ttl: Duration,
     metrics: Arc<Metrics>,
     health: &Health,
@@ -193,7 +261,19 @@ async fn write_loop(
     let mut connection: Option<ConnectionManager> = None;
     let script = redis::Script::new(WRITE_IF_NEWER);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    while let Some(entries) = receiver.recv().await {
+    loop {
+        let entries = {
+            let mut pending = queue.lock();
+            if pending.entries.is_empty() && pending.closed {
+                return;
+            }
+            std::mem::take(&mut pending.entries)
+        };
+        if entries.is_empty() {
+            // `notify_one` keeps a permit when nobody waits, so no offer is missed.
+            queue.wake.notified().await;
+            continue;
+        }
         if connection.is_none() {
             match connect(&client).await {
                 Ok(manager) => {
@@ -206,14 +286,15 @@ async fn write_loop(
                     match signal_clients::connect::redis_tls_failure(url, &error) {
                         Some(tls) => {
                             let message = tls.to_string();
-                            tracing::warn!(error = %message, keys = entries.len(), "Redis refused TLS; cache update dropped");
+                            tracing::warn!(error = %message, keys = entries.len(), "Redis refused TLS; cache update kept for the next attempt");
                             health.set(HealthReason::CacheTlsFailed, &message, &metrics);
                         }
                         None => {
-                            tracing::warn!(%error, keys = entries.len(), "Redis unreachable; cache update dropped")
+                            tracing::warn!(%error, keys = entries.len(), "Redis unreachable; cache update kept for the next attempt")
                         }
                     }
-                    // Wait before the next attempt; updates queued meanwhile are dropped by `offer`.
+                    // Wait before the next attempt; updates meanwhile merge into the queue.
+                    requeue(queue, entries, &metrics);
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
@@ -249,12 +330,25 @@ async fn write_loop(
         }
         match written {
             Ok(()) => {
+                backoff.reset();
                 metrics.redis_writes.inc_by(entries.len() as u64);
             }
             Err(error) => {
                 metrics.redis_failures.inc();
-                tracing::warn!(%error, keys = entries.len(), "Redis cache write failed");
+                tracing::warn!(%error, keys = entries.len(), "Redis cache write failed; kept for the next attempt");
+                // The connection manager reconnects by itself; pause so a Redis that is down is
+                // not asked again at once.
+                requeue(queue, entries, &metrics);
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
+    }
+}
+
+/// Puts back the entries of a write that did not happen, unless newer ones arrived meanwhile.
+fn requeue(queue: &Shared, entries: HashMap<String, CacheEntry>, metrics: &Metrics) {
+    let dropped = queue.merge(entries);
+    if dropped > 0 {
+        metrics.redis_skipped.inc_by(dropped);
     }
 }

@@ -113,12 +113,12 @@ impl Metrics {
         );
         registry.register(
             "redis_failures",
-            "Failed Redis cache writes (batches)",
+            "Failed Redis cache writes (their keys are written again)",
             metrics.redis_failures.clone(),
         );
         registry.register(
             "redis_skipped",
-            "Cache updates dropped because Redis was too slow to keep up (batches)",
+            "Cache key updates dropped because the queue for a slow or absent Redis was full (keys)",
             metrics.redis_skipped.clone(),
         );
         registry.register(
