@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use signal_clients::clickhouse::{VersionError, server_version};
 use signal_clients::retry::Backoff;
-use signal_model::ColumnSpec;
+use signal_model::credentials::PipelineCredentials;
 use signal_model::live_schema::wire_mismatches;
 use signal_model::worker_health::HealthReason;
+use signal_model::{ClickHouseSpec, ColumnSpec, SignalPipelineSpec};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -86,6 +87,45 @@ pub struct SinkTarget<'a> {
     pub stream: &'a str,
     /// The stream's creation time, its identity in deduplication tokens.
     pub stream_created_unix_nanos: i128,
+}
+
+impl<'a> SinkTarget<'a> {
+    /// Where a pipeline's rows go: its write table (local, or the Distributed one over it), in
+    /// `column_list` order.
+    pub fn of_pipeline(
+        spec: &'a SignalPipelineSpec,
+        column_list: &'a str,
+        stream_created_unix_nanos: i128,
+    ) -> Self {
+        Self {
+            database: &spec.clickhouse.database,
+            table: spec.clickhouse.write_table(),
+            distributed: spec.clickhouse.write_table() != spec.clickhouse.table,
+            columns: &spec.clickhouse.columns,
+            column_list,
+            stream: &spec.stream.name,
+            stream_created_unix_nanos,
+        }
+    }
+}
+
+/// A client for each replica URL of `clickhouse` (`url`, then `cluster.replicaUrls`), in order.
+pub fn replica_clients(
+    clickhouse: &ClickHouseSpec,
+    credentials: &PipelineCredentials,
+) -> Result<Vec<(String, clickhouse::Client)>, signal_clients::connect::ConnectError> {
+    clickhouse
+        .urls()
+        .into_iter()
+        .map(|url| {
+            let client = signal_clients::connect::clickhouse(
+                url,
+                &credentials.clickhouse,
+                credentials.tls.clickhouse.as_ref(),
+            )?;
+            Ok((url.to_string(), client))
+        })
+        .collect()
 }
 
 impl ClickHouseSink {

@@ -327,14 +327,19 @@ pub fn stream_sequence(reply: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn bytes_held_follow_hold_and_release_and_keep_their_high_water() {
-        // A client that never connects: hold/release do not touch the network.
-        let client = async_nats::ConnectOptions::new()
+    /// A client that never connects: holding and releasing do not touch the network, and acks
+    /// are only queued.
+    async fn lazy_client() -> async_nats::Client {
+        async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect("127.0.0.1:1")
             .await
-            .expect("lazy client");
+            .expect("lazy client")
+    }
+
+    #[tokio::test]
+    async fn bytes_held_follow_hold_and_release_and_keep_their_high_water() {
+        let client = lazy_client().await;
         let held = HeldMessages::new(client);
         let metrics = Metrics::new();
         let a = Subject::from("$JS.ACK.a");
@@ -362,11 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_deliveries_below_a_sequence_are_counted_outside_the_batch() {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect("127.0.0.1:1")
-            .await
-            .expect("lazy client");
+        let client = lazy_client().await;
         let held = HeldMessages::new(client);
         let metrics = Metrics::new();
         let ack = |seq: u64| Subject::from(format!("$JS.ACK.S.C.1.{seq}.{seq}.0.0"));
@@ -381,11 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn on_an_ack_all_consumer_a_dead_lettered_original_waits_for_what_lies_below_it() {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect("127.0.0.1:1")
-            .await
-            .expect("lazy client");
+        let client = lazy_client().await;
         let fence_open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let may_ack: MayAck = {
             let open = fence_open.clone();

@@ -20,7 +20,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use signal_clients::connect;
 use signal_clients::consumer_config::partition_consumer_config;
 use signal_model::SignalPipelineSpec;
 use signal_model::credentials::PipelineCredentials;
@@ -35,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchLimits;
 use crate::cache::{CacheLayout, CacheQueue};
-use crate::clickhouse_sink::{ClickHouseSink, SinkTarget};
+use crate::clickhouse_sink::{ClickHouseSink, SinkTarget, replica_clients};
 use crate::dead_letter::DeadLetterRouter;
 use crate::health::Health;
 use crate::held_messages::HeldMessages;
@@ -343,31 +342,10 @@ async fn ingest(
         max_bytes_in_flight: spec.workers.batch.max_bytes.0 as usize,
     };
     let router_task = tokio::spawn(router.run(letter_receiver, pull_stop.clone()));
-    let replicas = spec
-        .clickhouse
-        .urls()
-        .into_iter()
-        .map(|url| {
-            let client = connect::clickhouse(
-                url,
-                &shared.credentials.clickhouse,
-                shared.credentials.tls.clickhouse.as_ref(),
-            )?;
-            Ok((url.to_string(), client))
-        })
-        .collect::<Result<Vec<_>, connect::ConnectError>>()
-        .map_err(|e| e.to_string())?;
+    let column_list = encoder.column_list();
     let sink = ClickHouseSink::new(
-        replicas,
-        SinkTarget {
-            database: &spec.clickhouse.database,
-            table: spec.clickhouse.write_table(),
-            distributed: spec.clickhouse.write_table() != spec.clickhouse.table,
-            columns: &spec.clickhouse.columns,
-            column_list: &encoder.column_list(),
-            stream: &spec.stream.name,
-            stream_created_unix_nanos,
-        },
+        replica_clients(&spec.clickhouse, &shared.credentials).map_err(|e| e.to_string())?,
+        SinkTarget::of_pipeline(spec, &column_list, stream_created_unix_nanos),
         shared.metrics.clone(),
         shared.health.clone(),
         letter_sender.clone(),

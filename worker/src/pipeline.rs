@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::BatchLimits;
 use crate::cache::{self, CacheLayout, CacheQueue};
-use crate::clickhouse_sink::{ClickHouseSink, SinkTarget};
+use crate::clickhouse_sink::{ClickHouseSink, SinkTarget, replica_clients};
 use crate::dead_letter::DeadLetterRouter;
 use crate::health::Health;
 use crate::held_messages::HeldMessages;
@@ -278,30 +278,10 @@ pub async fn run(
     };
     let router_task = tokio::spawn(router.run(letter_receiver, shutdown.clone()));
 
-    let replicas = spec
-        .clickhouse
-        .urls()
-        .into_iter()
-        .map(|url| {
-            let client = connect::clickhouse(
-                url,
-                &credentials.clickhouse,
-                credentials.tls.clickhouse.as_ref(),
-            )?;
-            Ok((url.to_string(), client))
-        })
-        .collect::<Result<Vec<_>, connect::ConnectError>>()?;
+    let column_list = encoder.column_list();
     let sink = ClickHouseSink::new(
-        replicas,
-        SinkTarget {
-            database: &spec.clickhouse.database,
-            table: spec.clickhouse.write_table(),
-            distributed: spec.clickhouse.write_table() != spec.clickhouse.table,
-            columns: &spec.clickhouse.columns,
-            column_list: &encoder.column_list(),
-            stream: &spec.stream.name,
-            stream_created_unix_nanos,
-        },
+        replica_clients(&spec.clickhouse, &credentials)?,
+        SinkTarget::of_pipeline(spec, &column_list, stream_created_unix_nanos),
         metrics.clone(),
         health.clone(),
         letter_sender.clone(),
