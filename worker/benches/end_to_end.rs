@@ -371,6 +371,41 @@ fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
     PipelineManifest::new("bench", None, spec)
 }
 
+/// The worker binary on `manifest_path`, listening on `port`, logging to `log_path`; run under
+/// `SIGNAL_BENCH_WORKER_WRAPPER` when set (`valgrind --tool=callgrind ...` counts the worker's
+/// instructions, which do not depend on the load of a shared machine).
+fn worker_command(
+    manifest_path: &std::path::Path,
+    port: u16,
+    log_path: &std::path::Path,
+) -> anyhow::Result<Command> {
+    let worker_bin = env!("CARGO_BIN_EXE_signal-worker");
+    let wrapper = std::env::var("SIGNAL_BENCH_WORKER_WRAPPER").unwrap_or_default();
+    let mut wrapper = wrapper.split_whitespace();
+    let mut command = match wrapper.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(wrapper).arg(worker_bin);
+            command
+        }
+        None => Command::new(worker_bin),
+    };
+    command
+        .arg("--pipeline")
+        .arg(manifest_path)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ensure-consumer")
+        .env(
+            "RUST_LOG",
+            std::env::var("SIGNAL_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log_path)?);
+    Ok(command)
+}
+
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
 }
@@ -469,32 +504,7 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
     std::fs::write(&manifest_path, manifest.to_yaml()?)?;
     let port = signal_testkit::free_port()?;
     let log_path = dir.path().join("worker.log");
-    let worker_bin = env!("CARGO_BIN_EXE_signal-worker");
-    // A wrapper (`valgrind --tool=callgrind ...`) counts the worker's instructions, which do
-    // not depend on the load of a shared machine.
-    let wrapper = std::env::var("SIGNAL_BENCH_WORKER_WRAPPER").unwrap_or_default();
-    let mut wrapper = wrapper.split_whitespace();
-    let mut command = match wrapper.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(wrapper).arg(worker_bin);
-            command
-        }
-        None => Command::new(worker_bin),
-    };
-    command
-        .arg("--pipeline")
-        .arg(&manifest_path)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ensure-consumer")
-        .env(
-            "RUST_LOG",
-            std::env::var("SIGNAL_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path)?);
+    let command = worker_command(&manifest_path, port, &log_path)?;
 
     let started = Instant::now();
     let mut worker = ChildProcess::spawn(command)?;
@@ -687,21 +697,8 @@ impl Bench {
         for index in 0..PARTITIONED_WORKERS {
             let port = signal_testkit::free_port()?;
             let log_path = dir.path().join(format!("worker-{index}.log"));
-            let mut command = Command::new(env!("CARGO_BIN_EXE_signal-worker"));
-            command
-                .arg("--pipeline")
-                .arg(&manifest_path)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--ensure-consumer")
-                .env(
-                    "RUST_LOG",
-                    std::env::var("SIGNAL_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .env("SIGNAL_WORKER_NAME", format!("bench-{index}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log_path)?);
+            let mut command = worker_command(&manifest_path, port, &log_path)?;
+            command.env("SIGNAL_WORKER_NAME", format!("bench-{index}"));
             workers.push((ChildProcess::spawn(command)?, log_path));
         }
         let pids: Vec<u32> = workers.iter().map(|(worker, _)| worker.pid()).collect();

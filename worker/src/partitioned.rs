@@ -27,7 +27,7 @@ use signal_model::partitions::{
     LeaseTiming, PartitionScheme, RENEW_EVERY, claim_order, fair_share,
 };
 use signal_model::row_encoder::RowEncoder;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,7 @@ use crate::held_messages::HeldMessages;
 use crate::metrics::{Metrics, PartitionLabel};
 use crate::partition_lease::{Fence, Lease, LeaseBoard, instance_name, takeover_wait};
 use crate::pipeline::{DEAD_LETTER_QUEUE, PULL_FRAMING_BYTES, dead_letter_subject, until_ok};
-use crate::source::{BatchRequest, Puller};
+use crate::source::{BatchRequest, Puller, next_batch};
 
 /// What every partition's ingest shares.
 pub struct Shared {
@@ -438,15 +438,7 @@ async fn write_loop(
     // The stored batch's buffer goes back to the puller with the next request.
     let mut spare_rows = None;
     loop {
-        let (reply, batch) = oneshot::channel();
-        let request = BatchRequest {
-            reply,
-            spare_rows: spare_rows.take(),
-        };
-        if requests.send(request).await.is_err() {
-            return Ok(());
-        }
-        let Ok(mut batch) = batch.await else {
+        let Some(mut batch) = next_batch(&requests, spare_rows.take()).await else {
             return Ok(());
         };
         if let Err(error) = sink.store(&mut batch, stop).await {

@@ -27,7 +27,7 @@ use crate::dead_letter::DeadLetterRouter;
 use crate::health::Health;
 use crate::held_messages::HeldMessages;
 use crate::metrics::Metrics;
-use crate::source::{BatchRequest, Puller};
+use crate::source::{BatchRequest, Puller, next_batch};
 
 /// What a worker is told to do.
 pub struct WorkerOptions {
@@ -419,16 +419,9 @@ async fn write_loop(
     let mut spare_rows = None;
     loop {
         let asked = Instant::now();
-        let (reply, batch) = oneshot::channel();
-        let request = BatchRequest {
-            reply,
-            spare_rows: spare_rows.take(),
-        };
-        if requests.send(request).await.is_err() {
+        let Some(mut batch) = next_batch(&requests, spare_rows.take()).await else {
             return;
-        }
-        // The puller drops the reply when it stops without a batch.
-        let Ok(mut batch) = batch.await else { return };
+        };
         let received = Instant::now();
         match sink.store(&mut batch, shutdown).await {
             Ok(()) => {

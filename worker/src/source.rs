@@ -35,6 +35,20 @@ pub struct BatchRequest {
     pub spare_rows: Option<Vec<u8>>,
 }
 
+/// Asks the puller for its next batch, handing back `spare_rows` (the stored batch's buffer) to
+/// fill; `None` once the puller has stopped (it drops the reply when it stops without a batch).
+pub async fn next_batch(
+    requests: &mpsc::Sender<BatchRequest>,
+    spare_rows: Option<Vec<u8>>,
+) -> Option<SealedBatch> {
+    let (reply, batch) = oneshot::channel();
+    requests
+        .send(BatchRequest { reply, spare_rows })
+        .await
+        .ok()?;
+    batch.await.ok()
+}
+
 /// Shortest pull request; the server needs some time to answer one.
 const MIN_EXPIRES: Duration = Duration::from_millis(20);
 /// Most dead letters the puller gathers before handing them to the router at once (it hands
