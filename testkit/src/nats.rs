@@ -1,7 +1,8 @@
 //! A real `nats-server` with JetStream for tests.
 //!
 //! [`NatsServer::start`] runs `nats-server -js -sd <tmp>/js -a 127.0.0.1 -p <free port>` with a
-//! unique server name, and waits until the server's INFO line shows that name with
+//! unique server name and a fixed JetStream store limit (so what a test can place does not depend
+//! on the machine's free disk), and waits until the server's INFO line shows that name with
 //! `"jetstream":true` *and* the JetStream API answers an account-info request, so a test can
 //! create streams right away. [`NatsServer::restart`] reuses the port and store directory, so
 //! JetStream data survives. The process is killed on drop and when the test process dies.
@@ -87,15 +88,7 @@ impl NatsServer {
     ) -> Result<NatsServer> {
         let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
-        // A configuration file for what has no command-line flag; flags still set the rest.
-        let config_args = match config {
-            Some(text) => {
-                let path = dir.path().join("extra.conf");
-                std::fs::write(&path, text).context(|| format!("writing {}", path.display()))?;
-                vec!["-c".to_string(), path.display().to_string()]
-            }
-            None => Vec::new(),
-        };
+        let config_args = write_config(dir.path(), config.unwrap_or_default())?;
         let name = process::unique_name("signal-test-nats");
         let tls = match tls {
             Some(tls) => {
@@ -153,6 +146,8 @@ impl NatsServer {
         let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
         let host = Ipv4Addr::LOCALHOST;
+        let mut extra_args = extra_args;
+        extra_args.extend(write_config(dir.path(), "")?);
         let process = ServerProcess::start(
             || {
                 launch(
@@ -279,6 +274,19 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Writes the server's configuration file into `dir` and returns the arguments that load it:
+/// what has no command-line flag (`extra`, e.g. mappings) plus a fixed JetStream file-store
+/// limit. Without that limit nats-server takes 75 % of the free disk at startup, so a stream's
+/// `maxBytes` (10 GiB in the production example) would be placeable or not depending on the
+/// free disk of the machine running the tests. The limit is accounting only: nothing is
+/// preallocated. Command-line flags still set the rest.
+fn write_config(dir: &Path, extra: &str) -> Result<Vec<String>> {
+    let path = dir.join("server.conf");
+    let text = format!("jetstream {{\n  max_file_store: 1TB\n}}\n{extra}");
+    std::fs::write(&path, text).context(|| format!("writing {}", path.display()))?;
+    Ok(vec!["-c".to_string(), path.display().to_string()])
 }
 
 fn log_path(dir: &Path) -> PathBuf {
@@ -496,6 +504,13 @@ mod tests {
             br#"{"name":"T","subjects":["t.>"],"storage":"file"}"#,
         );
         assert!(!created.contains("\"error\""), "{created}");
+        // The store limit is fixed, not 75 % of the free disk: 200 GiB is reservable here.
+        let big = request(
+            port,
+            "$JS.API.STREAM.CREATE.BIG",
+            br#"{"name":"BIG","subjects":["big.>"],"storage":"file","max_bytes":214748364800}"#,
+        );
+        assert!(!big.contains("\"error\""), "{big}");
         let ack = request(port, "t.one", b"hello");
         assert!(ack.contains("\"seq\":1"), "{ack}");
 
