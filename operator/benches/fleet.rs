@@ -10,7 +10,8 @@
 //! - the time until every pipeline's data plane is ready (`StreamReady`, `ConsumerReady` and
 //!   `TableReady` true; no node runs, so workers stay pending) and pipelines per second;
 //! - the operator's peak RSS (`VmHWM`);
-//! - at rest (after all are ready and `SIGNAL_FLEET_SETTLE_SECS`, default 60 s, over
+//! - at rest (after all are ready, kube-controller-manager has rolled out every Deployment (a
+//!   thousand take it minutes) and `SIGNAL_FLEET_SETTLE_SECS`, default 60 s, over
 //!   `SIGNAL_FLEET_REST_SECS`, default 120 s: at least one resync of every pipeline), the operator's CPU seconds per minute, NATS connections opened
 //!   per minute (nats-server `/varz` `total_connections`), Kubernetes API requests per minute
 //!   (kube-apiserver `apiserver_request_total`: every client's, the controller manager's
@@ -199,6 +200,14 @@ async fn run_size(
         println!("  not all ready within {ready_timeout:?}: {ready_count}/{size}");
     }
 
+    // No node runs the pods, but kube-controller-manager still rolls out every Deployment (a
+    // ReplicaSet, a pending pod, the status), 20 API requests a second by default: a thousand
+    // take minutes, and each status change is a change of the pipeline's status. The fleet is at
+    // rest once they are all rolled out.
+    match wait_rolled_out(&client, &namespace, size, started, ready_timeout).await? {
+        Some(after) => println!("  {size} Deployments rolled out after {after:.0?}"),
+        None => println!("  not all Deployments rolled out within {ready_timeout:?}"),
+    }
     tokio::time::sleep(settle).await;
     let before = RestSnapshot::take(pid, &monitoring, &operator)?;
     tokio::time::sleep(rest).await;
@@ -225,6 +234,50 @@ async fn run_size(
         reconciles: after.reconciles.saturating_sub(before.reconciles),
         operator_writes: after.operator_writes.saturating_sub(before.operator_writes),
     })
+}
+
+/// Waits until `size` Deployments in `namespace` are rolled out as far as the control plane
+/// goes without a node (status for the current generation, every replica updated); returns the
+/// time since `started`, or `None` past `timeout`.
+async fn wait_rolled_out(
+    client: &kube::Client,
+    namespace: &str,
+    size: usize,
+    started: Instant,
+    timeout: Duration,
+) -> Result<Option<Duration>> {
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), namespace);
+    while started.elapsed() < timeout {
+        let list = deployments
+            .list_metadata(&Default::default())
+            .await
+            .context("listing Deployments")?;
+        let listed = list.items.len();
+        if listed >= size {
+            let full = deployments
+                .list(&Default::default())
+                .await
+                .context("listing Deployments")?;
+            let rolled_out = full
+                .items
+                .iter()
+                .filter(|deployment| {
+                    let wanted = deployment.spec.as_ref().and_then(|s| s.replicas);
+                    deployment.status.as_ref().is_some_and(|status| {
+                        status.observed_generation >= deployment.metadata.generation
+                            && status.replicas == wanted
+                            && status.updated_replicas == wanted
+                    })
+                })
+                .count();
+            if rolled_out >= size {
+                return Ok(Some(started.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    Ok(None)
 }
 
 /// Pipeline `index` of the fleet: its own stream, subjects, consumer and table.

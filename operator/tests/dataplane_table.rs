@@ -479,3 +479,68 @@ async fn spec_clauses_the_server_refuses_on_an_existing_table_are_noted_not_bloc
     assert_eq!(show_create_table(&spec), before, "the table is untouched");
     assert_eq!(scratch_tables_for(&marker), "0", "no scratch table is left");
 }
+
+/// With the controller's pooled connections, a table a full check found as the spec says is
+/// taken on trust for `TABLE_VERIFY_INTERVAL` by reconciles that may trust (workers healthy), once
+/// the server says it still exists: a column changed by hand shows only at the next full check. A
+/// dropped table, a reconcile that may not trust (workers report a problem) and a spec edit get
+/// the full check at once.
+#[tokio::test]
+async fn a_pooled_resync_trusts_a_verified_table_until_a_full_check_is_asked_or_the_spec_changes() {
+    use signal_operator::dataplane::connections::{ConnectionLimits, Connections};
+    use signal_operator::dataplane::table::{TableCheck, reconcile_table_with};
+
+    let connections = Connections::shared(ConnectionLimits::default(), None);
+    let auth = support::no_credentials().clickhouse;
+    let mut spec = table_spec("trusted");
+    let run = |spec: ClickHouseSpec, check: TableCheck| {
+        let (connections, auth) = (&connections, &auth);
+        async move {
+            reconcile_table_with(
+                &connections.session("team/trusted"),
+                &spec,
+                auth,
+                None,
+                check,
+            )
+            .await
+        }
+    };
+    let trusting = TableCheck::TrustRecent;
+    assert_eq!(run(spec.clone(), trusting).await.report.reason, "Created");
+    // The first check after creating is a full one; it finds the table as the spec says.
+    assert_eq!(run(spec.clone(), trusting).await.report.reason, "UpToDate");
+
+    let qualified = format!("{}.{}", spec.database, spec.table);
+    clickhouse_query(&format!("ALTER TABLE {qualified} DROP COLUMN amount"));
+    let trusted = run(spec.clone(), trusting).await;
+    assert_eq!(
+        (trusted.report.reason.as_str(), trusted.schema_drift),
+        ("UpToDate", None),
+        "within the interval a trusting reconcile only asks whether the table exists"
+    );
+    let full = run(spec.clone(), TableCheck::Full).await;
+    assert_eq!(
+        full.report.reason, "Updated",
+        "the full check adds the column back"
+    );
+
+    assert_eq!(run(spec.clone(), trusting).await.report.reason, "UpToDate");
+    clickhouse_query(&format!("DROP TABLE {qualified}"));
+    let recreated = run(spec.clone(), trusting).await;
+    assert_eq!(recreated.report.reason, "Created", "{:?}", recreated.report);
+    assert!(table_exists(&spec.database, &spec.table));
+
+    spec.columns.push(ColumnSpec {
+        name: "note".to_string(),
+        type_name: "Nullable(String)".to_string(),
+        from: "$.note".to_string(),
+        default: None,
+    });
+    let edited = run(spec.clone(), trusting).await;
+    assert!(
+        edited.report.changes.iter().any(|c| c.contains("note")),
+        "a changed spec is checked in full: {:?}",
+        edited.report
+    );
+}

@@ -229,6 +229,24 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// What was last applied per `kind namespace/name`.
     applied: Mutex<HashMap<String, AppliedRecord>>,
+    /// Each pipeline's rendered manifest digest, by `namespace/name`.
+    manifests: Mutex<HashMap<String, ManifestRecord>>,
+}
+
+/// What the workers step needs of a pipeline's ConfigMap without rendering it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestDigest {
+    /// [`crate::workload::config_hash`] of the ConfigMap.
+    pub config_hash: String,
+    /// [`fingerprint`] of the ConfigMap, as [`Context::unchanged_since_applied`] compares it.
+    pub fingerprint: u64,
+}
+
+/// A [`ManifestDigest`] and the pipeline version it was rendered from.
+struct ManifestRecord {
+    uid: Option<String>,
+    generation: Option<i64>,
+    digest: ManifestDigest,
 }
 
 impl Context {
@@ -252,6 +270,7 @@ impl Context {
             caches: Caches::default(),
             failures: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
         }
     }
 
@@ -261,12 +280,13 @@ impl Context {
         self
     }
 
-    /// Whether `desired` was already applied to object `key` and the object, at `live_version`,
-    /// has not changed since (unknown without a cache: `false`, apply).
+    /// Whether what has fingerprint `desired` ([`fingerprint`]) was already applied to object
+    /// `key` and the object, at `live_version`, has not changed since (unknown without a cache:
+    /// `false`, apply).
     pub fn unchanged_since_applied(
         &self,
         key: &str,
-        desired: &impl serde::Serialize,
+        desired: u64,
         live_version: Option<String>,
     ) -> bool {
         let Some(live_version) = live_version else {
@@ -277,38 +297,66 @@ impl Context {
         };
         applied.get(key)
             == Some(&AppliedRecord {
-                desired: fingerprint(desired),
+                desired,
                 version: live_version,
             })
     }
 
-    /// Records that `desired` was applied to object `key`, which is now at `version`.
-    pub fn remember_applied(
-        &self,
-        key: &str,
-        desired: &impl serde::Serialize,
-        version: Option<String>,
-    ) {
+    /// Records that what has fingerprint `desired` was applied to object `key`, which is now at
+    /// `version`.
+    pub fn remember_applied(&self, key: &str, desired: u64, version: Option<String>) {
         let Ok(mut applied) = self.applied.lock() else {
             return;
         };
         match version {
-            Some(version) => applied.insert(
-                key.to_string(),
-                AppliedRecord {
-                    desired: fingerprint(desired),
-                    version,
-                },
-            ),
+            Some(version) => applied.insert(key.to_string(), AppliedRecord { desired, version }),
             None => applied.remove(key),
         };
     }
 
     /// Forgets what was applied for pipeline `namespace/name` (deleted).
     pub fn forget_applied(&self, namespace: &str, name: &str) {
+        let suffix = format!(" {namespace}/{name}");
         if let Ok(mut applied) = self.applied.lock() {
-            applied.retain(|key, _| !key.ends_with(&format!(" {namespace}/{name}")));
+            applied.retain(|key, _| !key.ends_with(&suffix));
         }
+        if let Ok(mut manifests) = self.manifests.lock() {
+            manifests.remove(&format!("{namespace}/{name}"));
+        }
+    }
+
+    /// The config hash and fingerprint of the ConfigMap `pipeline` renders to, rendered once per
+    /// uid and generation (its spec changes only with its generation): a resync of a fleet would
+    /// otherwise render every pipeline's manifest as YAML only to find it unchanged.
+    pub fn manifest_digest(
+        &self,
+        pipeline: &SignalPipeline,
+    ) -> Result<ManifestDigest, crate::workload::WorkloadError> {
+        let key = Context::key(pipeline);
+        let (uid, generation) = (&pipeline.metadata.uid, pipeline.metadata.generation);
+        if let Ok(manifests) = self.manifests.lock()
+            && let Some(record) = manifests.get(&key)
+            && record.uid == *uid
+            && record.generation == generation
+        {
+            return Ok(record.digest.clone());
+        }
+        let configmap = crate::workload::build_configmap(pipeline)?;
+        let digest = ManifestDigest {
+            config_hash: crate::workload::config_hash(&configmap),
+            fingerprint: fingerprint(&configmap),
+        };
+        if let Ok(mut manifests) = self.manifests.lock() {
+            manifests.insert(
+                key,
+                ManifestRecord {
+                    uid: uid.clone(),
+                    generation,
+                    digest: digest.clone(),
+                },
+            );
+        }
+        Ok(digest)
     }
 
     fn key(pipeline: &SignalPipeline) -> String {
@@ -344,7 +392,7 @@ fn strip_managed_fields<K: kube::Resource>(object: &mut K) {
 }
 
 /// A process-local fingerprint of what would be applied.
-fn fingerprint(desired: &impl serde::Serialize) -> u64 {
+pub(crate) fn fingerprint(desired: &impl serde::Serialize) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     serde_json::to_string(desired)
         .unwrap_or_default()
@@ -430,6 +478,15 @@ where
         };
         futures::future::ready(trigger)
     })
+}
+
+/// A process-local fingerprint of an object built from `pipeline` (its version: uid, generation,
+/// labels, annotations, as [`reconcile_relevant`] sees them) and `inputs`: the same for the same
+/// inputs, without building the object.
+pub(crate) fn inputs_fingerprint(pipeline: &SignalPipeline, inputs: impl Hash) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (reconcile_relevant(pipeline), inputs).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The controller's delay after `previous_failures` consecutive failures (no jitter: kube's queue
@@ -682,6 +739,38 @@ mod tests {
             .collect();
         // The first sight, one more ready worker, and the deletion (same object as last seen).
         assert_eq!(ready, vec![None, Some(1), Some(1)]);
+    }
+
+    #[tokio::test]
+    async fn the_manifest_is_rendered_once_per_generation_and_matches_the_configmap() {
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let ctx = Context::new(
+            Client::new(service, "default"),
+            Settings::new("signal-worker:test"),
+            Arc::new(Metrics::default()),
+            PipelineIndex::default(),
+        );
+        let pipeline = crate::workload::fixtures::stored_pipeline("orders");
+        let configmap = crate::workload::build_configmap(&pipeline).unwrap();
+        let digest = ctx.manifest_digest(&pipeline).unwrap();
+        assert_eq!(digest.config_hash, crate::workload::config_hash(&configmap));
+        assert_eq!(digest.fingerprint, fingerprint(&configmap));
+
+        // Same generation: the remembered digest, even for a spec that would render otherwise
+        // (the API server bumps the generation with every spec change).
+        let mut same_generation = pipeline.clone();
+        same_generation.spec.workers.batch.max_rows += 1;
+        assert_eq!(ctx.manifest_digest(&same_generation).unwrap(), digest);
+
+        let mut edited = same_generation;
+        edited.metadata.generation = Some(pipeline.metadata.generation.unwrap_or(1) + 1);
+        let rendered = crate::workload::build_configmap(&edited).unwrap();
+        let next = ctx.manifest_digest(&edited).unwrap();
+        assert_ne!(next, digest);
+        assert_eq!(next.config_hash, crate::workload::config_hash(&rendered));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::autoscale::{AutoscaleInput, decide};
 use super::cleanup::cleanup;
 use super::conditions::{
     CONSUMER_READY, ConditionState, ConditionStatus, SCHEMA_DRIFT, STREAM_READY, TABLE_READY,
-    all_blocked,
+    WORKERS_HEALTHY, all_blocked,
 };
 use super::conflicts::find_conflict;
 use super::dead_letter_health::{
@@ -34,6 +34,7 @@ use super::events::publish;
 use super::secrets::{SecretError, load_credentials};
 use super::status::{StatusFigures, apply_status, build_status, is_ready};
 use super::workers::reconcile_workload;
+use crate::dataplane::table::TableCheck;
 use crate::dataplane::{DataPlaneReport, PartReport, reconcile_data_plane_with};
 use crate::workload::WorkloadError;
 
@@ -233,9 +234,15 @@ async fn apply(
         )
         .await;
     }
-    let report =
-        reconcile_data_plane_with(&ctx.connections, &key, &name, &pipeline.spec, &credentials)
-            .await;
+    let report = reconcile_data_plane_with(
+        &ctx.connections,
+        &key,
+        &name,
+        &pipeline.spec,
+        &credentials,
+        table_check(pipeline),
+    )
+    .await;
     publish_data_plane_events(pipeline, ctx, &report).await;
     publish_dead_letter_and_health_events(pipeline, ctx, &report).await;
 
@@ -323,6 +330,24 @@ async fn apply(
         next = next.min(recheck.max(Duration::from_secs(1)));
     }
     Ok(Action::requeue(next))
+}
+
+/// A recent full check of the table is taken on trust only while the last status found the
+/// table ready and the workers reporting no problem: a table dropped by hand or a ClickHouse the
+/// workers cannot reach shows in their reports first, and then the table is checked in full.
+fn table_check(pipeline: &SignalPipeline) -> TableCheck {
+    let conditions = pipeline.status.as_ref().map(|s| s.conditions.as_slice());
+    let is_true = |type_: &str| {
+        conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == type_ && c.status == "True")
+    };
+    if is_true(TABLE_READY) && is_true(WORKERS_HEALTHY) {
+        TableCheck::TrustRecent
+    } else {
+        TableCheck::Full
+    }
 }
 
 /// Writes a status where every condition carries the same failure, keeping the last figures, and

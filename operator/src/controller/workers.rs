@@ -16,13 +16,13 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use signal_model::SignalPipeline;
 
-use super::Context;
 use super::conditions::{ConditionState, ConditionStatus, WORKERS_READY};
 use super::events::publish;
 use super::reconcile::{ReconcileError, kube_error};
+use super::{Context, ManifestDigest, inputs_fingerprint};
 use crate::workload::{
     CONFIG_HASH_ANNOTATION, FIELD_MANAGER, WorkerDeploymentInputs, build_configmap,
-    build_deployment, config_hash,
+    build_deployment, configmap_name, deployment_name,
 };
 
 /// What the workers step applies in one reconcile.
@@ -86,16 +86,12 @@ pub(super) async fn reconcile_workload(
     replicas: i32,
     data_plane_ready: bool,
 ) -> Result<WorkloadOutcome, ReconcileError> {
-    let configmap = build_configmap(pipeline)?;
-    let plan = plan_workload(
-        data_plane_ready,
-        existing.as_ref(),
-        &config_hash(&configmap),
-    );
+    let manifest = ctx.manifest_digest(pipeline)?;
+    let plan = plan_workload(data_plane_ready, existing.as_ref(), &manifest.config_hash);
     let deployment = match &plan {
-        Some(plan) => Some(
-            apply_workload(pipeline, ctx, existing.as_ref(), replicas, &configmap, plan).await?,
-        ),
+        Some(plan) => {
+            Some(apply_workload(pipeline, ctx, existing.as_ref(), replicas, &manifest, plan).await?)
+        }
         None => existing,
     };
     let condition = workers_condition(deployment.as_ref(), plan.as_ref());
@@ -112,7 +108,7 @@ async fn apply_workload(
     ctx: &Context,
     existing: Option<&Deployment>,
     replicas: i32,
-    configmap: &ConfigMap,
+    manifest: &ManifestDigest,
     plan: &WorkloadPlan,
 ) -> Result<Deployment, ReconcileError> {
     let namespace = pipeline
@@ -121,7 +117,7 @@ async fn apply_workload(
     let params = PatchParams::apply(FIELD_MANAGER).force();
 
     if plan.apply_configmap {
-        let configmap_name = configmap.name_any();
+        let configmap_name = configmap_name(&pipeline.name_any());
         let key = format!("configmap {namespace}/{configmap_name}");
         let live_version = ctx
             .caches
@@ -129,41 +125,50 @@ async fn apply_workload(
             .await
             .flatten()
             .and_then(|live| live.metadata.resource_version);
-        let unchanged = ctx.unchanged_since_applied(&key, configmap, live_version);
+        let unchanged = ctx.unchanged_since_applied(&key, manifest.fingerprint, live_version);
         ctx.metrics.write("configmap", !unchanged);
         if !unchanged {
+            let configmap = build_configmap(pipeline)?;
             let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
-                .patch(&configmap_name, &params, &Patch::Apply(configmap))
+                .patch(&configmap_name, &params, &Patch::Apply(&configmap))
                 .await
                 .map_err(kube_error(format!("applying ConfigMap {configmap_name}")))?;
-            ctx.remember_applied(&key, configmap, applied.metadata.resource_version);
+            ctx.remember_applied(
+                &key,
+                manifest.fingerprint,
+                applied.metadata.resource_version,
+            );
         }
     }
 
-    let desired = build_deployment(
+    let inputs = WorkerDeploymentInputs {
+        replicas,
+        default_image: &ctx.settings.default_worker_image,
+        config_hash: plan.config_hash.as_deref(),
+    };
+    // What the Deployment is built from stands for it: a resync that finds it applied and
+    // unchanged need not build it.
+    let desired_fingerprint = inputs_fingerprint(
         pipeline,
-        &WorkerDeploymentInputs {
-            replicas,
-            default_image: &ctx.settings.default_worker_image,
-            config_hash: plan.config_hash.as_deref(),
-        },
-    )?;
-    let deployment_name = desired.name_any();
+        (inputs.replicas, inputs.default_image, inputs.config_hash),
+    );
+    let deployment_name = deployment_name(&pipeline.name_any());
     let key = format!("deployment {namespace}/{deployment_name}");
     let generation =
         |deployment: &Deployment| deployment.metadata.generation.map(|g| g.to_string());
     if let Some(existing) = existing
-        && ctx.unchanged_since_applied(&key, &desired, generation(existing))
+        && ctx.unchanged_since_applied(&key, desired_fingerprint, generation(existing))
     {
         ctx.metrics.write("deployment", false);
         return Ok(existing.clone());
     }
     ctx.metrics.write("deployment", true);
+    let desired = build_deployment(pipeline, &inputs)?;
     let applied = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
         .patch(&deployment_name, &params, &Patch::Apply(&desired))
         .await
         .map_err(kube_error(format!("applying Deployment {deployment_name}")))?;
-    ctx.remember_applied(&key, &desired, generation(&applied));
+    ctx.remember_applied(&key, desired_fingerprint, generation(&applied));
 
     let change = describe_workload_change(
         existing,

@@ -27,6 +27,7 @@ use signal_model::credentials::{NatsAuth, UserPassword};
 use signal_model::tls::TlsMaterial;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
+use super::table::VerifiedTable;
 use super::table_clause_diff::PrintedClauses;
 use super::{DataPlaneError, NATS_CONNECT_BOUND, REQUEST_TIMEOUT, bounded, nats_connect_error};
 use crate::metrics::Metrics;
@@ -71,6 +72,9 @@ struct PoolState {
     /// Live tables' clauses by `url database.table`, with when they were read
     /// (see [`super::table`]'s `live_table_clauses`).
     clauses: HashMap<String, (Instant, PrintedClauses)>,
+    /// Tables last found as their spec says, by `url database.table` (see [`super::table`]'s
+    /// `still_verified`), with when they were checked in full.
+    verified_tables: HashMap<String, (Instant, VerifiedTable)>,
 }
 
 /// One NATS client and what identifies it.
@@ -80,6 +84,9 @@ struct NatsClient {
     tls: Option<TlsMaterial>,
     /// Set by the first successful connect; a failed one leaves it empty for the next caller.
     client: OnceCell<async_nats::Client>,
+    /// How many reports the shared health stream held when last looked at, and when (see
+    /// [`Session::remembered_health_stream`]).
+    health_stream: Mutex<Option<(Instant, u64)>>,
 }
 
 /// One ClickHouse client and what identifies it.
@@ -134,6 +141,7 @@ impl Connections {
             connections: self,
             pipeline: key.to_string(),
             used: Mutex::new(Vec::new()),
+            nats: Mutex::new(None),
         }
     }
 
@@ -219,6 +227,8 @@ pub struct Session<'a> {
     connections: &'a Connections,
     pipeline: String,
     used: Mutex<Vec<Used>>,
+    /// The pooled NATS client [`Session::jetstream`] gave out last.
+    nats: Mutex<Option<Arc<NatsClient>>>,
 }
 
 impl Session<'_> {
@@ -248,12 +258,16 @@ impl Session<'_> {
                     auth: auth.clone(),
                     tls: tls.cloned(),
                     client: OnceCell::new(),
+                    health_stream: Mutex::new(None),
                 });
                 state.nats.push(entry.clone());
                 entry
             })
         };
         self.remember(entry.clone());
+        if let Ok(mut nats) = self.nats.lock() {
+            *nats = Some(entry.clone());
+        }
         let client = entry
             .client
             .get_or_try_init(|| async {
@@ -335,6 +349,49 @@ impl Session<'_> {
                 .insert(key.to_string(), (Instant::now(), clauses)),
             None => state.clauses.remove(key),
         };
+    }
+
+    /// What the last full check of table `key` found, when it is less than `ttl` old (never
+    /// without a pool).
+    pub fn verified_table(&self, key: &str, ttl: Duration) -> Option<VerifiedTable> {
+        let pool = self.connections.pool.as_ref()?;
+        let state = pool.lock();
+        let (checked_at, verified) = state.verified_tables.get(key)?;
+        (checked_at.elapsed() < ttl).then(|| verified.clone())
+    }
+
+    /// Remembers that a full check found table `key` as its spec says (`None`: it did not, so the
+    /// next reconcile checks it in full again).
+    pub fn remember_verified_table(&self, key: &str, verified: Option<VerifiedTable>) {
+        let Some(pool) = &self.connections.pool else {
+            return;
+        };
+        let mut state = pool.lock();
+        match verified {
+            Some(verified) => state
+                .verified_tables
+                .insert(key.to_string(), (Instant::now(), verified)),
+            None => state.verified_tables.remove(key),
+        };
+    }
+
+    /// How many reports the shared health stream of this session's NATS client (server and
+    /// credentials) held when a reconcile looked less than `ttl` ago (never without a pool).
+    pub fn remembered_health_stream(&self, ttl: Duration) -> Option<u64> {
+        let nats = self.nats.lock().ok()?.clone()?;
+        let (looked_at, messages) = (*nats.health_stream.lock().ok()?)?;
+        (looked_at.elapsed() < ttl).then_some(messages)
+    }
+
+    /// Remembers how many reports the shared health stream holds, for the other reconciles on the
+    /// same NATS client.
+    pub fn remember_health_stream(&self, messages: u64) {
+        let Some(nats) = self.nats.lock().ok().and_then(|nats| nats.clone()) else {
+            return;
+        };
+        if let Ok(mut health_stream) = nats.health_stream.lock() {
+            *health_stream = Some((Instant::now(), messages));
+        }
     }
 
     fn remember(&self, used: Used) {

@@ -287,6 +287,7 @@ pub async fn reconcile_data_plane(
         pipeline_name,
         spec,
         creds,
+        table::TableCheck::Full,
     )
     .await
 }
@@ -296,6 +297,7 @@ pub async fn reconcile_data_plane(
 /// (`namespace/name`), waiting for a turn on each server.
 ///
 /// NATS and ClickHouse are handled concurrently; the consumer waits for the stream it lives on.
+/// `table_check` says whether a recent full check of the table may be taken on trust.
 /// Never fails: every problem becomes a part that is not ready, with a reason and a message.
 pub async fn reconcile_data_plane_with(
     connections: &Connections,
@@ -303,6 +305,7 @@ pub async fn reconcile_data_plane_with(
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
     creds: &PipelineCredentials,
+    table_check: table::TableCheck,
 ) -> DataPlaneReport {
     let session = connections.session(key);
     let nats_side = async {
@@ -322,6 +325,7 @@ pub async fn reconcile_data_plane_with(
             &spec.clickhouse,
             &creds.clickhouse,
             creds.tls.clickhouse.as_ref(),
+            table_check,
         )
         .await;
         connections.observe_step("clickhouse", started.elapsed());
@@ -417,7 +421,7 @@ async fn reconcile_nats_side(
     let (worker_health, health_stream_changes) = if consumer.reason == UNREACHABLE {
         (WorkerHealth::Unknown(consumer.message.clone()), Vec::new())
     } else {
-        worker_health::check_worker_health(&js, pipeline_name, spec).await
+        worker_health::check_worker_health(session, &js, pipeline_name, spec).await
     };
     NatsSide {
         stream: stream.report,
@@ -478,9 +482,14 @@ pub async fn read_worker_health(
     .await
     {
         Ok(js) => {
-            worker_health::check_worker_health(&js, pipeline_name, spec)
-                .await
-                .0
+            worker_health::check_worker_health(
+                &Connections::per_call().session(pipeline_name),
+                &js,
+                pipeline_name,
+                spec,
+            )
+            .await
+            .0
         }
         Err(error) => WorkerHealth::Unknown(error.to_string()),
     }

@@ -32,13 +32,48 @@ pub struct TableOutcome {
     pub schema_drift: Option<String>,
 }
 
+/// How long a table that a full check found as its spec says is trusted by reconciles that may
+/// ([`TableCheck::TrustRecent`]): they only ask whether it still exists (`EXISTS TABLE`, one query
+/// instead of four: what a fleet's resyncs cost ClickHouse and the operator), so a column changed
+/// by hand outside the operator is reported within this interval. A spec change, a missing table
+/// or a server that does not answer gets the full check at once.
+pub const TABLE_VERIFY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How much of a recent full check a reconcile may take on trust.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableCheck {
+    /// Ask the server every time (a pipeline whose workers report a problem: a dropped table or
+    /// a ClickHouse they cannot reach shows there first).
+    Full,
+    /// Take a full check younger than [`TABLE_VERIFY_INTERVAL`] for the same spec on trust once
+    /// the server says the table still exists.
+    TrustRecent,
+}
+
+/// What a full check of a table found, when it found the table as the spec says.
+#[derive(Clone, Debug)]
+pub struct VerifiedTable {
+    /// The spec it was checked against (a fingerprint of `spec.clickhouse`).
+    spec: u64,
+    /// The replica URL that answered.
+    url: String,
+    outcome: TableOutcome,
+}
+
 /// Brings the table in line with `spec` as far as adding things allows, with clients of its own.
 pub async fn reconcile_table(
     spec: &ClickHouseSpec,
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
 ) -> TableOutcome {
-    reconcile_table_with(&Connections::per_call().session(""), spec, auth, tls).await
+    reconcile_table_with(
+        &Connections::per_call().session(""),
+        spec,
+        auth,
+        tls,
+        TableCheck::Full,
+    )
+    .await
 }
 
 /// Brings the table in line with `spec` as far as adding things allows, with `session`'s clients.
@@ -47,6 +82,7 @@ pub async fn reconcile_table_with(
     spec: &ClickHouseSpec,
     auth: &UserPassword,
     tls: Option<&TlsMaterial>,
+    check: TableCheck,
 ) -> TableOutcome {
     bounded(
         format!(
@@ -55,8 +91,28 @@ pub async fn reconcile_table_with(
         ),
         PART_TIMEOUT,
         async {
+            let key = clauses_key(&spec.url, &spec.database, &spec.table);
+            let fingerprint = spec_fingerprint(spec);
+            if check == TableCheck::TrustRecent
+                && let Some(outcome) =
+                    still_verified(session, &key, spec, fingerprint, auth, tls).await
+            {
+                return Ok(outcome);
+            }
             let (client, url, version) = connect_reachable(session, spec, auth, tls).await?;
-            apply_table(session, &client, &url, version, spec, auth, tls).await
+            let outcome = apply_table(session, &client, &url, version, spec, auth, tls).await?;
+            let as_spec_says = outcome.report.ready
+                && outcome.report.changes.is_empty()
+                && outcome.schema_drift.is_none();
+            session.remember_verified_table(
+                &key,
+                as_spec_says.then(|| VerifiedTable {
+                    spec: fingerprint,
+                    url,
+                    outcome: outcome.clone(),
+                }),
+            );
+            Ok(outcome)
         },
     )
     .await
@@ -64,6 +120,37 @@ pub async fn reconcile_table_with(
         report: PartReport::from_error(&name_the_server(error, &spec.url)),
         schema_drift: None,
     })
+}
+
+/// The last full check's outcome, when it found the table (pool key `key`) as `spec` (with
+/// `fingerprint`) says less than [`TABLE_VERIFY_INTERVAL`] ago and the replica that answered then
+/// says the table still exists.
+async fn still_verified(
+    session: &Session<'_>,
+    key: &str,
+    spec: &ClickHouseSpec,
+    fingerprint: u64,
+    auth: &UserPassword,
+    tls: Option<&TlsMaterial>,
+) -> Option<TableOutcome> {
+    let verified = session
+        .verified_table(key, TABLE_VERIFY_INTERVAL)
+        .filter(|verified| verified.spec == fingerprint)?;
+    let client = session.clickhouse(&verified.url, auth, tls).ok()?;
+    match table_exists(&client, &verified.url, &spec.database, &spec.table).await {
+        Ok(true) => Some(verified.outcome),
+        // Gone, or the server did not answer: the full check says which.
+        _ => None,
+    }
+}
+
+fn spec_fingerprint(spec: &ClickHouseSpec) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(spec)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The first of the spec's replica URLs (`url`, then `cluster.replicaUrls`) whose server answers,

@@ -19,9 +19,14 @@ use signal_model::worker_health::{
     HEALTH_REPORT_MAX_AGE_SECS, HEALTH_STREAM, HEALTH_SUBJECTS, WorkerHealthReport, health_filter,
 };
 
+use super::connections::Session;
 use super::stream::stream_info;
 use super::{DataPlaneError, FieldChange, PART_TIMEOUT, bounded, list_changes};
 
+/// How long one look at the shared health stream (does it exist as the contract says, does it
+/// hold reports) serves the reconciles on the same NATS client: a worker's first report may be
+/// seen this much later.
+const HEALTH_STREAM_RECHECK: Duration = Duration::from_secs(10);
 /// How long the reading consumer outlives a reconcile that died before deleting it.
 const READER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 /// Reports named in a status message; the rest are counted.
@@ -248,20 +253,30 @@ pub fn summarise_health(reports: &[WorkerHealthReport], now_unix_ms: u64) -> Wor
 /// Ensures the health stream and sums up the pipeline's reports; never fails (a problem becomes
 /// [`WorkerHealth::Unknown`]). Also returns what ensuring the stream changed.
 pub async fn check_worker_health(
+    session: &Session<'_>,
     js: &jetstream::Context,
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
 ) -> (WorkerHealth, Vec<String>) {
     let durable = spec.durable_name(pipeline_name);
     let result = bounded("reading the workers' health reports", PART_TIMEOUT, async {
-        let state = ensure_health_stream(js).await?;
+        // Every pipeline on a server shares the stream: one look serves the reconciles of the
+        // next few seconds (a fleet's resyncs would otherwise each ask for the same stream).
+        let (messages, changes) = match session.remembered_health_stream(HEALTH_STREAM_RECHECK) {
+            Some(messages) => (messages, Vec::new()),
+            None => {
+                let state = ensure_health_stream(js).await?;
+                session.remember_health_stream(state.messages);
+                (state.messages, state.changes)
+            }
+        };
         // An empty stream (no worker anywhere has reported lately) needs no reader.
-        let reports = if state.messages == 0 {
+        let reports = if messages == 0 {
             Vec::new()
         } else {
             read_health_reports(js, &spec.stream.name, durable).await?
         };
-        Ok((reports, state.changes))
+        Ok((reports, changes))
     })
     .await;
     match result {
