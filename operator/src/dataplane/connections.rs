@@ -332,47 +332,29 @@ impl Session<'_> {
     /// A live table's clauses read less than `ttl` ago (never without a pool).
     pub fn remembered_clauses(&self, key: &str, ttl: Duration) -> Option<PrintedClauses> {
         let pool = self.connections.pool.as_ref()?;
-        let state = pool.lock();
-        let (read_at, clauses) = state.clauses.get(key)?;
-        (read_at.elapsed() < ttl).then(|| clauses.clone())
+        recall(&pool.lock().clauses, key, ttl)
     }
 
     /// Remembers a live table's clauses just read (`None`: the table does not exist).
     pub fn remember_clauses(&self, key: &str, clauses: Option<PrintedClauses>) {
-        let Some(pool) = &self.connections.pool else {
-            return;
-        };
-        let mut state = pool.lock();
-        match clauses {
-            Some(clauses) => state
-                .clauses
-                .insert(key.to_string(), (Instant::now(), clauses)),
-            None => state.clauses.remove(key),
-        };
+        if let Some(pool) = &self.connections.pool {
+            note(&mut pool.lock().clauses, key, clauses);
+        }
     }
 
     /// What the last full check of table `key` found, when it is less than `ttl` old (never
     /// without a pool).
     pub fn verified_table(&self, key: &str, ttl: Duration) -> Option<VerifiedTable> {
         let pool = self.connections.pool.as_ref()?;
-        let state = pool.lock();
-        let (checked_at, verified) = state.verified_tables.get(key)?;
-        (checked_at.elapsed() < ttl).then(|| verified.clone())
+        recall(&pool.lock().verified_tables, key, ttl)
     }
 
     /// Remembers that a full check found table `key` as its spec says (`None`: it did not, so the
     /// next reconcile checks it in full again).
     pub fn remember_verified_table(&self, key: &str, verified: Option<VerifiedTable>) {
-        let Some(pool) = &self.connections.pool else {
-            return;
-        };
-        let mut state = pool.lock();
-        match verified {
-            Some(verified) => state
-                .verified_tables
-                .insert(key.to_string(), (Instant::now(), verified)),
-            None => state.verified_tables.remove(key),
-        };
+        if let Some(pool) = &self.connections.pool {
+            note(&mut pool.lock().verified_tables, key, verified);
+        }
     }
 
     /// How many reports the shared health stream of this session's NATS client (server and
@@ -399,6 +381,20 @@ impl Session<'_> {
             list.push(used);
         }
     }
+}
+
+/// What `memo` holds for `key`, when it was noted less than `ttl` ago.
+fn recall<T: Clone>(memo: &HashMap<String, (Instant, T)>, key: &str, ttl: Duration) -> Option<T> {
+    let (noted_at, value) = memo.get(key)?;
+    (noted_at.elapsed() < ttl).then(|| value.clone())
+}
+
+/// Notes `value` for `key` in `memo` as of now; `None` forgets the key.
+fn note<T>(memo: &mut HashMap<String, (Instant, T)>, key: &str, value: Option<T>) {
+    match value {
+        Some(value) => memo.insert(key.to_string(), (Instant::now(), value)),
+        None => memo.remove(key),
+    };
 }
 
 impl Drop for Session<'_> {
