@@ -1,8 +1,8 @@
 //! The operator at fleet scale, on the suite's real control plane; prints figures, asserts
 //! nothing. Run with `cargo bench -p signal-operator --bench fleet`.
 //!
-//! For each size in `SIGNAL_FLEET_SIZES` (default `200,1000,2000`): a fresh namespace on the
-//! testkit's control plane (etcd, kube-apiserver, kube-controller-manager), a fresh nats-server
+//! For each size in `SIGNAL_FLEET_SIZES` (default `200,1000,2000`), in a process of its own: a
+//! fresh testkit control plane (etcd, kube-apiserver, kube-controller-manager), a fresh nats-server
 //! and clickhouse-server, and the operator binary run out of cluster with the admin kubeconfig,
 //! watching that namespace. The bench applies N pipelines (each its own stream, consumer and
 //! table, all tables in one database as a platform team would have them) and prints:
@@ -55,6 +55,9 @@ fn main() -> Result<()> {
     // status, each an event that reconciles the owner) before the rest window.
     let settle = Duration::from_secs(env_u64("SIGNAL_FLEET_SETTLE_SECS", 60)?);
     let ready_timeout = Duration::from_secs(env_u64("SIGNAL_FLEET_READY_TIMEOUT_SECS", 900)?);
+    if sizes.len() > 1 {
+        return each_size_on_its_own_control_plane(&sizes);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -76,6 +79,44 @@ fn main() -> Result<()> {
     println!("{}", Row::header());
     for row in &rows {
         println!("{}", row.line());
+    }
+    Ok(())
+}
+
+/// Runs this bench once per size, each in a process of its own and so on a control plane of its
+/// own: otherwise etcd, kube-apiserver and kube-controller-manager would still hold the earlier
+/// sizes' pipelines, Deployments and pods while a larger size is measured. Prints the children's
+/// output as it comes and their rows together at the end.
+fn each_size_on_its_own_control_plane(sizes: &[usize]) -> Result<()> {
+    use std::io::BufRead;
+    let program = std::env::current_exe().context("finding the bench's own binary")?;
+    let mut rows = Vec::new();
+    for size in sizes {
+        let mut child = std::process::Command::new(&program)
+            .args(std::env::args_os().skip(1))
+            .env("SIGNAL_FLEET_SIZES", size.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} for {size} pipelines", program.display()))?;
+        let stdout = child.stdout.take().context("the child's stdout")?;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.context("reading the child's output")?;
+            println!("{line}");
+            if line.starts_with(&format!("| {size} |")) {
+                rows.push(line);
+            }
+        }
+        let status = child.wait().context("waiting for the child")?;
+        if !status.success() {
+            bail!("the bench for {size} pipelines failed: {status}");
+        }
+    }
+    println!();
+    println!("{}", Row::header());
+    // Each child prints its row twice (as it ends and in its table): one of each size.
+    rows.dedup();
+    for row in rows {
+        println!("{row}");
     }
     Ok(())
 }
@@ -196,6 +237,7 @@ async fn run_size(
         tokio::time::sleep(READY_POLL).await;
     }
     counter.abort();
+    print_ramp_work(&operator, size)?;
     if ready_after.is_none() {
         println!("  not all ready within {ready_timeout:?}: {ready_count}/{size}");
     }
@@ -368,6 +410,64 @@ impl RestSnapshot {
             operator_writes: operator_writes(operator)?,
         })
     }
+}
+
+/// What the operator did to bring the fleet up: reconciles and writes per pipeline, and the mean time and
+/// the total of each reconcile step (`signal_operator_reconcile_step_duration_seconds`), so a
+/// step whose cost grows with the fleet shows.
+fn print_ramp_work(operator: &Operator, size: usize) -> Result<()> {
+    let (status, body) = operator.http_get("/metrics")?;
+    if status != 200 {
+        bail!("the operator's /metrics answered {status}");
+    }
+    let reconciles = operator.reconciles()?;
+    let mut steps: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("signal_operator_reconcile_step_duration_seconds_")
+        else {
+            continue;
+        };
+        let Some((kind, rest)) = rest.split_once('{') else {
+            continue;
+        };
+        let Some(step) = rest
+            .split_once("step=\"")
+            .and_then(|(_, tail)| tail.split_once('"'))
+            .map(|(step, _)| step.to_string())
+        else {
+            continue;
+        };
+        let Some(value) = line
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let entry = steps.entry(step).or_default();
+        match kind {
+            "sum" => entry.0 = value,
+            "count" => entry.1 = value,
+            _ => {}
+        }
+    }
+    let per_step = steps
+        .iter()
+        .filter(|(_, (_, count))| *count > 0.0)
+        .map(|(step, (sum, count))| {
+            format!(
+                "{step} {:.1} ms × {count:.0} = {sum:.1} s",
+                sum / count * 1000.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let writes = operator_writes(operator)?;
+    println!(
+        "  until ready: {reconciles} reconciles ({:.2} per pipeline), {writes} writes ({:.2} per pipeline); mean step times: {per_step}",
+        reconciles as f64 / size as f64,
+        writes as f64 / size as f64
+    );
+    Ok(())
 }
 
 /// The writes the operator made (status, Deployment, ConfigMap), by its own metric.

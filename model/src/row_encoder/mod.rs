@@ -135,6 +135,19 @@ struct Column {
     default: Option<Value>,
     /// A (nullable) decimal: its value is read from the number's text.
     decimal: bool,
+    /// A string column (`Some(nullable)`): an object or array found for it is stored as the
+    /// message's own text, without parsing it into a value and printing it again.
+    text: Option<bool>,
+}
+
+/// Whether `ty` is a string column, and if so whether it is nullable.
+fn string_column(ty: &ColumnType) -> Option<bool> {
+    match ty {
+        ColumnType::String => Some(false),
+        ColumnType::LowCardinality(inner) => string_column(inner),
+        ColumnType::Nullable(inner) => string_column(inner).map(|_| true),
+        _ => None,
+    }
 }
 
 /// A value as found in the message, before encoding.
@@ -210,12 +223,14 @@ impl RowEncoder {
                         }
                         other => matches!(other, ColumnType::Decimal { .. }),
                     };
+                    let text = string_column(&ty);
                     let column = Column {
                         name: spec.name.clone(),
                         ty,
                         source,
                         default,
                         decimal,
+                        text,
                     };
                     if let Some(default) = &column.default {
                         let mut scratch = Vec::new();
@@ -320,6 +335,22 @@ impl RowEncoder {
             .iter()
             .enumerate()
             .try_for_each(|(index, column)| {
+                if let (Some(nullable), ValueSource::Json(steps)) = (column.text, &column.source)
+                    && let Some(composite) = top_level.composite_text(steps)
+                {
+                    if nullable {
+                        out.push(0);
+                    }
+                    values::write_compact_json_string(out, composite);
+                    if let Some((wanted, texts)) = texts.as_mut()
+                        && wanted.contains(&index)
+                    {
+                        let mut compact = Vec::with_capacity(composite.len());
+                        values::compact_json_into(composite, &mut compact);
+                        texts[index] = String::from_utf8_lossy(&compact).into_owned();
+                    }
+                    return Ok(());
+                }
                 let number = match &column.source {
                     ValueSource::Json(steps) if column.decimal => top_level.number_text(steps),
                     _ => None,
@@ -637,6 +668,54 @@ mod tests {
         }
         let poison = encoder.encode(br#""text""#, &meta(), &mut out).unwrap_err();
         assert_eq!(poison.label(), "not_object");
+    }
+
+    #[test]
+    fn objects_and_arrays_in_string_columns_keep_the_messages_text_without_whitespace() {
+        let encoder = RowEncoder::new(
+            &[
+                ColumnSpec::new("object", "String", "$.o"),
+                ColumnSpec::new("list", "Nullable(String)", "$.l"),
+                ColumnSpec::new("low", "LowCardinality(String)", "$.o.inner"),
+            ],
+            1024,
+        )
+        .unwrap();
+        let payload = b"{\"o\": {\"b\" : 1.50, \"a\":\t\"x y \\\" z\", \"b\": 2e0,\n \"inner\": [ ]},\r\n \"l\": [1, {\"k\": null}]}";
+        let mut out = Vec::new();
+        let mut texts = Vec::new();
+        encoder
+            .encode_with_texts(payload, &meta(), &mut out, &[0, 1], &mut texts)
+            .unwrap();
+        // Keys in the message's order, repeated keys and numbers as spelled; spaces inside
+        // strings stay.
+        let object = br#"{"b":1.50,"a":"x y \" z","b":2e0,"inner":[]}"#;
+        let mut expected = vec![object.len() as u8];
+        expected.extend_from_slice(object);
+        let list = br#"[1,{"k":null}]"#;
+        expected.extend_from_slice(&[0, list.len() as u8]);
+        expected.extend_from_slice(list);
+        expected.extend_from_slice(&[2, b'[', b']']);
+        assert_eq!(out, expected);
+        assert_eq!(
+            texts,
+            [
+                String::from_utf8(object.to_vec()).unwrap(),
+                String::from_utf8(list.to_vec()).unwrap(),
+                String::new()
+            ]
+        );
+        // A null or a missing value is still null or missing, and a string is still text.
+        let mut out = Vec::new();
+        encoder
+            .encode(br#"{"o": "text", "l": null}"#, &meta(), &mut out)
+            .unwrap_err();
+        let encoder =
+            RowEncoder::new(&[ColumnSpec::new("list", "Nullable(String)", "$.l")], 1024).unwrap();
+        encoder
+            .encode(br#"{"l": null}"#, &meta(), &mut out)
+            .unwrap();
+        assert_eq!(out, [1]);
     }
 
     #[test]

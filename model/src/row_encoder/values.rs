@@ -11,6 +11,11 @@ use super::{Column, Found, Poison, text_of};
 use crate::column_type::ColumnType;
 
 fn write_varint(out: &mut Vec<u8>, value: u64) {
+    // Most lengths fit one byte.
+    if value < 0x80 {
+        out.push(value as u8);
+        return;
+    }
     let (bytes, len) = varint(value);
     out.extend_from_slice(&bytes[..len]);
 }
@@ -34,6 +39,40 @@ fn varint(mut value: u64) -> ([u8; 10], usize) {
 pub(super) fn write_string(out: &mut Vec<u8>, text: &[u8]) {
     write_varint(out, text.len() as u64);
     out.extend_from_slice(text);
+}
+
+/// Writes the text of a JSON object or array, as the message spelled it, as a RowBinary string,
+/// without the whitespace between its tokens (so a payload reads the same whatever its
+/// producer's formatting).
+pub(super) fn write_compact_json_string(out: &mut Vec<u8>, raw: &str) {
+    let start = out.len();
+    compact_json_into(raw, out);
+    let (prefix, len) = varint((out.len() - start) as u64);
+    out.splice(start..start, prefix[..len].iter().copied());
+}
+
+/// Appends `raw`, valid JSON, to `out` without the whitespace outside its strings.
+pub(super) fn compact_json_into(raw: &str, out: &mut Vec<u8>) {
+    let bytes = raw.as_bytes();
+    let (mut in_string, mut escaped) = (false, false);
+    let mut run_start = 0;
+    for (at, &byte) in bytes.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else if byte == b'"' {
+            in_string = true;
+        } else if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            out.extend_from_slice(&bytes[run_start..at]);
+            run_start = at + 1;
+        }
+    }
+    out.extend_from_slice(&bytes[run_start..]);
 }
 
 /// Writes a JSON value's compact text as a RowBinary string. The text is serialized straight

@@ -83,31 +83,13 @@ pub fn add_dead_letter_and_health_conditions(
     );
 }
 
-/// A Normal event for what the dead-letter and health streams' reconcile changed, and a Warning
-/// when no stream captures the dead-letter subject or a worker is stuck.
+/// A Warning when no stream captures the dead-letter subject or a worker is stuck (what the
+/// dead-letter and health streams' reconcile changed is in the data plane's Normal event).
 pub async fn publish_dead_letter_and_health_events(
     pipeline: &SignalPipeline,
     ctx: &Context,
     report: &DataPlaneReport,
 ) {
-    let changes: Vec<&str> = report
-        .dead_letter
-        .changes
-        .iter()
-        .chain(&report.health_stream_changes)
-        .map(String::as_str)
-        .collect();
-    if !changes.is_empty() {
-        publish(
-            &ctx.recorder,
-            pipeline,
-            EventType::Normal,
-            &format!("DeadLetterStream{}", report.dead_letter.reason),
-            "Reconcile",
-            changes.join("; "),
-        )
-        .await;
-    }
     if !report.dead_letter.ready {
         publish(
             &ctx.recorder,

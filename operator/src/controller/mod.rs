@@ -44,8 +44,10 @@ use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use signal_clients::retry::RetryPolicy;
 use signal_model::SignalPipeline;
+use signal_model::credentials::PipelineCredentials;
 use tracing::{info, warn};
 
+use crate::dataplane::DataPlaneReport;
 use crate::dataplane::connections::{ConnectionLimits, Connections};
 use crate::metrics::Metrics;
 use crate::workload::FIELD_MANAGER;
@@ -231,6 +233,21 @@ pub struct Context {
     applied: Mutex<HashMap<String, AppliedRecord>>,
     /// Each pipeline's rendered manifest digest, by `namespace/name`.
     manifests: Mutex<HashMap<String, ManifestRecord>>,
+    /// Data-plane reports just taken, by `namespace/name` (see [`Context::recent_data_plane`]).
+    recent_reports: Mutex<HashMap<String, RecentReport>>,
+}
+
+/// How long a data-plane report that found everything ready stands in for a new one, at most
+/// (and never longer than half the resync interval, so a resync always looks again).
+pub const DATA_PLANE_REUSE: Duration = Duration::from_secs(10);
+
+/// A data-plane report with what it was taken for.
+struct RecentReport {
+    uid: Option<String>,
+    generation: Option<i64>,
+    credentials: PipelineCredentials,
+    taken: std::time::Instant,
+    report: DataPlaneReport,
 }
 
 /// What the workers step needs of a pipeline's ConfigMap without rendering it.
@@ -271,7 +288,72 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
+            recent_reports: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The report of a data-plane reconcile of this very pipeline version with these credentials
+    /// that found everything ready less than [`DATA_PLANE_REUSE`] ago (less than half the resync
+    /// interval), without its changes (their events are published). A new pipeline is reconciled
+    /// again as soon as its Deployment and ConfigMap appear and kube-controller-manager rolls
+    /// them out: those reconciles only need the workload step, and asking NATS and ClickHouse
+    /// again about a fleet that is being created would double the servers' work for nothing.
+    /// Autoscaled pipelines always look again (they need the lag), and so does a resync.
+    pub fn recent_data_plane(
+        &self,
+        pipeline: &SignalPipeline,
+        credentials: &PipelineCredentials,
+    ) -> Option<DataPlaneReport> {
+        if pipeline.spec.workers.autoscale.is_some() {
+            return None;
+        }
+        let window = DATA_PLANE_REUSE.min(self.settings.resync_interval / 2);
+        let recent = self.recent_reports.lock().ok()?;
+        let entry = recent.get(&Self::key(pipeline))?;
+        (entry.uid == pipeline.metadata.uid
+            && entry.generation == pipeline.metadata.generation
+            && entry.credentials == *credentials
+            && entry.taken.elapsed() < window)
+            .then(|| entry.report.clone())
+    }
+
+    /// Keeps `report` for [`Context::recent_data_plane`] when it found everything ready (and
+    /// forgets the pipeline's last one otherwise); reports past their use are dropped as it goes.
+    pub fn remember_data_plane(
+        &self,
+        pipeline: &SignalPipeline,
+        credentials: &PipelineCredentials,
+        report: &DataPlaneReport,
+    ) {
+        let Ok(mut recent) = self.recent_reports.lock() else {
+            return;
+        };
+        let key = Self::key(pipeline);
+        if !(report.all_ready() && report.dead_letter.ready) {
+            recent.remove(&key);
+            return;
+        }
+        recent.retain(|_, entry| entry.taken.elapsed() < DATA_PLANE_REUSE);
+        let mut report = report.clone();
+        for part in [
+            &mut report.stream,
+            &mut report.consumer,
+            &mut report.table,
+            &mut report.dead_letter,
+        ] {
+            part.changes.clear();
+        }
+        report.health_stream_changes.clear();
+        recent.insert(
+            key,
+            RecentReport {
+                uid: pipeline.metadata.uid.clone(),
+                generation: pipeline.metadata.generation,
+                credentials: credentials.clone(),
+                taken: std::time::Instant::now(),
+                report,
+            },
+        );
     }
 
     /// Reads owned objects and Secrets from `caches`, and skips unchanged writes.
@@ -322,6 +404,9 @@ impl Context {
         }
         if let Ok(mut manifests) = self.manifests.lock() {
             manifests.remove(&format!("{namespace}/{name}"));
+        }
+        if let Ok(mut recent) = self.recent_reports.lock() {
+            recent.remove(&format!("{namespace}/{name}"));
         }
     }
 
@@ -771,6 +856,82 @@ mod tests {
         let next = ctx.manifest_digest(&edited).unwrap();
         assert_ne!(next, digest);
         assert_eq!(next.config_hash, crate::workload::config_hash(&rendered));
+    }
+
+    #[tokio::test]
+    async fn a_ready_data_plane_report_stands_in_briefly_for_the_same_version_only() {
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let ctx = Context::new(
+            Client::new(service, "default"),
+            Settings::new("signal-worker:test"),
+            Arc::new(Metrics::default()),
+            PipelineIndex::default(),
+        );
+        let pipeline = crate::workload::fixtures::stored_pipeline("orders");
+        let credentials = PipelineCredentials::default();
+        let ready =
+            crate::dataplane::PartReport::ready("Created", "created", vec!["created".into()]);
+        let report = DataPlaneReport {
+            stream: ready.clone(),
+            consumer: ready.clone(),
+            table: ready.clone(),
+            dead_letter: ready,
+            health_stream_changes: vec!["created the health stream".into()],
+            ..DataPlaneReport::default()
+        };
+        assert!(ctx.recent_data_plane(&pipeline, &credentials).is_none());
+        ctx.remember_data_plane(&pipeline, &credentials, &report);
+        let reused = ctx
+            .recent_data_plane(&pipeline, &credentials)
+            .expect("a ready report just taken is reused");
+        assert!(reused.all_ready());
+        assert_eq!(
+            reused.changes().count(),
+            0,
+            "its events were published once"
+        );
+        assert!(reused.health_stream_changes.is_empty());
+
+        // Another generation, other credentials or an autoscaled pipeline look again.
+        let mut edited = pipeline.clone();
+        edited.metadata.generation = Some(pipeline.metadata.generation.unwrap_or(1) + 1);
+        assert!(ctx.recent_data_plane(&edited, &credentials).is_none());
+        let mut rotated = PipelineCredentials::default();
+        rotated.clickhouse.user = Some("rotated".into());
+        assert!(ctx.recent_data_plane(&pipeline, &rotated).is_none());
+        let mut autoscaled = pipeline.clone();
+        autoscaled.spec.workers.autoscale = Some(
+            serde_json::from_value(
+                serde_json::json!({"maxReplicas": 4, "targetLagPerReplica": 1000}),
+            )
+            .expect("an autoscale spec"),
+        );
+        assert!(ctx.recent_data_plane(&autoscaled, &credentials).is_none());
+
+        // A report that found something not ready is not kept, and replaces the ready one.
+        let mut failing = report.clone();
+        failing.table.ready = false;
+        ctx.remember_data_plane(&pipeline, &credentials, &failing);
+        assert!(ctx.recent_data_plane(&pipeline, &credentials).is_none());
+
+        // A resync never takes it: the window is at most half the resync interval.
+        let mut hurried = Settings::new("signal-worker:test");
+        hurried.resync_interval = Duration::ZERO;
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let ctx = Context::new(
+            Client::new(service, "default"),
+            hurried,
+            Arc::new(Metrics::default()),
+            PipelineIndex::default(),
+        );
+        ctx.remember_data_plane(&pipeline, &credentials, &report);
+        assert!(ctx.recent_data_plane(&pipeline, &credentials).is_none());
     }
 
     #[test]

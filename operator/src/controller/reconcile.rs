@@ -234,15 +234,22 @@ async fn apply(
         )
         .await;
     }
-    let report = reconcile_data_plane_with(
-        &ctx.connections,
-        &key,
-        &name,
-        &pipeline.spec,
-        &credentials,
-        table_check(pipeline),
-    )
-    .await;
+    let report = match ctx.recent_data_plane(pipeline, &credentials) {
+        Some(report) => report,
+        None => {
+            let report = reconcile_data_plane_with(
+                &ctx.connections,
+                &key,
+                &name,
+                &pipeline.spec,
+                &credentials,
+                table_check(pipeline),
+            )
+            .await;
+            ctx.remember_data_plane(pipeline, &credentials, &report);
+            report
+        }
+    };
     publish_data_plane_events(pipeline, ctx, &report).await;
     publish_dead_letter_and_health_events(pipeline, ctx, &report).await;
 
@@ -399,28 +406,31 @@ async fn write_status(
         .map_err(kube_error("writing the status"))
 }
 
-/// One event per part that changed something, and one per part that is not ready.
+/// One Normal event for what the data plane's reconcile changed, and a Warning for each part that
+/// is not ready. A new pipeline creates a stream, a consumer, a table and a dead-letter stream at
+/// once: one event says so (`DataPlaneCreated`) rather than four, each an API request, which a
+/// fleet being created would multiply.
 async fn publish_data_plane_events(
     pipeline: &SignalPipeline,
     ctx: &Context,
     report: &DataPlaneReport,
 ) {
-    for (what, reason_prefix, part) in [
-        ("stream", "Stream", &report.stream),
-        ("consumer", "Consumer", &report.consumer),
-        ("table", "Table", &report.table),
+    if let Some((reason, note)) = data_plane_change_event(report) {
+        publish(
+            &ctx.recorder,
+            pipeline,
+            EventType::Normal,
+            &reason,
+            "Reconcile",
+            note,
+        )
+        .await;
+    }
+    for (what, part) in [
+        ("stream", &report.stream),
+        ("consumer", &report.consumer),
+        ("table", &report.table),
     ] {
-        if !part.changes.is_empty() {
-            publish(
-                &ctx.recorder,
-                pipeline,
-                EventType::Normal,
-                &format!("{reason_prefix}{}", part.reason),
-                "Reconcile",
-                part.changes.join("; "),
-            )
-            .await;
-        }
         if !part.ready {
             publish(
                 &ctx.recorder,
@@ -433,6 +443,54 @@ async fn publish_data_plane_events(
             .await;
         }
     }
+}
+
+/// The reason and note of the Normal event for a report's changes, if it has any: a part's own
+/// (`StreamCreated`, `TableUpdated`, …) when one part changed, else `DataPlane` and the parts'
+/// common reason (`DataPlaneCreated`), or `DataPlaneChanged` when their reasons differ.
+fn data_plane_change_event(report: &DataPlaneReport) -> Option<(String, String)> {
+    let dead_letter_changes: Vec<String> = report
+        .dead_letter
+        .changes
+        .iter()
+        .chain(&report.health_stream_changes)
+        .cloned()
+        .collect();
+    let changed: Vec<(&str, &str, &[String])> = [
+        (
+            "Stream",
+            report.stream.reason.as_str(),
+            report.stream.changes.as_slice(),
+        ),
+        (
+            "Consumer",
+            &report.consumer.reason,
+            &report.consumer.changes,
+        ),
+        ("Table", &report.table.reason, &report.table.changes),
+        (
+            "DeadLetterStream",
+            &report.dead_letter.reason,
+            dead_letter_changes.as_slice(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, _, changes)| !changes.is_empty())
+    .collect();
+    let (first_prefix, first_reason, _) = changed.first()?;
+    let note = changed
+        .iter()
+        .flat_map(|(_, _, changes)| changes.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let reason = if changed.len() == 1 {
+        format!("{first_prefix}{first_reason}")
+    } else if changed.iter().all(|(_, reason, _)| reason == first_reason) {
+        format!("DataPlane{first_reason}")
+    } else {
+        "DataPlaneChanged".to_string()
+    };
+    Some((reason, note))
 }
 
 fn part_condition(type_: &'static str, part: &PartReport) -> ConditionState {
@@ -465,6 +523,48 @@ fn first_failing_part(report: &DataPlaneReport) -> Option<(&'static str, &PartRe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_data_plane_is_one_event_and_a_single_change_keeps_its_parts_reason() {
+        let created =
+            |what: &str| PartReport::ready("Created", "ok", vec![format!("created {what}")]);
+        let mut report = DataPlaneReport {
+            stream: created("stream S"),
+            consumer: created("consumer C"),
+            table: created("table db.t"),
+            dead_letter: created("stream S_DLQ"),
+            health_stream_changes: vec!["created stream SIGNAL_HEALTH".into()],
+            ..DataPlaneReport::default()
+        };
+        assert_eq!(
+            data_plane_change_event(&report),
+            Some((
+                "DataPlaneCreated".to_string(),
+                "created stream S; created consumer C; created table db.t; created stream S_DLQ; \
+                 created stream SIGNAL_HEALTH"
+                    .to_string()
+            ))
+        );
+        report.table = PartReport::ready("Updated", "ok", vec!["added column x".into()]);
+        assert_eq!(
+            data_plane_change_event(&report).unwrap().0,
+            "DataPlaneChanged"
+        );
+        for part in [
+            &mut report.stream,
+            &mut report.consumer,
+            &mut report.dead_letter,
+        ] {
+            part.changes.clear();
+        }
+        report.health_stream_changes.clear();
+        assert_eq!(
+            data_plane_change_event(&report),
+            Some(("TableUpdated".to_string(), "added column x".to_string()))
+        );
+        report.table.changes.clear();
+        assert_eq!(data_plane_change_event(&report), None);
+    }
 
     #[test]
     fn a_failing_cleanup_retries_within_its_remaining_window() {
