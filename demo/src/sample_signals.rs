@@ -2,6 +2,8 @@
 //!
 //! Deterministic for a given index, about 240 bytes of JSON each.
 
+use signal_model::ColumnSpec;
+
 /// Event types the samples cycle through.
 pub const EVENT_TYPES: [&str; 5] = [
     "transaction",
@@ -10,6 +12,25 @@ pub const EVENT_TYPES: [&str; 5] = [
     "withdrawal",
     "risk_alert",
 ];
+
+/// Columns for the sample signals: the raw-signals example's, the nested `amount` (so that
+/// `amount` as a word is poison) and the `payload` object as text, in the types ClickHouse 18.16
+/// has. The benchmarks' table.
+pub fn sample_columns() -> Vec<ColumnSpec> {
+    vec![
+        ColumnSpec::new("event_time", "DateTime", "$.event_time"),
+        ColumnSpec::new("source_id", "String", "$.source_id"),
+        ColumnSpec::new("event_type", "String", "$.event_type"),
+        ColumnSpec::new("severity", "UInt8", "$.severity"),
+        ColumnSpec::new("trace_id", "String", "$.trace_id"),
+        ColumnSpec::new("user_id", "String", "$.user_id"),
+        ColumnSpec::new("wallet_address", "String", "$.wallet_address"),
+        ColumnSpec::new("amount", "Float64", "$.payload.amount"),
+        ColumnSpec::new("payload", "String", "$.payload"),
+        ColumnSpec::new("subject", "String", "@subject"),
+        ColumnSpec::new("stream_seq", "UInt64", "@sequence"),
+    ]
+}
 
 /// The `index`-th sample signal as JSON bytes.
 pub fn sample_signal(index: u64) -> Vec<u8> {

@@ -32,9 +32,10 @@ use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use signal_demo::messages::demo_message;
+use signal_demo::sample_signals::sample_columns;
 use signal_model::manifest::PipelineManifest;
 use signal_model::partitions::PartitionScheme;
-use signal_model::{ColumnSpec, ServerVersion, SignalPipelineSpec, ddl};
+use signal_model::{ServerVersion, SignalPipelineSpec, ddl};
 use signal_testkit::{ChildProcess, ClickHouseServer, NatsServer};
 
 const STREAM: &str = "BENCH";
@@ -332,8 +333,7 @@ struct WorkerFigures {
     peak_rss_mib: f64,
 }
 
-/// The raw-signals example's columns and the demo's `amount` (so that `amount` as a word is
-/// poison), in the types ClickHouse 18.16 has.
+/// The bench pipeline, with the sample signals' columns.
 fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
     let mut spec = SignalPipelineSpec::default();
     spec.nats.url = nats_url.into();
@@ -346,19 +346,7 @@ fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
     spec.clickhouse.engine = "MergeTree".into();
     spec.clickhouse.partition_by = Some("toYYYYMM(event_time)".into());
     spec.clickhouse.order_by = vec!["event_type".into(), "event_time".into()];
-    spec.clickhouse.columns = vec![
-        ColumnSpec::new("event_time", "DateTime", "$.event_time"),
-        ColumnSpec::new("source_id", "String", "$.source_id"),
-        ColumnSpec::new("event_type", "String", "$.event_type"),
-        ColumnSpec::new("severity", "UInt8", "$.severity"),
-        ColumnSpec::new("trace_id", "String", "$.trace_id"),
-        ColumnSpec::new("user_id", "String", "$.user_id"),
-        ColumnSpec::new("wallet_address", "String", "$.wallet_address"),
-        ColumnSpec::new("amount", "Float64", "$.payload.amount"),
-        ColumnSpec::new("payload", "String", "$.payload"),
-        ColumnSpec::new("subject", "String", "@subject"),
-        ColumnSpec::new("stream_seq", "UInt64", "@sequence"),
-    ];
+    spec.clickhouse.columns = sample_columns();
     spec.consumer.durable_name = Some("worker".into());
     // Defaults are the spec's (10,000 rows a batch, 20,000 acks pending); these try others.
     if let Some(rows) = env_number("SIGNAL_BENCH_MAX_ROWS") {

@@ -828,16 +828,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_manifest_is_rendered_once_per_generation_and_matches_the_configmap() {
-        let (service, _handle) = tower_test::mock::pair::<
-            http::Request<kube::client::Body>,
-            http::Response<kube::client::Body>,
-        >();
-        let ctx = Context::new(
-            Client::new(service, "default"),
-            Settings::new("signal-worker:test"),
-            Arc::new(Metrics::default()),
-            PipelineIndex::default(),
-        );
+        let ctx = offline_context(Settings::new("signal-worker:test"));
         let pipeline = crate::workload::fixtures::stored_pipeline("orders");
         let configmap = crate::workload::build_configmap(&pipeline).unwrap();
         let digest = ctx.manifest_digest(&pipeline).unwrap();
@@ -858,18 +849,23 @@ mod tests {
         assert_eq!(next.config_hash, crate::workload::config_hash(&rendered));
     }
 
-    #[tokio::test]
-    async fn a_ready_data_plane_report_stands_in_briefly_for_the_same_version_only() {
+    /// A context whose client answers nothing: for what a reconcile keeps, not what it asks.
+    fn offline_context(settings: Settings) -> Context {
         let (service, _handle) = tower_test::mock::pair::<
             http::Request<kube::client::Body>,
             http::Response<kube::client::Body>,
         >();
-        let ctx = Context::new(
+        Context::new(
             Client::new(service, "default"),
-            Settings::new("signal-worker:test"),
+            settings,
             Arc::new(Metrics::default()),
             PipelineIndex::default(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_ready_data_plane_report_stands_in_briefly_for_the_same_version_only() {
+        let ctx = offline_context(Settings::new("signal-worker:test"));
         let pipeline = crate::workload::fixtures::stored_pipeline("orders");
         let credentials = PipelineCredentials::default();
         let ready =
@@ -920,16 +916,7 @@ mod tests {
         // A resync never takes it: the window is at most half the resync interval.
         let mut hurried = Settings::new("signal-worker:test");
         hurried.resync_interval = Duration::ZERO;
-        let (service, _handle) = tower_test::mock::pair::<
-            http::Request<kube::client::Body>,
-            http::Response<kube::client::Body>,
-        >();
-        let ctx = Context::new(
-            Client::new(service, "default"),
-            hurried,
-            Arc::new(Metrics::default()),
-            PipelineIndex::default(),
-        );
+        let ctx = offline_context(hurried);
         ctx.remember_data_plane(&pipeline, &credentials, &report);
         assert!(ctx.recent_data_plane(&pipeline, &credentials).is_none());
     }
