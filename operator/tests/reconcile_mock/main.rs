@@ -352,7 +352,7 @@ async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
     assert!(
         api.events
             .iter()
-            .any(|e| e.reason.starts_with("Table") && e.note.contains("created table")),
+            .any(|e| e.reason == "DataPlaneCreated" && e.note.contains("created table")),
         "{:?}",
         api.events
     );
