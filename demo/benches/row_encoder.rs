@@ -1,5 +1,5 @@
 //! The row encoder alone: nanoseconds per message for the benchmarks' columns
-//! ([`sample_columns`]) on the sample signals, clean and with each kind of the demo's poison.
+//! ([`benchmark_columns`]) on the sample signals, clean and with each kind of the demo's poison.
 //! Prints figures, asserts nothing.
 //!
 //! `cargo bench -p signal-demo --bench row_encoder` (`SIGNAL_ENCODER_MESSAGES`, default 1,000,000;
@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use signal_demo::messages::{Malformation, demo_message};
-use signal_demo::sample_signals::{sample_columns, sample_signal};
+use signal_demo::sample_signals::{benchmark_columns, sample_signal};
 use signal_model::row_encoder::{MessageMeta, RowEncoder};
 
 fn main() {
@@ -20,7 +20,7 @@ fn main() {
     // For `valgrind --tool=callgrind`, whose instruction counts do not depend on the machine's load.
     let clean_only = std::env::var("SIGNAL_ENCODER_ONLY").is_ok_and(|only| only == "clean");
     let encoder =
-        RowEncoder::new(&sample_columns(), 1 << 20).expect("the bench's columns are valid");
+        RowEncoder::new(&benchmark_columns(), 1 << 20).expect("the bench's columns are valid");
     let samples: Vec<Vec<u8>> = (0..1024).map(sample_signal).collect();
     // At 1000 per mille every demo message is malformed, the kind chosen by its index.
     let poison: Vec<(Malformation, Vec<u8>)> = (0..3)

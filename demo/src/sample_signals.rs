@@ -16,7 +16,7 @@ pub const EVENT_TYPES: [&str; 5] = [
 /// Columns for the sample signals: the raw-signals example's, the nested `amount` (so that
 /// `amount` as a word is poison) and the `payload` object as text, in the types ClickHouse 18.16
 /// has. The benchmarks' table.
-pub fn sample_columns() -> Vec<ColumnSpec> {
+pub fn benchmark_columns() -> Vec<ColumnSpec> {
     vec![
         ColumnSpec::new("event_time", "DateTime", "$.event_time"),
         ColumnSpec::new("source_id", "String", "$.source_id"),

@@ -32,7 +32,7 @@ use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use signal_demo::messages::demo_message;
-use signal_demo::sample_signals::sample_columns;
+use signal_demo::sample_signals::benchmark_columns;
 use signal_model::manifest::PipelineManifest;
 use signal_model::partitions::PartitionScheme;
 use signal_model::{ServerVersion, SignalPipelineSpec, ddl};
@@ -346,7 +346,7 @@ fn bench_manifest(nats_url: &str, clickhouse_url: &str) -> PipelineManifest {
     spec.clickhouse.engine = "MergeTree".into();
     spec.clickhouse.partition_by = Some("toYYYYMM(event_time)".into());
     spec.clickhouse.order_by = vec!["event_type".into(), "event_time".into()];
-    spec.clickhouse.columns = sample_columns();
+    spec.clickhouse.columns = benchmark_columns();
     spec.consumer.durable_name = Some("worker".into());
     // Defaults are the spec's (10,000 rows a batch, 20,000 acks pending); these try others.
     if let Some(rows) = env_number("SIGNAL_BENCH_MAX_ROWS") {

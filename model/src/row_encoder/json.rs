@@ -50,50 +50,38 @@ impl<'a> TopLevel<'a> {
         })
     }
 
-    /// The value the path leads to, parsed (`None` when the path leads nowhere). Only that
-    /// value is parsed: the objects and arrays on the way are walked as raw text.
-    pub(super) fn parse_path(&self, steps: &[PathStep]) -> Result<Option<Parsed<'a>>, Poison> {
-        let Some(text) = self.raw_at(steps) else {
-            return Ok(None);
-        };
+    /// A raw value of this message ([`Self::raw_at`]), parsed.
+    pub(super) fn parse_raw(&self, text: &'a str) -> Result<Parsed<'a>, Poison> {
         if self.escape_free
             && let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'))
         {
-            return Ok(Some(Parsed::Text(Cow::Borrowed(inner))));
+            return Ok(Parsed::Text(Cow::Borrowed(inner)));
         }
         if let Some(plain) = plain_string(text) {
-            return Ok(Some(Parsed::Text(Cow::Borrowed(plain))));
+            return Ok(Parsed::Text(Cow::Borrowed(plain)));
         }
         if let Some(number) = plain_integer(text) {
-            return Ok(Some(Parsed::Value(Value::Number(number))));
+            return Ok(Parsed::Value(Value::Number(number)));
         }
         let parsed = if text.starts_with('"') {
             serde_json::from_str::<JsonText<'a>>(text).map(|t| Parsed::Text(t.0))
         } else {
             serde_json::from_str::<Value>(text).map(Parsed::Value)
         };
-        parsed.map(Some).map_err(|e| Poison::NotJson(e.to_string()))
+        parsed.map_err(|e| Poison::NotJson(e.to_string()))
     }
 
-    /// The raw text of the object or array the path leads to (`None` when it leads nowhere or to
-    /// anything else), for a string column to store as it is.
-    pub(super) fn composite_text(&self, steps: &[PathStep]) -> Option<&'a str> {
-        let text = self.raw_at(steps)?;
-        text.starts_with(['{', '[']).then_some(text)
-    }
-
-    /// The text of the number the path leads to, as the payload spells it (`None` when the path
-    /// leads nowhere or to something other than a number). Decimals are encoded from it, so no
-    /// digit is lost to `f64`.
-    pub(super) fn number_text(&self, steps: &[PathStep]) -> Option<&'a str> {
-        let text = self.raw_at(steps)?.trim();
+    /// The text of a raw number as the payload spells it (`None` for anything other than a
+    /// number). Decimals are encoded from it, so no digit is lost to `f64`.
+    pub(super) fn number_text(raw: &'a str) -> Option<&'a str> {
+        let text = raw.trim();
         text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
             .then_some(text)
     }
 
     /// The raw value the path leads to. The last of duplicate keys wins, as it does for a
     /// parsed `Value`; a key into an array or an index into an object leads nowhere.
-    fn raw_at(&self, steps: &[PathStep]) -> Option<&'a str> {
+    pub(super) fn raw_at(&self, steps: &[PathStep]) -> Option<&'a str> {
         let Some(PathStep::Key(first)) = steps.first() else {
             // An index into the top level, which is an object: nothing there.
             return None;
@@ -412,12 +400,12 @@ impl<'de> Deserialize<'de> for JsonText<'de> {
 mod tests {
     use super::*;
 
-    /// What `parse_path` finds at `$.v` of `{"v": <raw>}`.
+    /// What `parse_raw` makes of the value at `$.v` of `{"v": <raw>}`.
     fn found(raw: &str) -> Option<String> {
         let message = format!(r#"{{"v": {raw}}}"#);
         let top = TopLevel::parse(message.as_bytes()).unwrap();
         let path = [PathStep::Key("v".into())];
-        match top.parse_path(&path).unwrap()? {
+        match top.parse_raw(top.raw_at(&path)?).unwrap() {
             Parsed::Text(text) => Some(format!(
                 "text {text:?} borrowed {}",
                 matches!(text, Cow::Borrowed(_))

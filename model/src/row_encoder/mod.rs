@@ -335,8 +335,14 @@ impl RowEncoder {
             .iter()
             .enumerate()
             .try_for_each(|(index, column)| {
-                if let (Some(nullable), ValueSource::Json(steps)) = (column.text, &column.source)
-                    && let Some(composite) = top_level.composite_text(steps)
+                // The path is walked once, whatever the value turns out to be.
+                let raw = match &column.source {
+                    ValueSource::Json(steps) if !steps.is_empty() => top_level.raw_at(steps),
+                    _ => None,
+                };
+                // An object or array into a string column: the message's own text.
+                if let (Some(nullable), Some(composite)) = (column.text, raw)
+                    && composite.starts_with(['{', '['])
                 {
                     if nullable {
                         out.push(0);
@@ -351,13 +357,11 @@ impl RowEncoder {
                     }
                     return Ok(());
                 }
-                let number = match &column.source {
-                    ValueSource::Json(steps) if column.decimal => top_level.number_text(steps),
-                    _ => None,
-                };
-                let parsed = match &column.source {
-                    _ if number.is_some() => None,
-                    ValueSource::Json(steps) if !steps.is_empty() => top_level.parse_path(steps)?,
+                let number = raw
+                    .filter(|_| column.decimal)
+                    .and_then(TopLevel::number_text);
+                let parsed = match raw {
+                    Some(text) if number.is_none() => Some(top_level.parse_raw(text)?),
                     _ => None,
                 };
                 let found = match (&column.source, &parsed) {
