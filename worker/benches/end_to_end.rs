@@ -298,7 +298,7 @@ impl Bench {
         println!(
             "{name}: {:>9.0} msg/s end to end (spawn to last row and dead letter stored; {:.0} msg/s from the first row, \
              {:.0} msg/s steady: first batch to last full batch), \
-             {} rows, {} dead letters, {} inserts of {:.1} ms, worker waited {:.2} s for a CPU",
+             {} rows, {} dead letters, {} inserts of {:.1} ms, {} pull requests, worker waited {:.2} s for a CPU",
             worker.rate,
             worker.rate_after_first_row,
             worker.steady_rate,
@@ -306,6 +306,7 @@ impl Bench {
             poisoned,
             worker.inserts,
             worker.mean_insert_ms,
+            worker.pull_requests,
             worker.runqueue_wait_seconds,
         );
         Ok(Drain {
@@ -325,6 +326,7 @@ struct WorkerFigures {
     runqueue_wait_seconds: f64,
     inserts: f64,
     mean_insert_ms: f64,
+    pull_requests: f64,
     rate: f64,
     rate_after_first_row: f64,
     /// Messages per second from the first batch stored to the last full one.
@@ -570,6 +572,7 @@ fn worker_drain(bench: &Bench, poisoned: u64) -> anyhow::Result<WorkerFigures> {
         inserts,
         mean_insert_ms: 1000.0 * metric(&metrics, "signal_worker_insert_duration_seconds_sum")
             / inserts.max(1.0),
+        pull_requests: metric(&metrics, "signal_worker_pull_requests_total"),
         rate: messages as f64 / elapsed.as_secs_f64(),
         rate_after_first_row: messages as f64 / after_first_row.as_secs_f64(),
         steady_rate,

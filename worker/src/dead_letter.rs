@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind};
-use async_nats::{HeaderMap, Subject};
+use async_nats::{HeaderMap, HeaderName, Subject};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -44,6 +44,13 @@ use crate::metrics::Metrics;
 
 /// Poison label (and reason prefix) of a message dead-lettered on its last allowed delivery.
 pub const MAX_DELIVERIES: &str = "max_deliveries";
+
+/// The dead letter's header names, built once: a name given as text is validated and looked up
+/// among the standard names on every insert.
+const REASON: HeaderName = HeaderName::from_static(HEADER_REASON);
+const ORIGINAL_SUBJECT: HeaderName = HeaderName::from_static(HEADER_SUBJECT);
+const SEQUENCE: HeaderName = HeaderName::from_static(HEADER_SEQUENCE);
+const STREAM: HeaderName = HeaderName::from_static(HEADER_STREAM);
 
 /// Dead letters awaiting their JetStream ack at once.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -190,22 +197,17 @@ impl DeadLetterRouter {
             return Box::pin(async move { (letter, Ok(())) });
         };
         let mut headers = letter.headers.clone().unwrap_or_default();
-        insert_header(&mut headers, HEADER_REASON, &letter.reason);
-        insert_header(&mut headers, HEADER_SUBJECT, letter.subject.as_str());
-        insert_header(
-            &mut headers,
-            HEADER_SEQUENCE,
-            &letter.stream_sequence.to_string(),
-        );
-        insert_header(&mut headers, HEADER_STREAM, &self.stream);
+        insert_header(&mut headers, REASON, &letter.reason);
+        insert_header(&mut headers, ORIGINAL_SUBJECT, letter.subject.as_str());
+        headers.insert(SEQUENCE, letter.stream_sequence.to_string());
+        insert_header(&mut headers, STREAM, &self.stream);
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
             message_id(
                 &self.stream,
                 self.stream_created_unix_nanos,
                 letter.stream_sequence,
-            )
-            .as_str(),
+            ),
         );
         let jetstream = self.jetstream.clone();
         Box::pin(async move {
@@ -291,9 +293,9 @@ impl DeadLetterRouter {
     }
 }
 
-fn insert_header(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     // Header values cannot hold line breaks.
-    if value.contains(['\r', '\n']) {
+    if value.bytes().any(|byte| byte == b'\r' || byte == b'\n') {
         headers.insert(name, value.replace(['\r', '\n'], " ").as_str());
     } else {
         headers.insert(name, value);

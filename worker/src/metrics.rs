@@ -25,6 +25,7 @@ pub struct PartitionLabel {
 /// Every metric the worker exports (names get the `signal_worker_` prefix).
 pub struct Metrics {
     pub messages_received: Counter,
+    pub pull_requests: Counter,
     pub rows_inserted: Counter,
     pub batches_inserted: Counter,
     pub insert_seconds: Histogram,
@@ -52,6 +53,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("signal_worker");
         let metrics = Self {
             messages_received: Counter::default(),
+            pull_requests: Counter::default(),
             rows_inserted: Counter::default(),
             batches_inserted: Counter::default(),
             insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -75,6 +77,11 @@ impl Metrics {
             "messages_received",
             "Messages pulled from JetStream",
             metrics.messages_received.clone(),
+        );
+        registry.register(
+            "pull_requests",
+            "Pull requests sent to the consumer",
+            metrics.pull_requests.clone(),
         );
         registry.register(
             "rows_inserted",

@@ -6,6 +6,10 @@
 //! stored, so while ClickHouse is down the puller holds one batch and stops fetching. Every message
 //! pulled is held (kept alive with progress acks) until it is settled ([`crate::held_messages`]).
 //!
+//! A pull asks for the rows the batch still needs plus the poison expected among them
+//! ([`PoisonShare`]): on a poisoned stream a batch then fills in one pull, not in a tail of ever
+//! smaller ones (each a request, a subscription and a round trip while the writer waits).
+//!
 //! Memory: a pull asks for at most the bytes the batch being filled still has room for (but at
 //! least one message of the server's `max_payload`), so the puller holds about one batch's
 //! `maxBytes` and the writer one more (README, "Memory").
@@ -59,6 +63,39 @@ const LETTERS_PER_HAND_OVER: usize = 64;
 /// not always answer a short, partly filled request with its expiry status, and the client library
 /// then waits 5 s more, holding a due batch. Messages already received are still taken first.
 const PULL_END_SLACK: Duration = Duration::from_millis(250);
+
+/// The share of poison among the messages processed lately (a moving average over about the last
+/// thousand), which sizes pulls.
+#[derive(Debug, Default)]
+struct PoisonShare(f64);
+
+impl PoisonShare {
+    /// Weight of one message in the average.
+    const WEIGHT: f64 = 1.0 / 1024.0;
+    /// The most poison a pull is sized for: a stream mostly poison takes more than one pull per
+    /// batch rather than pulls far larger than a batch.
+    const MAX: f64 = 0.5;
+    /// Below this share (one in ten thousand) pulls are not enlarged.
+    const NEGLIGIBLE: f64 = 1e-4;
+
+    fn observe(&mut self, poison: bool) {
+        let sample = if poison { 1.0 } else { 0.0 };
+        self.0 += (sample - self.0) * Self::WEIGHT;
+    }
+
+    /// Messages to pull for `rows` more rows: the expected poison among them, and two standard
+    /// deviations of it, on top. Messages beyond the batch start the next one.
+    fn messages_for_rows(&self, rows: usize) -> usize {
+        if self.0 < Self::NEGLIGIBLE {
+            return rows;
+        }
+        let share = self.0.min(Self::MAX);
+        let rows = rows as f64;
+        let poison = rows * share / (1.0 - share);
+        let spread = 2.0 * (poison * (1.0 - share)).sqrt();
+        (rows + poison + spread).ceil() as usize
+    }
+}
 
 /// NATS headers seen through the encoder's lookup trait.
 struct Headers<'a>(&'a async_nats::HeaderMap);
@@ -148,13 +185,15 @@ impl Puller {
         // Whether the batch handed over last was full: the stream was flowing faster than
         // batches fill, so the batch that catches up with it ends a burst (see `ends_burst`).
         let mut previous_full = false;
+        let mut poison_share = PoisonShare::default();
         while !shutdown.is_cancelled() {
             let expires = match batch.deadline(&self.limits) {
                 Some(deadline) => deadline.saturating_duration_since(Instant::now()),
                 None => self.limits.max_wait,
             }
             .max(MIN_EXPIRES);
-            let wanted = self.limits.max_rows.saturating_sub(batch.len()).max(1);
+            let wanted = poison_share
+                .messages_for_rows(self.limits.max_rows.saturating_sub(batch.len()).max(1));
             // The memory bound: a pull delivers at most what the batch still has room for.
             let max_bytes = self
                 .limits
@@ -170,6 +209,7 @@ impl Puller {
                 .messages();
             let messages = match fetch.await {
                 Ok(messages) => {
+                    self.metrics.pull_requests.inc();
                     backoff.reset();
                     messages
                 }
@@ -211,6 +251,7 @@ impl Puller {
                     }
                 };
                 let processed = self.process(&mut batch, message, &wanted_texts, &mut texts);
+                poison_share.observe(processed.letter.is_some());
                 if let Some(letter) = processed.letter {
                     letters.push(letter);
                 }
@@ -496,6 +537,39 @@ impl Puller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pulls_are_sized_for_the_poison_seen_lately() {
+        let mut share = PoisonShare::default();
+        assert_eq!(
+            share.messages_for_rows(10_000),
+            10_000,
+            "a clean stream pulls exactly the rows the batch needs"
+        );
+        for index in 0..20_000 {
+            share.observe(index % 5 == 0);
+        }
+        let wanted = share.messages_for_rows(10_000);
+        assert!(
+            (12_500..12_700).contains(&wanted),
+            "20% poison: 10,000 rows need 12,500 messages and a margin, not {wanted}"
+        );
+        assert!(
+            share.messages_for_rows(1) >= 2,
+            "one row on a poisoned stream"
+        );
+        for _ in 0..20_000 {
+            share.observe(true);
+        }
+        assert!(
+            share.messages_for_rows(10_000) < 20_300,
+            "all poison: at most about twice the rows"
+        );
+        for _ in 0..20_000 {
+            share.observe(false);
+        }
+        assert_eq!(share.messages_for_rows(10_000), 10_000, "the share decays");
+    }
 
     #[test]
     fn only_a_caught_up_batch_after_a_full_one_ends_a_burst() {
