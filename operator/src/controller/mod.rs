@@ -234,12 +234,36 @@ pub struct Context {
     /// Each pipeline's rendered manifest digest, by `namespace/name`.
     manifests: Mutex<HashMap<String, ManifestRecord>>,
     /// Data-plane reports just taken, by `namespace/name` (see [`Context::recent_data_plane`]).
-    recent_reports: Mutex<HashMap<String, RecentReport>>,
+    recent_reports: Mutex<RecentReports>,
 }
 
 /// How long a data-plane report that found everything ready stands in for a new one, at most
 /// (and never longer than half the resync interval, so a resync always looks again).
 pub const DATA_PLANE_REUSE: Duration = Duration::from_secs(10);
+
+/// The recent data-plane reports, and when the expired ones were last dropped: dropping them on
+/// every insert walked every report of the last window (hundreds while a fleet is created).
+#[derive(Default)]
+struct RecentReports {
+    by_pipeline: HashMap<String, RecentReport>,
+    pruned: Option<std::time::Instant>,
+}
+
+impl RecentReports {
+    /// Drops the reports past their use, at most once per [`DATA_PLANE_REUSE`]: none is then
+    /// kept longer than twice that.
+    fn prune(&mut self) {
+        if self
+            .pruned
+            .is_some_and(|pruned| pruned.elapsed() < DATA_PLANE_REUSE)
+        {
+            return;
+        }
+        self.by_pipeline
+            .retain(|_, entry| entry.taken.elapsed() < DATA_PLANE_REUSE);
+        self.pruned = Some(std::time::Instant::now());
+    }
+}
 
 /// A data-plane report with what it was taken for.
 struct RecentReport {
@@ -288,7 +312,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
-            recent_reports: Mutex::new(HashMap::new()),
+            recent_reports: Mutex::new(RecentReports::default()),
         }
     }
 
@@ -309,7 +333,7 @@ impl Context {
         }
         let window = DATA_PLANE_REUSE.min(self.settings.resync_interval / 2);
         let recent = self.recent_reports.lock().ok()?;
-        let entry = recent.get(&Self::key(pipeline))?;
+        let entry = recent.by_pipeline.get(&Self::key(pipeline))?;
         (entry.uid == pipeline.metadata.uid
             && entry.generation == pipeline.metadata.generation
             && entry.credentials == *credentials
@@ -330,10 +354,10 @@ impl Context {
         };
         let key = Self::key(pipeline);
         if !(report.all_ready() && report.dead_letter.ready) {
-            recent.remove(&key);
+            recent.by_pipeline.remove(&key);
             return;
         }
-        recent.retain(|_, entry| entry.taken.elapsed() < DATA_PLANE_REUSE);
+        recent.prune();
         let mut report = report.clone();
         for part in [
             &mut report.stream,
@@ -344,7 +368,7 @@ impl Context {
             part.changes.clear();
         }
         report.health_stream_changes.clear();
-        recent.insert(
+        recent.by_pipeline.insert(
             key,
             RecentReport {
                 uid: pipeline.metadata.uid.clone(),
@@ -406,7 +430,7 @@ impl Context {
             manifests.remove(&format!("{namespace}/{name}"));
         }
         if let Ok(mut recent) = self.recent_reports.lock() {
-            recent.remove(&format!("{namespace}/{name}"));
+            recent.by_pipeline.remove(&format!("{namespace}/{name}"));
         }
     }
 
