@@ -171,6 +171,45 @@ pub fn redelivery_problems(spec: &SignalPipelineSpec) -> Vec<FieldError> {
     problems
 }
 
+/// Batches a worker holds unacknowledged at full speed: the one it fills and the one it inserts.
+pub const BATCHES_HELD_PER_WORKER: i64 = 2;
+
+/// The warning for a `consumer.maxAckPending` below what the workers hold unacknowledged at full
+/// speed ([`BATCHES_HELD_PER_WORKER`] batches of `workers.batch.maxRows` each, for every replica
+/// the pipeline may run, or for the one owner of each partition's consumer); `None` when the
+/// window is large enough or unlimited. Not an error: JetStream then holds deliveries back until
+/// acknowledgements return, so the workers drain at about one batch per `maxWait` while a
+/// backlog lasts, but nothing is lost. The operator emits it as a Warning event (reason
+/// `AckWindowTooSmall`) and log line when it sees a new spec.
+pub fn ack_window_warning(spec: &SignalPipelineSpec) -> Option<String> {
+    let window = spec.consumer.max_ack_pending;
+    if window < 0 {
+        return None;
+    }
+    let max_rows = i64::from(spec.workers.batch.max_rows);
+    let (holders, who) = match spec.workers.partitions {
+        Some(_) => (1, "the one worker of each partition's consumer".to_string()),
+        None => {
+            let replicas = match &spec.workers.autoscale {
+                Some(autoscale) => autoscale.max_replicas,
+                None => spec.workers.replicas,
+            }
+            .max(1);
+            (i64::from(replicas), format!("{replicas} worker(s)"))
+        }
+    };
+    let needed = BATCHES_HELD_PER_WORKER * holders * max_rows;
+    (window < needed).then(|| {
+        format!(
+            "spec.consumer.maxAckPending ({window}) is below {needed}: {who} × \
+             {BATCHES_HELD_PER_WORKER} batches (the one filling, the one inserting) × \
+             spec.workers.batch.maxRows ({max_rows}); JetStream will hold deliveries back until \
+             acknowledgements return, and a backlog drains at about one batch per maxWait. Raise \
+             maxAckPending to at least {needed} or lower maxRows"
+        )
+    })
+}
+
 impl SignalPipelineSpec {
     /// The `tls` blocks and their URL schemes (see [`crate::tls`] for the rules).
     fn check_tls(&self, c: &mut Checker) {
@@ -690,6 +729,44 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
 
     fn spec(yaml: &str) -> SignalPipelineSpec {
         yaml_serde::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn an_ack_window_smaller_than_every_workers_two_batches_is_warned_about() {
+        let mut spec = spec(EXAMPLE);
+        assert_eq!(
+            ack_window_warning(&spec),
+            None,
+            "the defaults: one worker, 2 × 10,000 rows in a window of 20,000"
+        );
+        spec.workers.replicas = 2;
+        let warning = ack_window_warning(&spec).expect("two workers need 40,000");
+        assert!(
+            warning.contains("maxAckPending (20000) is below 40000")
+                && warning.contains("2 worker(s)"),
+            "{warning}"
+        );
+        spec.consumer.max_ack_pending = 40_000;
+        assert_eq!(ack_window_warning(&spec), None);
+        spec.workers.autoscale = Some(crate::spec::AutoscaleSpec {
+            min_replicas: 1,
+            max_replicas: 4,
+            target_lag_per_replica: 1000,
+            scale_down_stabilization: Default::default(),
+        });
+        assert!(
+            ack_window_warning(&spec).is_some_and(|w| w.contains("below 80000")),
+            "autoscaled: the most replicas count"
+        );
+        spec.workers.partitions = Some(4);
+        assert_eq!(
+            ack_window_warning(&spec),
+            None,
+            "partitioned: each partition's consumer has one owner"
+        );
+        spec.workers.partitions = None;
+        spec.consumer.max_ack_pending = -1;
+        assert_eq!(ack_window_warning(&spec), None, "unlimited");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the operator accepts:
 //! it parses as a manifest (apiVersion, kind, metadata, spec) into `signal_model::SignalPipelineSpec`
 //! with unknown fields refused, passes `validate`, and its table's CREATE statement can be written
-//! for the ClickHouse it targets: a current server in-cluster, 18.16 for the local example. The
+//! for the ClickHouse it targets: a current server in-cluster, 18.16 for the local example. Its
+//! ack window fits its workers' batches (no `AckWindowTooSmall` warning). The
 //! facts `scripts/kind-e2e.sh` relies on about `examples/transactions.yaml` are checked too.
 
 use std::path::{Path, PathBuf};
@@ -46,6 +47,9 @@ fn load(path: &Path) -> PipelineManifest {
     assert!(!manifest.metadata.name.is_empty(), "{}", path.display());
     if let Err(error) = manifest.spec.validate(&manifest.metadata.name) {
         panic!("{} is invalid: {error}", path.display());
+    }
+    if let Some(warning) = signal_model::validate::ack_window_warning(&manifest.spec) {
+        panic!("{}: {warning}", path.display());
     }
     manifest
 }

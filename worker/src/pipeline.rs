@@ -176,6 +176,11 @@ pub async fn run(
     if let Some(warning) = signal_model::tls::insecure_tls_warning(spec) {
         tracing::warn!(pipeline, "{warning}");
     }
+    // In a cluster the manifest leaves `workers.replicas` to the Deployment, so this sees one
+    // worker; the operator warns with the replicas it runs.
+    if let Some(warning) = signal_model::validate::ack_window_warning(spec) {
+        tracing::warn!(pipeline, "{warning}");
+    }
     let client_name = format!("signal-worker {pipeline}");
     let Some(nats) = until_ok("NATS unreachable; retrying", &shutdown, || {
         connect::nats(

@@ -234,6 +234,21 @@ async fn apply(
         )
         .await;
     }
+    // Once per spec version: a window too small slows the workers, it loses nothing.
+    let new_spec = pipeline.status.as_ref().and_then(|s| s.observed_generation)
+        != pipeline.metadata.generation;
+    if new_spec && let Some(warning) = signal_model::validate::ack_window_warning(&pipeline.spec) {
+        warn!(pipeline = %key, "{warning}");
+        publish(
+            &ctx.recorder,
+            pipeline,
+            EventType::Warning,
+            "AckWindowTooSmall",
+            "Reconcile",
+            warning,
+        )
+        .await;
+    }
     let report = match ctx.recent_data_plane(pipeline, &credentials) {
         Some(report) => report,
         None => {

@@ -30,7 +30,7 @@ use kube::runtime::watcher;
 use serde_json::{Value, json};
 use signal_model::credentials::PipelineCredentials;
 use signal_model::worker_health::{HealthReason, WorkerHealthReport, health_subject};
-use signal_model::{SignalPipeline, SignalPipelineSpec};
+use signal_model::{SignalPipeline, SignalPipelineSpec, SignalPipelineStatus};
 use signal_operator::controller::{
     Context, FINALIZER, PipelineIndex, ReconcileError, Settings, reconcile,
 };
@@ -247,12 +247,14 @@ async fn a_new_pipeline_first_gets_the_finalizer() {
 #[tokio::test]
 async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
     let servers = servers();
-    let orders = with_finalizer(pipeline(
+    let mut orders = with_finalizer(pipeline(
         "orders",
         &servers.nats.url(),
         &servers.clickhouse.http_url(),
         1_700_000_000,
     ));
+    // Two batches of 15,000 do not fit the default window of 20,000 unacknowledged messages.
+    orders.spec.workers.batch.max_rows = 15_000;
     let (task, mut api) = start_reconcile(&orders, index_of(&[&orders]));
 
     let read = api.next_call().await;
@@ -356,14 +358,26 @@ async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
         "{:?}",
         api.events
     );
+    assert!(
+        api.events.iter().any(|e| e.reason == "AckWindowTooSmall"
+            && e.type_ == "Warning"
+            && e.note.contains("below 30000")),
+        "{:?}",
+        api.events
+    );
     assert!(stream_exists(&servers.nats.url(), "MOCK_orders").await);
     assert!(stream_exists(&servers.nats.url(), "MOCK_orders_DLQ").await);
     assert!(table_exists("orders"));
 
-    // Second pass: the Deployment is up to date and ready, so the pipeline is Ready and no
-    // worker event is published again.
+    // Second pass, on the spec version the status has seen: the Deployment is up to date and
+    // ready, so the pipeline is Ready, and neither the worker event nor the window's warning is
+    // published again.
     let mut ready_deployment = stored;
     ready_deployment["status"]["readyReplicas"] = json!(1);
+    orders.status = Some(SignalPipelineStatus {
+        observed_generation: orders.metadata.generation,
+        ..Default::default()
+    });
     let (task, mut api) = start_reconcile(&orders, index_of(&[&orders]));
     let read = api.next_call().await;
     read.expect(Method::GET, &deployment_path("orders"));
@@ -386,6 +400,7 @@ async fn a_ready_data_plane_gets_its_configmap_deployment_and_status_applied() {
     respond_with_status(status_apply, &orders);
     finish(task, &mut api).await.expect("reconciled again");
     assert!(!api.published("WorkersApplied"), "{:?}", api.events);
+    assert!(!api.published("AckWindowTooSmall"), "{:?}", api.events);
 }
 
 #[tokio::test]
