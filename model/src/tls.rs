@@ -326,8 +326,8 @@ pub fn scheme_problem(server: TlsServer, url: &str, has_tls: bool) -> Option<(St
 }
 
 /// The warning for `tls` blocks with `insecureSkipVerify: true`, naming their servers; `None`
-/// when every TLS connection is verified. The operator emits it as a Warning event (reason
-/// `InsecureTls`) and log line, the worker and local mode log it at start.
+/// when every TLS connection is verified. One of the [`crate::validate::spec_warnings`]
+/// (`InsecureTls`).
 pub fn insecure_tls_warning(spec: &SignalPipelineSpec) -> Option<String> {
     let fields: Vec<&str> = TlsServer::ALL
         .into_iter()

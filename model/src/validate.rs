@@ -171,6 +171,31 @@ pub fn redelivery_problems(spec: &SignalPipelineSpec) -> Vec<FieldError> {
     problems
 }
 
+/// A setting that works but hurts, for people to see: the operator publishes each as a Warning
+/// event with `reason` (and a log line) once per spec version, and the worker logs each at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecWarning {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Every [`SpecWarning`] for `spec`: certificates not verified ([`crate::tls::insecure_tls_warning`])
+/// and an ack window smaller than the workers' batches ([`ack_window_warning`]).
+pub fn spec_warnings(spec: &SignalPipelineSpec) -> Vec<SpecWarning> {
+    [
+        ("InsecureTls", crate::tls::insecure_tls_warning(spec)),
+        ("AckWindowTooSmall", ack_window_warning(spec)),
+    ]
+    .into_iter()
+    .filter_map(|(reason, message)| {
+        Some(SpecWarning {
+            reason,
+            message: message?,
+        })
+    })
+    .collect()
+}
+
 /// Batches a worker holds unacknowledged at full speed: the one it fills and the one it inserts.
 pub const BATCHES_HELD_PER_WORKER: i64 = 2;
 
@@ -179,8 +204,7 @@ pub const BATCHES_HELD_PER_WORKER: i64 = 2;
 /// the pipeline may run, or for the one owner of each partition's consumer); `None` when the
 /// window is large enough or unlimited. Not an error: JetStream then holds deliveries back until
 /// acknowledgements return, so the workers drain at about one batch per `maxWait` while a
-/// backlog lasts, but nothing is lost. The operator emits it as a Warning event (reason
-/// `AckWindowTooSmall`) and log line when it sees a new spec.
+/// backlog lasts, but nothing is lost. One of the [`spec_warnings`] (`AckWindowTooSmall`).
 pub fn ack_window_warning(spec: &SignalPipelineSpec) -> Option<String> {
     let window = spec.consumer.max_ack_pending;
     if window < 0 {
@@ -746,8 +770,16 @@ cache: {redis: {url: "redis://127.0.0.1:6379"}, key: "wallet:{wallet_address}:la
                 && warning.contains("2 worker(s)"),
             "{warning}"
         );
+        assert_eq!(
+            spec_warnings(&spec),
+            [SpecWarning {
+                reason: "AckWindowTooSmall",
+                message: warning
+            }]
+        );
         spec.consumer.max_ack_pending = 40_000;
         assert_eq!(ack_window_warning(&spec), None);
+        assert_eq!(spec_warnings(&spec), []);
         spec.workers.autoscale = Some(crate::spec::AutoscaleSpec {
             min_replicas: 1,
             max_replicas: 4,

@@ -173,13 +173,10 @@ pub async fn run(
         let _ = bound.send(addr);
     }
 
-    if let Some(warning) = signal_model::tls::insecure_tls_warning(spec) {
-        tracing::warn!(pipeline, "{warning}");
-    }
-    // In a cluster the manifest leaves `workers.replicas` to the Deployment, so this sees one
-    // worker; the operator warns with the replicas it runs.
-    if let Some(warning) = signal_model::validate::ack_window_warning(spec) {
-        tracing::warn!(pipeline, "{warning}");
+    // In a cluster the manifest leaves `workers.replicas` to the Deployment, so the ack window is
+    // judged for one worker here; the operator warns with the replicas it runs.
+    for warning in signal_model::validate::spec_warnings(spec) {
+        tracing::warn!(pipeline, reason = warning.reason, "{}", warning.message);
     }
     let client_name = format!("signal-worker {pipeline}");
     let Some(nats) = until_ok("NATS unreachable; retrying", &shutdown, || {

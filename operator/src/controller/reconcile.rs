@@ -222,32 +222,22 @@ async fn apply(
         }
     };
 
-    if let Some(warning) = signal_model::tls::insecure_tls_warning(&pipeline.spec) {
-        warn!(pipeline = %name, "{warning}");
-        publish(
-            &ctx.recorder,
-            pipeline,
-            EventType::Warning,
-            "InsecureTls",
-            "Reconcile",
-            warning,
-        )
-        .await;
-    }
-    // Once per spec version: a window too small slows the workers, it loses nothing.
+    // Once per spec version: the settings stay as they are until someone edits the spec.
     let new_spec = pipeline.status.as_ref().and_then(|s| s.observed_generation)
         != pipeline.metadata.generation;
-    if new_spec && let Some(warning) = signal_model::validate::ack_window_warning(&pipeline.spec) {
-        warn!(pipeline = %key, "{warning}");
-        publish(
-            &ctx.recorder,
-            pipeline,
-            EventType::Warning,
-            "AckWindowTooSmall",
-            "Reconcile",
-            warning,
-        )
-        .await;
+    if new_spec {
+        for warning in signal_model::validate::spec_warnings(&pipeline.spec) {
+            warn!(pipeline = %key, reason = warning.reason, "{}", warning.message);
+            publish(
+                &ctx.recorder,
+                pipeline,
+                EventType::Warning,
+                warning.reason,
+                "Reconcile",
+                warning.message,
+            )
+            .await;
+        }
     }
     let report = match ctx.recent_data_plane(pipeline, &credentials) {
         Some(report) => report,
