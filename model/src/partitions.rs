@@ -176,6 +176,12 @@ pub fn fair_share(partitions: u32, live: usize) -> u32 {
     partitions.div_ceil(live)
 }
 
+/// Whether `live` workers are enough that no newcomer can lower a worker's fair share any further
+/// (one partition each, the least a share can be): a worker that sees them claims at once.
+pub fn share_is_final(partitions: u32, live: usize) -> bool {
+    fair_share(partitions, live) <= 1
+}
+
 /// The order in which a worker tries free partitions: starting at a point derived from its
 /// instance name, so that workers starting together do not all race for partition 0.
 pub fn claim_order(instance: &str, partitions: u32) -> Vec<u32> {
@@ -303,6 +309,12 @@ mod tests {
         assert_eq!(fair_share(2, 3), 1);
         assert_eq!(fair_share(4, 0), 4);
         assert_eq!(fair_share(4, 1), 4);
+        // A share is final at one partition each: more workers cannot lower it.
+        assert!(share_is_final(2, 2));
+        assert!(share_is_final(2, 3));
+        assert!(share_is_final(1, 1));
+        assert!(!share_is_final(2, 1));
+        assert!(!share_is_final(4, 3));
     }
 
     #[test]

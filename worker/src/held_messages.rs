@@ -9,13 +9,19 @@
 //!
 //! The registry also counts the payload bytes held, for the memory bound (README, "Memory").
 //!
-//! On an AckAll consumer (partitioned mode) any ack, of a stored message or of a dead-lettered
-//! original, settles every delivery below it too. So there a dead-lettered original is not
-//! acknowledged on its own: it is marked confirmed, and is settled by the first ack through a
-//! sequence at or above it that is safe, one whose range holds nothing unconfirmed (a stored
-//! batch's ack, or its own once nothing below it is still held).
+//! On an AckAll consumer (partitioned mode) any ack settles every delivery below it too. So there
+//! nothing is acknowledged on its own: a stored message or a dead-lettered original is marked
+//! done, and the registry acknowledges the highest done delivery with nothing undone held below
+//! it, which settles every done delivery up to it at once. A batch stored above a message still on
+//! its way (poison awaiting its dead letter, a redelivery that came after newer messages) stays
+//! held, kept alive, until that message is done too; the writer never waits for it.
+//!
+//! A worker that takes over a partition also has to wait for the deliveries the previous holder
+//! left pending: they come back as redeliveries, mostly but not always before anything newer, and
+//! an ack past one not yet received would settle it unstored. So until every one of them has been
+//! received ([`Recovery`]), nothing is acknowledged.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +41,17 @@ pub struct HeldMessages {
     /// `Some` on an AckAll consumer: whether an ack may be sent now (the partition lease's
     /// fence).
     cumulative: Option<MayAck>,
+}
+
+/// The deliveries a previous holder of an AckAll consumer left pending, which have to come back
+/// to this worker before it acknowledges anything: every pending delivery then was at most
+/// `through`, and there were `pending` of them.
+#[derive(Clone, Copy, Debug)]
+pub struct Recovery {
+    /// The consumer's last delivered stream sequence when this worker took it over.
+    pub through: u64,
+    /// Its deliveries pending acknowledgement then.
+    pub pending: u64,
 }
 
 /// Whether an acknowledgement may be sent now.
@@ -67,34 +84,75 @@ impl std::borrow::Borrow<str> for ReplyKey {
 
 #[derive(Default)]
 struct Held {
-    /// Payload size by reply subject. Every message is inserted and removed once, so the hash
+    /// What is held, by reply subject. Every message is inserted and removed once, so the hash
     /// is on the hot path: foldhash, not the default SipHash (the keys are the server's
     /// subjects, not an attacker's).
-    sizes: HashMap<ReplyKey, usize, foldhash::fast::RandomState>,
+    entries: HashMap<ReplyKey, Entry, foldhash::fast::RandomState>,
     bytes: usize,
     high_water: usize,
-    /// AckAll consumers only: held dead-lettered originals whose dead letters are stored, by
-    /// stream sequence, waiting for a safe ack at or above them.
-    confirmed: BTreeMap<u64, Subject>,
+    /// AckAll consumers only: how many entries are done.
+    done: usize,
+    /// AckAll consumers taken over with deliveries pending: those not received yet.
+    recovering: Option<Recovering>,
+}
+
+/// One held delivery.
+struct Entry {
+    /// Payload bytes still in memory (0 once done).
+    bytes: usize,
+    /// AckAll consumers only (0 otherwise): the stream sequence, from the reply subject.
+    sequence: u64,
+    /// AckAll consumers only: stored, or dead-lettered with its dead letter stored, and waiting
+    /// for a safe ack at or above it.
+    done: bool,
+}
+
+/// A [`Recovery`] under way.
+struct Recovering {
+    through: u64,
+    missing: u64,
+    /// The sequences up to `through` received so far (a message counts once, however often it
+    /// is delivered).
+    received: std::collections::HashSet<u64>,
+}
+
+impl Recovering {
+    /// Counts a received delivery; returns whether every pending one has now come back.
+    fn receive(&mut self, sequence: u64) -> bool {
+        if sequence <= self.through && self.received.insert(sequence) {
+            self.missing = self.missing.saturating_sub(1);
+        }
+        self.missing == 0
+    }
 }
 
 impl Held {
     /// Forgets a delivery (settled, or left to redelivery).
     fn remove(&mut self, reply: &str) {
-        if let Some(bytes) = self.sizes.remove(reply) {
-            self.bytes -= bytes;
+        if let Some(entry) = self.entries.remove(reply) {
+            self.bytes -= entry.bytes;
+            self.done -= usize::from(entry.done);
         }
-        if self.confirmed.is_empty() {
-            return;
+    }
+
+    /// AckAll consumers: the highest done delivery with nothing undone held below it, if the
+    /// deliveries pending at a takeover have all come back.
+    fn safe_ack(&self) -> Option<(u64, Subject)> {
+        if self.done == 0 || self.recovering.is_some() {
+            return None;
         }
-        if let Some(sequence) = stream_sequence(reply)
-            && self
-                .confirmed
-                .get(&sequence)
-                .is_some_and(|kept| kept.as_str() == reply)
-        {
-            self.confirmed.remove(&sequence);
-        }
+        let lowest_undone = self
+            .entries
+            .values()
+            .filter(|entry| !entry.done)
+            .map(|entry| entry.sequence)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.entries
+            .iter()
+            .filter(|(_, entry)| entry.done && entry.sequence < lowest_undone)
+            .max_by_key(|(_, entry)| entry.sequence)
+            .map(|(key, entry)| (entry.sequence, key.0.clone()))
     }
 }
 
@@ -107,13 +165,37 @@ impl HeldMessages {
         }
     }
 
-    /// The registry of an AckAll consumer, whose acks may be sent only while `may_ack` says so.
-    pub fn cumulative(client: async_nats::Client, may_ack: MayAck) -> Self {
+    /// The registry of an AckAll consumer, whose acks may be sent only while `may_ack` says so,
+    /// and, after a takeover with deliveries pending, only once they have all come back.
+    pub fn cumulative(
+        client: async_nats::Client,
+        may_ack: MayAck,
+        recovery: Option<Recovery>,
+    ) -> Self {
+        let recovering = recovery
+            .filter(|recovery| recovery.pending > 0)
+            .map(|recovery| Recovering {
+                through: recovery.through,
+                missing: recovery.pending,
+                received: Default::default(),
+            });
         Self {
             client,
-            held: Mutex::new(Held::default()),
+            held: Mutex::new(Held {
+                recovering,
+                ..Held::default()
+            }),
             cumulative: Some(may_ack),
         }
+    }
+
+    /// How many deliveries a previous holder left pending have not come back yet (0 when none
+    /// or not an AckAll consumer).
+    pub fn still_missing(&self) -> u64 {
+        self.lock()
+            .recovering
+            .as_ref()
+            .map_or(0, |recovering| recovering.missing)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -133,10 +215,30 @@ impl HeldMessages {
         deliveries: impl IntoIterator<Item = (&'a Subject, usize)>,
         metrics: &Metrics,
     ) {
+        let cumulative = self.cumulative.is_some();
         let mut held = self.lock();
+        let held = &mut *held;
         for (reply, bytes) in deliveries {
-            if held.sizes.insert(ReplyKey(reply.clone()), bytes).is_none() {
-                held.bytes += bytes;
+            let sequence = if cumulative {
+                stream_sequence(reply.as_str()).unwrap_or(0)
+            } else {
+                0
+            };
+            let entry = Entry {
+                bytes,
+                sequence,
+                done: false,
+            };
+            if let Some(replaced) = held.entries.insert(ReplyKey(reply.clone()), entry) {
+                held.bytes -= replaced.bytes;
+                held.done -= usize::from(replaced.done);
+            }
+            held.bytes += bytes;
+            if let Some(recovering) = &mut held.recovering
+                && recovering.receive(sequence)
+            {
+                tracing::info!("every delivery the previous holder left pending has come back");
+                held.recovering = None;
             }
         }
         metrics.held_bytes.set(held.bytes as u64);
@@ -157,7 +259,7 @@ impl HeldMessages {
 
     /// How many deliveries are held now.
     pub fn count(&self) -> usize {
-        self.lock().sizes.len()
+        self.lock().entries.len()
     }
 
     /// Acknowledges stored messages and lets them go; returns how many acks could not be sent.
@@ -167,113 +269,69 @@ impl HeldMessages {
         failed
     }
 
-    /// Acknowledges a stored batch on an AckAll consumer with one ack of `last` (its highest
-    /// stream sequence, which acknowledges every message up to it) and lets the batch go.
-    /// Returns whether the ack could be sent.
-    pub async fn acknowledge_through(
-        &self,
-        last: &Subject,
-        replies: &[Subject],
-        metrics: &Metrics,
-    ) -> bool {
-        let sent = self.send_each(std::slice::from_ref(last), &ACK).await == 0;
-        {
-            let mut held = self.lock();
-            for reply in replies {
-                held.remove(reply.as_str());
-            }
-            // The ack also settled the confirmed originals below it.
-            if let Some(through) = stream_sequence(last.as_str()) {
-                let settled: Vec<Subject> = held
-                    .confirmed
-                    .range(..=through)
-                    .map(|(_, reply)| reply.clone())
-                    .collect();
-                for reply in settled {
-                    held.remove(reply.as_str());
-                }
-            }
-            metrics.held_bytes.set(held.bytes as u64);
-        }
-        self.settle_confirmed(metrics).await;
-        sent
-    }
-
-    /// Settles dead-lettered originals whose dead letters are stored; returns how many acks
-    /// could not be sent. On an AckAll consumer they are marked confirmed and settled by the
-    /// first safe ack at or above them (see the module doc).
-    pub async fn acknowledge_dead_lettered(&self, replies: &[Subject], metrics: &Metrics) -> usize {
+    /// Settles a stored batch on an AckAll consumer: its messages are done, and the highest done
+    /// delivery with nothing undone held below it is acknowledged (see the module doc). Returns
+    /// how many acks could not be sent.
+    pub async fn acknowledge_stored(&self, replies: &[Subject], metrics: &Metrics) -> usize {
         if self.cumulative.is_none() {
             return self.acknowledge(replies, metrics).await;
         }
-        {
-            let mut held = self.lock();
-            for reply in replies {
-                if let Some(sequence) = stream_sequence(reply.as_str()) {
-                    held.confirmed.insert(sequence, reply.clone());
-                }
-            }
-        }
+        self.mark_done(replies, metrics);
         self.settle_confirmed(metrics).await
     }
 
-    /// AckAll consumers: acknowledges the highest confirmed original with nothing unconfirmed
-    /// held below it, which settles it and every confirmed original below it.
+    /// AckAll consumers: marks deliveries done. Their payloads are gone (stored or in a dead
+    /// letter), so they no longer count against the memory bound.
+    fn mark_done(&self, replies: &[Subject], metrics: &Metrics) {
+        let mut held = self.lock();
+        let held = &mut *held;
+        for reply in replies {
+            if let Some(entry) = held.entries.get_mut(reply.as_str())
+                && !entry.done
+            {
+                held.bytes -= entry.bytes;
+                entry.bytes = 0;
+                entry.done = true;
+                held.done += 1;
+            }
+        }
+        metrics.held_bytes.set(held.bytes as u64);
+    }
+
+    /// Settles dead-lettered originals whose dead letters are stored; returns how many acks
+    /// could not be sent. On an AckAll consumer they are marked done and settled by the first
+    /// safe ack at or above them (see the module doc).
+    pub async fn acknowledge_dead_lettered(&self, replies: &[Subject], metrics: &Metrics) -> usize {
+        self.acknowledge_stored(replies, metrics).await
+    }
+
+    /// AckAll consumers: acknowledges the highest done delivery with nothing undone held below
+    /// it, which settles it and every done delivery below it.
     async fn settle_confirmed(&self, metrics: &Metrics) -> usize {
         let Some(may_ack) = &self.cumulative else {
             return 0;
         };
         let through = {
             let mut held = self.lock();
-            if held.confirmed.is_empty() {
-                return 0;
-            }
-            let lowest_unconfirmed = held
-                .sizes
-                .keys()
-                .filter_map(|key| stream_sequence(key.0.as_str()))
-                .filter(|sequence| !held.confirmed.contains_key(sequence))
-                .min()
-                .unwrap_or(u64::MAX);
-            let Some((_, through)) = held.confirmed.range(..lowest_unconfirmed).next_back() else {
+            let Some((through_sequence, through)) = held.safe_ack() else {
                 return 0;
             };
-            let through = through.clone();
             if !may_ack() {
                 return 0;
             }
-            let settled: Vec<Subject> = held
-                .confirmed
-                .range(..lowest_unconfirmed)
-                .map(|(_, reply)| reply.clone())
-                .collect();
-            for reply in settled {
-                held.remove(reply.as_str());
-            }
+            // The ack settles every delivery up to it, all done: each is let go.
+            let held = &mut *held;
+            let mut settled = 0;
+            held.entries.retain(|_, entry| {
+                let covered = entry.sequence <= through_sequence;
+                settled += usize::from(covered);
+                !covered
+            });
+            held.done -= settled;
             metrics.held_bytes.set(held.bytes as u64);
             through
         };
         self.send_each(std::slice::from_ref(&through), &ACK).await
-    }
-
-    /// How many held deliveries outside `batch`, not confirmed dead-lettered, have a stream
-    /// sequence at most `sequence`: on an AckAll consumer, an ack through `sequence` would also
-    /// settle them (e.g. poison whose dead letter is not stored yet), so it has to wait until
-    /// there are none.
-    pub fn held_outside_up_to(&self, sequence: u64, batch: &[Subject]) -> usize {
-        let held = self.lock();
-        // Confirmed originals are settled by that ack safely: their dead letters are stored.
-        let up_to = held
-            .sizes
-            .keys()
-            .filter_map(|key| stream_sequence(key.0.as_str()))
-            .filter(|s| *s <= sequence && !held.confirmed.contains_key(s))
-            .count();
-        let of_batch = batch
-            .iter()
-            .filter(|reply| held.sizes.contains_key(reply.as_str()))
-            .count();
-        up_to.saturating_sub(of_batch)
     }
 
     /// Publishes `body` to each reply subject; an ack is a plain publish queued to the client,
@@ -302,7 +360,12 @@ impl HeldMessages {
                 _ = ticks.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let replies: Vec<Subject> = self.lock().sizes.keys().map(|key| key.0.clone()).collect();
+            let replies: Vec<Subject> = self
+                .lock()
+                .entries
+                .keys()
+                .map(|key| key.0.clone())
+                .collect();
             let failed = self.send_each(&replies, &PROGRESS).await;
             if failed > 0 {
                 tracing::warn!(failed, "progress acks could not be sent");
@@ -314,13 +377,14 @@ impl HeldMessages {
 /// The stream sequence in a JetStream ack subject: `$JS.ACK.<stream>.<consumer>.<delivered>.
 /// <stream seq>.…` (9 tokens), or with a domain and account hash in front of the stream (12).
 pub fn stream_sequence(reply: &str) -> Option<u64> {
-    let tokens: Vec<&str> = reply.split('.').collect();
-    let index = match tokens.len() {
+    // Counted, then walked again: no allocation, as this runs for every held delivery on an
+    // AckAll consumer's settle.
+    let index = match reply.split('.').count() {
         9 => 5,
         n if n >= 11 => 7,
         _ => return None,
     };
-    tokens.get(index)?.parse().ok()
+    reply.split('.').nth(index)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -365,64 +429,96 @@ mod tests {
         assert_eq!(stream_sequence("$JS.ACK.a"), None);
     }
 
-    #[tokio::test]
-    async fn held_deliveries_below_a_sequence_are_counted_outside_the_batch() {
-        let client = lazy_client().await;
-        let held = HeldMessages::new(client);
-        let metrics = Metrics::new();
-        let ack = |seq: u64| Subject::from(format!("$JS.ACK.S.C.1.{seq}.{seq}.0.0"));
-        let batch = [ack(2), ack(4)];
-        for reply in [ack(1), ack(2), ack(3), ack(4), ack(9)] {
-            held.hold(&reply, 1, &metrics);
-        }
-        assert_eq!(held.held_outside_up_to(4, &batch), 2);
-        held.release([&ack(1), &ack(3)], &metrics);
-        assert_eq!(held.held_outside_up_to(4, &batch), 0);
+    fn ack(seq: u64) -> Subject {
+        Subject::from(format!("$JS.ACK.S.C.1.{seq}.{seq}.0.0"))
     }
 
-    #[tokio::test]
-    async fn on_an_ack_all_consumer_a_dead_lettered_original_waits_for_what_lies_below_it() {
-        let client = lazy_client().await;
+    fn ack_all_registry(
+        client: async_nats::Client,
+        recovery: Option<Recovery>,
+    ) -> (HeldMessages, Arc<std::sync::atomic::AtomicBool>) {
         let fence_open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let may_ack: MayAck = {
             let open = fence_open.clone();
             Arc::new(move || open.load(std::sync::atomic::Ordering::SeqCst))
         };
-        let held = HeldMessages::cumulative(client, may_ack);
+        (
+            HeldMessages::cumulative(client, may_ack, recovery),
+            fence_open,
+        )
+    }
+
+    #[tokio::test]
+    async fn on_an_ack_all_consumer_nothing_is_acknowledged_past_what_is_not_done() {
+        let (held, fence_open) = ack_all_registry(lazy_client().await, None);
         let metrics = Metrics::new();
-        let ack = |seq: u64| Subject::from(format!("$JS.ACK.S.C.1.{seq}.{seq}.0.0"));
         for seq in 1..=6 {
-            held.hold(&ack(seq), 1, &metrics);
+            held.hold(&ack(seq), 10, &metrics);
         }
         // Poison 3's dead letter is stored, but 1 and 2 are not: its ack would settle them.
         held.acknowledge_dead_lettered(&[ack(3)], &metrics).await;
         assert_eq!(held.count(), 6, "nothing may be acknowledged through 3 yet");
-        // A batch of 4..6 may be acknowledged through 6 (3 is confirmed), but 1 and 2 still hold it.
-        assert_eq!(held.held_outside_up_to(6, &[ack(4), ack(5), ack(6)]), 2);
-        // The batch of 1 and 2 is stored and acknowledged through 2: 3 is settled next, alone.
-        held.acknowledge_through(&ack(2), &[ack(1), ack(2)], &metrics)
+        // A batch of 4..6 is stored: still nothing, as 1 and 2 are not done; the writer does not
+        // wait, and the stored messages no longer count as bytes held.
+        held.acknowledge_stored(&[ack(4), ack(5), ack(6)], &metrics)
             .await;
-        assert_eq!(
-            held.count(),
-            3,
-            "3 settled after the ack through 2; 4..6 held"
-        );
-        assert_eq!(held.held_outside_up_to(6, &[ack(4), ack(5), ack(6)]), 0);
+        assert_eq!(held.count(), 6, "1 and 2 hold the ack back");
+        assert_eq!(metrics.held_bytes.get(), 20, "only 1 and 2 are in memory");
+        // The batch of 1 and 2 is stored: one ack through 6 settles everything.
+        held.acknowledge_stored(&[ack(1), ack(2)], &metrics).await;
+        assert_eq!(held.count(), 0, "the ack through 6 settled 1..6");
 
-        // Past the fence nothing is acknowledged, confirmed or not.
+        // Past the fence nothing is acknowledged, done or not.
         fence_open.store(false, std::sync::atomic::Ordering::SeqCst);
         held.hold(&ack(7), 1, &metrics);
-        held.release([&ack(4), &ack(5), &ack(6)], &metrics);
         held.acknowledge_dead_lettered(&[ack(7)], &metrics).await;
         assert_eq!(held.count(), 1, "7 stays held past the fence");
-        // Confirmed 7, below a batch of 8 and 9, does not hold the batch back and is settled by
-        // its ack through 9.
+        // A redelivery received after newer messages holds back only what lies above it.
         fence_open.store(true, std::sync::atomic::Ordering::SeqCst);
-        held.hold(&ack(8), 1, &metrics);
-        held.hold(&ack(9), 1, &metrics);
-        assert_eq!(held.held_outside_up_to(9, &[ack(8), ack(9)]), 0);
-        held.acknowledge_through(&ack(9), &[ack(8), ack(9)], &metrics)
+        for seq in [9, 10, 8] {
+            held.hold(&ack(seq), 1, &metrics);
+        }
+        held.acknowledge_stored(&[ack(9), ack(10)], &metrics).await;
+        assert_eq!(held.count(), 3, "7 is settled, 8 holds 9 and 10 back");
+        held.acknowledge_stored(&[ack(8)], &metrics).await;
+        assert_eq!(held.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_takeover_nothing_is_acknowledged_until_every_pending_delivery_came_back() {
+        // The previous holder left 3 deliveries pending, all at or below sequence 5.
+        let recovery = Recovery {
+            through: 5,
+            pending: 3,
+        };
+        let (held, _fence) = ack_all_registry(lazy_client().await, Some(recovery));
+        let metrics = Metrics::new();
+        // Two came back, then newer messages (6, 7): a batch of them is stored, but an ack
+        // through 7 could settle the third, not received yet.
+        for seq in [2, 4, 6, 7] {
+            held.hold(&ack(seq), 1, &metrics);
+        }
+        assert_eq!(held.still_missing(), 1);
+        held.acknowledge_stored(&[ack(2), ack(4), ack(6), ack(7)], &metrics)
             .await;
-        assert_eq!(held.count(), 0, "the ack through 9 settled 7");
+        assert_eq!(held.count(), 4, "nothing acknowledged while one is missing");
+        // A message counts once, however often it is delivered.
+        held.hold(&Subject::from("$JS.ACK.S.C.2.4.8.0.0"), 1, &metrics);
+        assert_eq!(held.still_missing(), 1);
+        // The third comes back and is stored: everything is settled at once.
+        held.hold(&ack(3), 1, &metrics);
+        assert_eq!(held.still_missing(), 0);
+        held.acknowledge_stored(&[ack(3), Subject::from("$JS.ACK.S.C.2.4.8.0.0")], &metrics)
+            .await;
+        assert_eq!(held.count(), 0);
+        // Without a recovery, or with nothing pending, there is nothing to wait for.
+        let (fresh, _fence) = ack_all_registry(
+            lazy_client().await,
+            Some(Recovery {
+                through: 9,
+                pending: 0,
+            }),
+        );
+        assert_eq!(fresh.still_missing(), 0);
     }
 }

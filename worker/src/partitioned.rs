@@ -8,11 +8,12 @@
 //! that make one owner's AckAll safe:
 //! - it stops pulling at its lease's pull fence and sends no ack after its ack fence, so a lease
 //!   that could not be renewed stops the partition before another worker can take it;
-//! - a stored batch is acknowledged with one ack of its highest sequence, once nothing else this
-//!   worker holds below it (poison awaiting its dead letter) is unsettled;
+//! - a stored batch is settled by one ack of the highest delivery with nothing unsettled below it
+//!   (poison awaiting its dead letter, a late redelivery): the registry keeps what lies above such
+//!   a delivery held until it is done ([`crate::held_messages`]), and the writer goes on;
 //! - on taking over a consumer with deliveries still pending (the previous holder died or left
-//!   messages unsettled), it waits for them to fall due for redelivery before pulling, so they
-//!   come back to it before anything newer it could acknowledge past them.
+//!   messages unsettled), it waits for them to fall due for redelivery before pulling, and
+//!   acknowledges nothing until every one of them has come back to it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use signal_clients::consumer_config::partition_consumer_config;
 use signal_model::SignalPipelineSpec;
 use signal_model::credentials::PipelineCredentials;
 use signal_model::partitions::{
-    LeaseTiming, PartitionScheme, RENEW_EVERY, claim_order, fair_share,
+    LeaseTiming, PartitionScheme, RENEW_EVERY, claim_order, fair_share, share_is_final,
 };
 use signal_model::row_encoder::RowEncoder;
 use tokio::sync::mpsc;
@@ -37,7 +38,7 @@ use crate::cache::{CacheLayout, CacheQueue};
 use crate::clickhouse_sink::{ClickHouseSink, SinkTarget, replica_clients};
 use crate::dead_letter::DeadLetterRouter;
 use crate::health::Health;
-use crate::held_messages::HeldMessages;
+use crate::held_messages::{HeldMessages, Recovery};
 use crate::metrics::{Metrics, PartitionLabel};
 use crate::partition_lease::{Fence, Lease, LeaseBoard, instance_name, takeover_wait};
 use crate::pipeline::{DEAD_LETTER_QUEUE, PULL_FRAMING_BYTES, dead_letter_subject, until_ok};
@@ -86,15 +87,12 @@ pub async fn run(shared: Shared, worker_name: &str, shutdown: &CancellationToken
         "partitioned: holding a fair share of the partitions"
     );
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
-    // Registered one renewal before claiming: workers started together see each other first,
-    // and take their shares at once rather than one taking all and handing some over.
+    // Registered before claiming: workers started together see each other first, and take their
+    // shares at once rather than one taking all and handing some over.
     if let Err(error) = board.register().await {
         tracing::warn!(%error, "membership not registered");
     }
-    tokio::select! {
-        _ = tokio::time::sleep(RENEW_EVERY) => {}
-        _ = shutdown.cancelled() => {}
-    }
+    wait_for_peers(&board, shared.scheme.count, shutdown).await;
     let mut ticks = tokio::time::interval(RENEW_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -157,6 +155,34 @@ pub async fn run(shared: Shared, worker_name: &str, shutdown: &CancellationToken
         let_go(&board, partition, &shared).await;
     }
     board.deregister().await;
+}
+
+/// How often a starting worker counts the members while it waits for its peers.
+const PEER_POLL: Duration = Duration::from_millis(100);
+
+/// Waits for the workers started together to register: one renewal at most, and no longer than
+/// until there are enough of them that this worker's share is final ([`share_is_final`]), as
+/// when `replicas` equals `partitions`.
+async fn wait_for_peers(board: &LeaseBoard, partitions: u32, shutdown: &CancellationToken) {
+    let deadline = Instant::now() + RENEW_EVERY;
+    loop {
+        if let Ok(live) = board.live_members().await
+            && share_is_final(partitions, live)
+        {
+            tracing::debug!(
+                live,
+                "every partition has a worker; claiming without waiting"
+            );
+            return;
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until((Instant::now() + PEER_POLL).min(deadline)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 fn set_held(metrics: &Metrics, partition: u32, on: bool) {
@@ -272,7 +298,7 @@ async fn ingest(
     let Some(mut consumer) = partition_consumer(shared, partition, stop).await else {
         return Ok(());
     };
-    let info = consumer.info().await.map_err(|e| e.to_string())?.clone();
+    let mut info = consumer.info().await.map_err(|e| e.to_string())?.clone();
     let ack_wait = info.config.ack_wait;
     let max_deliver = info.config.max_deliver;
     if info.num_ack_pending > 0 {
@@ -287,7 +313,17 @@ async fn ingest(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return Ok(()),
         }
+        info = consumer.info().await.map_err(|e| e.to_string())?.clone();
     }
+    // Nothing is acknowledged before every delivery still pending has come back (an ack past one
+    // would settle it unstored); if some never do, the partition is given up and taken again,
+    // with a fresh count.
+    let recovery = Recovery {
+        through: info.delivered.stream_sequence,
+        pending: info.num_ack_pending as u64,
+    };
+    let recovery_deadline =
+        Instant::now() + takeover_wait(ack_wait) + spec.workers.batch.max_wait.0;
     let stream_created_unix_nanos = shared
         .js
         .get_stream(&spec.stream.name)
@@ -312,10 +348,14 @@ async fn ingest(
     let pull_stop = stop.child_token();
     let keep_alive_stop = CancellationToken::new();
     // AckAll: every ack settles what lies below it, so acks go out only within the fence.
-    let held = Arc::new(HeldMessages::cumulative(shared.nats.clone(), {
-        let fence = fence.clone();
-        Arc::new(move || fence.may_ack())
-    }));
+    let held = Arc::new(HeldMessages::cumulative(
+        shared.nats.clone(),
+        {
+            let fence = fence.clone();
+            Arc::new(move || fence.may_ack())
+        },
+        Some(recovery),
+    ));
     let keep_alive = {
         let held = held.clone();
         let stop = keep_alive_stop.clone();
@@ -374,7 +414,7 @@ async fn ingest(
         &shared.metrics,
         &pull_stop,
         fence,
-        ack_wait,
+        recovery_deadline,
     )
     .await;
     pull_stop.cancel();
@@ -423,7 +463,8 @@ async fn watch_fence(
     }
 }
 
-/// Asks the puller for batches, stores each and acknowledges it with one AckAll, within the fence.
+/// Asks the puller for batches, stores each and settles it on the AckAll consumer, within the
+/// fence: the registry acknowledges as far as is safe (`HeldMessages::acknowledge_stored`).
 #[allow(clippy::too_many_arguments)]
 async fn write_loop(
     sink: &ClickHouseSink,
@@ -433,7 +474,7 @@ async fn write_loop(
     metrics: &Metrics,
     stop: &CancellationToken,
     fence: &Fence,
-    ack_wait: Duration,
+    recovery_deadline: Instant,
 ) -> Result<(), String> {
     // The stored batch's buffer goes back to the puller with the next request.
     let mut spare_rows = None;
@@ -447,27 +488,6 @@ async fn write_loop(
         }
         spare_rows = batch.take_buffer();
         let replies = &batch.settle.replies;
-        let Some((last_index, &last_sequence)) = batch
-            .settle
-            .sequences
-            .iter()
-            .enumerate()
-            .max_by_key(|(_, sequence)| **sequence)
-        else {
-            continue;
-        };
-        // An ack through `last_sequence` settles everything below it: wait for the poison this
-        // worker holds below it to be dead-lettered first.
-        let waiting_since = Instant::now();
-        while held.held_outside_up_to(last_sequence, replies) > 0 {
-            if !fence.may_ack() || waiting_since.elapsed() > ack_wait {
-                held.release(replies, metrics);
-                return Err(format!(
-                    "deliveries below sequence {last_sequence} stayed unsettled; batch left for redelivery"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
         if !fence.may_ack() {
             held.release(replies, metrics);
             return Err(
@@ -475,18 +495,21 @@ async fn write_loop(
                     .into(),
             );
         }
-        if !held
-            .acknowledge_through(&replies[last_index], replies, metrics)
-            .await
-        {
+        let failed = held.acknowledge_stored(replies, metrics).await;
+        if failed > 0 {
             tracing::warn!("acknowledgement not sent; the batch may be redelivered");
         }
-        metrics
-            .rows_inserted
-            .inc_by(batch.settle.replies.len() as u64);
+        metrics.rows_inserted.inc_by(replies.len() as u64);
         metrics.batches_inserted.inc();
         if let Some(cache) = cache {
             cache.offer(std::mem::take(&mut batch.cache));
+        }
+        let missing = held.still_missing();
+        if missing > 0 && Instant::now() >= recovery_deadline {
+            return Err(format!(
+                "{missing} deliveries the previous holder left pending did not come back; \
+                 what is stored and unacknowledged is left for redelivery"
+            ));
         }
     }
 }
