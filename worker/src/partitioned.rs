@@ -316,14 +316,13 @@ async fn ingest(
         info = consumer.info().await.map_err(|e| e.to_string())?.clone();
     }
     // Nothing is acknowledged before every delivery still pending has come back (an ack past one
-    // would settle it unstored); if some never do, the partition is given up and taken again,
+    // would settle it unstored); if some stop coming, the partition is given up and taken again,
     // with a fresh count.
     let recovery = Recovery {
         through: info.delivered.stream_sequence,
         pending: info.num_ack_pending as u64,
     };
-    let recovery_deadline =
-        Instant::now() + takeover_wait(ack_wait) + spec.workers.batch.max_wait.0;
+    let recovery_patience = takeover_wait(ack_wait) + spec.workers.batch.max_wait.0;
     let stream_created_unix_nanos = shared
         .js
         .get_stream(&spec.stream.name)
@@ -414,7 +413,7 @@ async fn ingest(
         &shared.metrics,
         &pull_stop,
         fence,
-        recovery_deadline,
+        recovery_patience,
     )
     .await;
     pull_stop.cancel();
@@ -474,10 +473,13 @@ async fn write_loop(
     metrics: &Metrics,
     stop: &CancellationToken,
     fence: &Fence,
-    recovery_deadline: Instant,
+    recovery_patience: Duration,
 ) -> Result<(), String> {
     // The stored batch's buffer goes back to the puller with the next request.
     let mut spare_rows = None;
+    // A takeover's pending deliveries still missing, and until when more of them must come back.
+    let mut missing_before = held.still_missing();
+    let mut recovery_deadline = Instant::now() + recovery_patience;
     loop {
         let Some(mut batch) = next_batch(&requests, spare_rows.take()).await else {
             return Ok(());
@@ -505,9 +507,12 @@ async fn write_loop(
             cache.offer(std::mem::take(&mut batch.cache));
         }
         let missing = held.still_missing();
-        if missing > 0 && Instant::now() >= recovery_deadline {
+        if missing < missing_before {
+            missing_before = missing;
+            recovery_deadline = Instant::now() + recovery_patience;
+        } else if missing > 0 && Instant::now() >= recovery_deadline {
             return Err(format!(
-                "{missing} deliveries the previous holder left pending did not come back; \
+                "{missing} deliveries the previous holder left pending stopped coming back; \
                  what is stored and unacknowledged is left for redelivery"
             ));
         }
