@@ -22,20 +22,28 @@
 //! that bound is reached. Letters arrive in groups (the puller hands over what a pull brought,
 //! up to 64 at once), so a group may pass the bound by its size; one wake-up of the router then
 //! serves many letters.
+//!
+//! The router does JetStream's publish protocol itself, on one reply subscription of its own
+//! (`<inbox>.<token>`, a token per publish): JetStream answers a publish to a stream's subject with
+//! an acknowledgement or an error, and the server answers with a no-responders status when no
+//! stream captures it. The client library's publish costs a new inbox, a one-shot channel, two
+//! timers and an untagged parse per message, which on a poisoned stream was a third of the
+//! worker's CPU per dead letter; here a letter costs a map entry, and one timer serves them all
+//! ([`ACK_TIMEOUT`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind};
-use async_nats::{HeaderMap, HeaderName, Subject};
+use async_nats::client::PublishErrorKind;
+use async_nats::{HeaderMap, HeaderName, StatusCode, Subject};
 use bytes::Bytes;
-use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use serde::Deserialize;
 use signal_clients::dead_letter::{HEADER_REASON, HEADER_SEQUENCE, HEADER_STREAM, HEADER_SUBJECT};
 use signal_model::worker_health::HealthReason;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
@@ -54,8 +62,11 @@ const STREAM: HeaderName = HeaderName::from_static(HEADER_STREAM);
 
 /// Dead letters awaiting their JetStream ack at once.
 pub const MAX_IN_FLIGHT: usize = 256;
-/// Pause before publishing again the dead letters no stream captured.
+/// Pause before publishing again the dead letters no stream captured (or whose publish failed).
 const RETRY_UNROUTABLE: Duration = Duration::from_secs(2);
+/// How long a dead letter waits for JetStream's answer before it is published again, under the
+/// same message id: a late first copy and the second are stored as one dead letter.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A message on its way to the dead-letter subject; its delivery is held meanwhile.
 pub struct DeadLetter {
@@ -104,8 +115,7 @@ pub struct DeadLetterRouter {
     pub subject: Option<String>,
     pub stream: String,
     pub stream_created_unix_nanos: i128,
-    /// Shared, since each publish future owns a handle (a `Context` clone copies its prefix).
-    pub jetstream: Arc<jetstream::Context>,
+    pub client: async_nats::Client,
     pub held: Arc<HeldMessages>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
@@ -119,8 +129,80 @@ type Published = (DeadLetter, Result<(), PublishFailure>);
 enum PublishFailure {
     /// No stream captures the subject (or the letter can never fit): wait for a person.
     Unroutable(String),
-    /// A timeout or a broken connection: retry.
+    /// A timeout, a JetStream error or a broken connection: retry.
     Transient(String),
+}
+
+/// JetStream's answer to a publish: an acknowledgement (`{"stream":…,"seq":…}`) or an error.
+#[derive(Deserialize)]
+struct PublishAnswer {
+    #[serde(default)]
+    error: Option<PublishAnswerError>,
+}
+
+#[derive(Deserialize)]
+struct PublishAnswerError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+/// What a reply to a dead letter's publish says.
+fn read_answer(status: Option<StatusCode>, payload: &[u8]) -> Result<(), PublishFailure> {
+    if status == Some(StatusCode::NO_RESPONDERS) {
+        return Err(PublishFailure::Unroutable(
+            "no JetStream stream captures the dead-letter subject".into(),
+        ));
+    }
+    match serde_json::from_slice::<PublishAnswer>(payload) {
+        Ok(PublishAnswer { error: None }) => Ok(()),
+        Ok(PublishAnswer { error: Some(error) }) => Err(PublishFailure::Transient(format!(
+            "JetStream refused the dead letter ({}): {}",
+            error.code, error.description
+        ))),
+        Err(error) => Err(PublishFailure::Transient(format!(
+            "unreadable answer to a dead letter's publish: {error}"
+        ))),
+    }
+}
+
+/// The publishes awaiting JetStream's answer, by the token that ends their reply subject.
+struct InFlight {
+    /// `<inbox>.`: a publish's reply subject is this and its token.
+    reply_prefix: String,
+    next_token: u64,
+    letters: HashMap<u64, (DeadLetter, Instant), foldhash::fast::RandomState>,
+}
+
+impl InFlight {
+    fn len(&self) -> usize {
+        self.letters.len()
+    }
+
+    /// The letter a reply on `subject` answers, if it is still waited for (an answer that came
+    /// after its letter timed out is dropped: the letter has been published again).
+    fn answered(&mut self, subject: &str) -> Option<DeadLetter> {
+        let token = subject
+            .strip_prefix(self.reply_prefix.as_str())?
+            .parse()
+            .ok()?;
+        self.letters.remove(&token).map(|(letter, _)| letter)
+    }
+
+    /// The letters sent more than [`ACK_TIMEOUT`] ago.
+    fn timed_out(&mut self, now: Instant) -> Vec<DeadLetter> {
+        let expired: Vec<u64> = self
+            .letters
+            .iter()
+            .filter(|(_, (_, sent))| now.duration_since(*sent) >= ACK_TIMEOUT)
+            .map(|(token, _)| *token)
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|token| self.letters.remove(&token).map(|(letter, _)| letter))
+            .collect()
+    }
 }
 
 impl DeadLetterRouter {
@@ -129,47 +211,88 @@ impl DeadLetterRouter {
     pub async fn run(self, mut letters: mpsc::Receiver<Vec<DeadLetter>>, stop: CancellationToken) {
         // Built once: cloning a `Subject` counts a reference, a `String` would be copied.
         let subject = self.subject.clone().map(Subject::from);
-        let mut in_flight: FuturesUnordered<BoxFuture<'static, Published>> =
-            FuturesUnordered::new();
+        let inbox = self.client.new_inbox();
+        let mut answers = match self.client.subscribe(format!("{inbox}.*")).await {
+            Ok(answers) => answers,
+            Err(error) => {
+                // Only a closed client refuses a subscription: the worker is stopping.
+                tracing::error!(%error, "dead-letter router cannot subscribe to its answers");
+                while let Some(received) = letters.recv().await {
+                    self.held
+                        .release(received.iter().map(|l| &l.reply), &self.metrics);
+                }
+                return;
+            }
+        };
+        let mut in_flight = InFlight {
+            reply_prefix: format!("{inbox}."),
+            next_token: 0,
+            letters: HashMap::default(),
+        };
         // Payload bytes of the letters in flight or waiting for a retry.
         let mut bytes_held = 0usize;
         let mut waiting: VecDeque<DeadLetter> = VecDeque::new();
         let mut retry = tokio::time::interval(RETRY_UNROUTABLE);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut timeouts = tokio::time::interval(ACK_TIMEOUT / 5);
+        timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut open, mut stopping) = (true, false);
         loop {
             let count = in_flight.len() + waiting.len();
             let room =
                 count < MAX_IN_FLIGHT && (count == 0 || bytes_held < self.max_bytes_in_flight);
+            // Letters settled in this turn: answered, timed out, or failed at once.
+            let mut answered: Vec<Published> = Vec::new();
             tokio::select! {
                 received = letters.recv(), if open && room => match received {
                     Some(received) => {
                         for letter in received {
                             bytes_held += letter.payload.len();
-                            in_flight.push(self.publish(&subject, letter));
+                            if let Some(failed) = self.publish(&subject, letter, &mut in_flight).await {
+                                answered.push(failed);
+                            }
                         }
                     }
                     None => open = false,
                 },
-                Some(first) = in_flight.next() => {
+                Some(first) = answers.next(), if in_flight.len() > 0 => {
                     // Every answer already in is settled with it: one round of acks, one lock.
-                    let mut answered = vec![first];
-                    while let Some(Some(next)) = in_flight.next().now_or_never() {
-                        answered.push(next);
+                    let mut replies = vec![first];
+                    while let Some(Some(next)) = answers.next().now_or_never() {
+                        replies.push(next);
                     }
-                    bytes_held -= answered.iter().map(|(l, _)| l.payload.len()).sum::<usize>();
-                    for letter in self.settle(answered).await {
-                        bytes_held += letter.payload.len();
-                        waiting.push_back(letter);
+                    for reply in replies {
+                        if let Some(letter) = in_flight.answered(reply.subject.as_str()) {
+                            let result = read_answer(reply.status, &reply.payload);
+                            answered.push((letter, result));
+                        }
+                    }
+                }
+                now = timeouts.tick(), if in_flight.len() > 0 => {
+                    for letter in in_flight.timed_out(now) {
+                        let failure = PublishFailure::Transient(format!(
+                            "no answer from JetStream within {} s",
+                            ACK_TIMEOUT.as_secs()
+                        ));
+                        answered.push((letter, Err(failure)));
                     }
                 }
                 _ = retry.tick(), if !stopping && !waiting.is_empty() => {
                     while let Some(letter) = waiting.pop_front() {
-                        in_flight.push(self.publish(&subject, letter));
+                        if let Some(failed) = self.publish(&subject, letter, &mut in_flight).await {
+                            answered.push(failed);
+                        }
                     }
                 }
                 _ = stop.cancelled(), if !stopping => stopping = true,
                 else => break,
+            }
+            if !answered.is_empty() {
+                bytes_held -= answered.iter().map(|(l, _)| l.payload.len()).sum::<usize>();
+                for letter in self.settle(answered).await {
+                    bytes_held += letter.payload.len();
+                    waiting.push_back(letter);
+                }
             }
             if stopping && !waiting.is_empty() {
                 tracing::warn!(
@@ -181,20 +304,23 @@ impl DeadLetterRouter {
                 bytes_held -= waiting.iter().map(|l| l.payload.len()).sum::<usize>();
                 waiting.clear();
             }
-            if !open && in_flight.is_empty() {
+            if !open && in_flight.len() == 0 {
                 break;
             }
         }
     }
 
-    /// Publishes one letter; resolves once JetStream has answered.
-    fn publish(
+    /// Publishes one letter with its reply subject, to be answered on the router's subscription;
+    /// returns the letter at once when it is settled without an answer (no dead-letter subject)
+    /// or cannot be sent.
+    async fn publish(
         &self,
         subject: &Option<Subject>,
         letter: DeadLetter,
-    ) -> BoxFuture<'static, Published> {
+        in_flight: &mut InFlight,
+    ) -> Option<Published> {
         let Some(subject) = subject.clone() else {
-            return Box::pin(async move { (letter, Ok(())) });
+            return Some((letter, Ok(())));
         };
         let mut headers = letter.headers.clone().unwrap_or_default();
         insert_header(&mut headers, REASON, &letter.reason);
@@ -209,27 +335,29 @@ impl DeadLetterRouter {
                 letter.stream_sequence,
             ),
         );
-        let jetstream = self.jetstream.clone();
-        Box::pin(async move {
-            let result = match jetstream
-                .publish_with_headers(subject, headers, letter.payload.clone())
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()),
-                Err(error) => Err(error),
+        let token = in_flight.next_token;
+        in_flight.next_token += 1;
+        let reply = format!("{}{token}", in_flight.reply_prefix);
+        match self
+            .client
+            .publish_with_reply_and_headers(subject, reply, headers, letter.payload.clone())
+            .await
+        {
+            Ok(()) => {
+                in_flight.letters.insert(token, (letter, Instant::now()));
+                None
             }
-            .map_err(|error| match error.kind() {
-                PublishErrorKind::StreamNotFound => PublishFailure::Unroutable(format!(
-                    "no JetStream stream captures the dead-letter subject: {error}"
-                )),
-                PublishErrorKind::MaxPayloadExceeded => PublishFailure::Unroutable(format!(
-                    "the dead letter of sequence {} exceeds the server's max_payload: {error}",
-                    letter.stream_sequence
-                )),
-                _ => PublishFailure::Transient(error.to_string()),
-            });
-            (letter, result)
-        })
+            Err(error) => {
+                let failure = match error.kind() {
+                    PublishErrorKind::MaxPayloadExceeded => PublishFailure::Unroutable(format!(
+                        "the dead letter of sequence {} exceeds the server's max_payload: {error}",
+                        letter.stream_sequence
+                    )),
+                    _ => PublishFailure::Transient(error.to_string()),
+                };
+                Some((letter, Err(failure)))
+            }
+        }
     }
 
     /// Acknowledges the originals of the confirmed letters, all at once, and returns the
@@ -305,6 +433,75 @@ fn insert_header(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_to_a_publish_are_read_as_stored_unroutable_or_retry() {
+        assert!(read_answer(None, br#"{"stream":"DLQ","seq":7}"#).is_ok());
+        assert!(read_answer(None, br#"{"stream":"DLQ","seq":7,"duplicate":true}"#).is_ok());
+        assert!(matches!(
+            read_answer(Some(StatusCode::NO_RESPONDERS), b""),
+            Err(PublishFailure::Unroutable(_))
+        ));
+        match read_answer(
+            None,
+            br#"{"error":{"code":503,"err_code":10077,"description":"resource limits exceeded"}}"#,
+        ) {
+            Err(PublishFailure::Transient(message)) => {
+                assert!(message.contains("resource limits exceeded"), "{message}")
+            }
+            other => panic!("a JetStream error is retried: {other:?}"),
+        }
+        assert!(matches!(
+            read_answer(None, b"not json"),
+            Err(PublishFailure::Transient(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_find_their_letters_by_token_and_unanswered_letters_time_out() {
+        let letter = |sequence| DeadLetter {
+            payload: Bytes::from_static(b"x"),
+            headers: None,
+            subject: Subject::from("in"),
+            reply: Subject::from(format!("$JS.ACK.S.C.1.{sequence}.{sequence}.0.0")),
+            stream_sequence: sequence,
+            label: "not_json",
+            reason: String::new(),
+        };
+        let mut in_flight = InFlight {
+            reply_prefix: "_INBOX.abc.".into(),
+            next_token: 0,
+            letters: HashMap::default(),
+        };
+        in_flight.letters.insert(1, (letter(10), Instant::now()));
+        tokio::time::advance(ACK_TIMEOUT / 2).await;
+        in_flight.letters.insert(2, (letter(11), Instant::now()));
+        assert!(
+            in_flight.answered("_INBOX.other.1").is_none(),
+            "another inbox"
+        );
+        assert!(in_flight.answered("_INBOX.abc.x").is_none(), "not a token");
+        tokio::time::advance(ACK_TIMEOUT / 2).await;
+        let expired = in_flight.timed_out(Instant::now());
+        assert_eq!(
+            expired
+                .iter()
+                .map(|l| l.stream_sequence)
+                .collect::<Vec<_>>(),
+            [10]
+        );
+        assert!(
+            in_flight.answered("_INBOX.abc.1").is_none(),
+            "a late answer is dropped"
+        );
+        assert_eq!(
+            in_flight
+                .answered("_INBOX.abc.2")
+                .map(|l| l.stream_sequence),
+            Some(11)
+        );
+        assert_eq!(in_flight.len(), 0);
+    }
 
     #[test]
     fn message_ids_tell_streams_incarnations_and_sequences_apart() {

@@ -374,7 +374,7 @@ async fn ingest(
         subject: Some(dead_letter_subject(spec, &shared.pipeline)),
         stream: spec.stream.name.clone(),
         stream_created_unix_nanos,
-        jetstream: Arc::new(shared.js.clone()),
+        client: shared.nats.clone(),
         held: held.clone(),
         health: shared.health.clone(),
         metrics: shared.metrics.clone(),

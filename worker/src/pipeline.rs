@@ -272,7 +272,7 @@ pub async fn run(
         subject: Some(dead_letter_subject(spec, pipeline)),
         stream: spec.stream.name.clone(),
         stream_created_unix_nanos,
-        jetstream: Arc::new(js.clone()),
+        client: nats.clone(),
         held: held.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
