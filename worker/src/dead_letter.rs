@@ -180,6 +180,10 @@ impl InFlight {
         self.letters.len()
     }
 
+    fn is_empty(&self) -> bool {
+        self.letters.is_empty()
+    }
+
     /// The letter a reply on `subject` answers, if it is still waited for (an answer that came
     /// after its letter timed out is dropped: the letter has been published again).
     fn answered(&mut self, subject: &str) -> Option<DeadLetter> {
@@ -192,15 +196,9 @@ impl InFlight {
 
     /// The letters sent more than [`ACK_TIMEOUT`] ago.
     fn timed_out(&mut self, now: Instant) -> Vec<DeadLetter> {
-        let expired: Vec<u64> = self
-            .letters
-            .iter()
-            .filter(|(_, (_, sent))| now.duration_since(*sent) >= ACK_TIMEOUT)
-            .map(|(token, _)| *token)
-            .collect();
-        expired
-            .into_iter()
-            .filter_map(|token| self.letters.remove(&token).map(|(letter, _)| letter))
+        self.letters
+            .extract_if(|_, (_, sent)| now.duration_since(*sent) >= ACK_TIMEOUT)
+            .map(|(_, (letter, _))| letter)
             .collect()
     }
 }
@@ -255,7 +253,7 @@ impl DeadLetterRouter {
                     }
                     None => open = false,
                 },
-                Some(first) = answers.next(), if in_flight.len() > 0 => {
+                Some(first) = answers.next(), if !in_flight.is_empty() => {
                     // Every answer already in is settled with it: one round of acks, one lock.
                     let mut replies = vec![first];
                     while let Some(Some(next)) = answers.next().now_or_never() {
@@ -268,7 +266,7 @@ impl DeadLetterRouter {
                         }
                     }
                 }
-                now = timeouts.tick(), if in_flight.len() > 0 => {
+                now = timeouts.tick(), if !in_flight.is_empty() => {
                     for letter in in_flight.timed_out(now) {
                         let failure = PublishFailure::Transient(format!(
                             "no answer from JetStream within {} s",
@@ -304,7 +302,7 @@ impl DeadLetterRouter {
                 bytes_held -= waiting.iter().map(|l| l.payload.len()).sum::<usize>();
                 waiting.clear();
             }
-            if !open && in_flight.len() == 0 {
+            if !open && in_flight.is_empty() {
                 break;
             }
         }
@@ -384,10 +382,7 @@ impl DeadLetterRouter {
             return retry;
         }
         let replies: Vec<Subject> = stored.iter().map(|letter| letter.reply.clone()).collect();
-        let failed = self
-            .held
-            .acknowledge_dead_lettered(&replies, &self.metrics)
-            .await;
+        let failed = self.held.acknowledge_done(&replies, &self.metrics).await;
         if failed > 0 {
             // The dead letters are stored; a redelivery publishes them again under the same
             // message ids, which the stream drops.
@@ -500,7 +495,7 @@ mod tests {
                 .map(|l| l.stream_sequence),
             Some(11)
         );
-        assert_eq!(in_flight.len(), 0);
+        assert!(in_flight.is_empty());
     }
 
     #[test]

@@ -269,15 +269,16 @@ impl HeldMessages {
         failed
     }
 
-    /// Settles a stored batch on an AckAll consumer: its messages are done, and the highest done
-    /// delivery with nothing undone held below it is acknowledged (see the module doc). Returns
-    /// how many acks could not be sent.
-    pub async fn acknowledge_stored(&self, replies: &[Subject], metrics: &Metrics) -> usize {
+    /// Settles deliveries that are done: stored, or dead-lettered with their dead letters stored.
+    /// Returns how many acks could not be sent. On an AckAll consumer they are marked done, and
+    /// the highest done delivery with nothing undone held below it is acknowledged (see the
+    /// module doc); elsewhere each is acknowledged.
+    pub async fn acknowledge_done(&self, replies: &[Subject], metrics: &Metrics) -> usize {
         if self.cumulative.is_none() {
             return self.acknowledge(replies, metrics).await;
         }
         self.mark_done(replies, metrics);
-        self.settle_confirmed(metrics).await
+        self.settle_done(metrics).await
     }
 
     /// AckAll consumers: marks deliveries done. Their payloads are gone (stored or in a dead
@@ -298,16 +299,9 @@ impl HeldMessages {
         metrics.held_bytes.set(held.bytes as u64);
     }
 
-    /// Settles dead-lettered originals whose dead letters are stored; returns how many acks
-    /// could not be sent. On an AckAll consumer they are marked done and settled by the first
-    /// safe ack at or above them (see the module doc).
-    pub async fn acknowledge_dead_lettered(&self, replies: &[Subject], metrics: &Metrics) -> usize {
-        self.acknowledge_stored(replies, metrics).await
-    }
-
     /// AckAll consumers: acknowledges the highest done delivery with nothing undone held below
     /// it, which settles it and every done delivery below it.
-    async fn settle_confirmed(&self, metrics: &Metrics) -> usize {
+    async fn settle_done(&self, metrics: &Metrics) -> usize {
         let Some(may_ack) = &self.cumulative else {
             return 0;
         };
@@ -456,31 +450,31 @@ mod tests {
             held.hold(&ack(seq), 10, &metrics);
         }
         // Poison 3's dead letter is stored, but 1 and 2 are not: its ack would settle them.
-        held.acknowledge_dead_lettered(&[ack(3)], &metrics).await;
+        held.acknowledge_done(&[ack(3)], &metrics).await;
         assert_eq!(held.count(), 6, "nothing may be acknowledged through 3 yet");
         // A batch of 4..6 is stored: still nothing, as 1 and 2 are not done; the writer does not
         // wait, and the stored messages no longer count as bytes held.
-        held.acknowledge_stored(&[ack(4), ack(5), ack(6)], &metrics)
+        held.acknowledge_done(&[ack(4), ack(5), ack(6)], &metrics)
             .await;
         assert_eq!(held.count(), 6, "1 and 2 hold the ack back");
         assert_eq!(metrics.held_bytes.get(), 20, "only 1 and 2 are in memory");
         // The batch of 1 and 2 is stored: one ack through 6 settles everything.
-        held.acknowledge_stored(&[ack(1), ack(2)], &metrics).await;
+        held.acknowledge_done(&[ack(1), ack(2)], &metrics).await;
         assert_eq!(held.count(), 0, "the ack through 6 settled 1..6");
 
         // Past the fence nothing is acknowledged, done or not.
         fence_open.store(false, std::sync::atomic::Ordering::SeqCst);
         held.hold(&ack(7), 1, &metrics);
-        held.acknowledge_dead_lettered(&[ack(7)], &metrics).await;
+        held.acknowledge_done(&[ack(7)], &metrics).await;
         assert_eq!(held.count(), 1, "7 stays held past the fence");
         // A redelivery received after newer messages holds back only what lies above it.
         fence_open.store(true, std::sync::atomic::Ordering::SeqCst);
         for seq in [9, 10, 8] {
             held.hold(&ack(seq), 1, &metrics);
         }
-        held.acknowledge_stored(&[ack(9), ack(10)], &metrics).await;
+        held.acknowledge_done(&[ack(9), ack(10)], &metrics).await;
         assert_eq!(held.count(), 3, "7 is settled, 8 holds 9 and 10 back");
-        held.acknowledge_stored(&[ack(8)], &metrics).await;
+        held.acknowledge_done(&[ack(8)], &metrics).await;
         assert_eq!(held.count(), 0);
     }
 
@@ -499,7 +493,7 @@ mod tests {
             held.hold(&ack(seq), 1, &metrics);
         }
         assert_eq!(held.still_missing(), 1);
-        held.acknowledge_stored(&[ack(2), ack(4), ack(6), ack(7)], &metrics)
+        held.acknowledge_done(&[ack(2), ack(4), ack(6), ack(7)], &metrics)
             .await;
         assert_eq!(held.count(), 4, "nothing acknowledged while one is missing");
         // A message counts once, however often it is delivered.
@@ -508,7 +502,7 @@ mod tests {
         // The third comes back and is stored: everything is settled at once.
         held.hold(&ack(3), 1, &metrics);
         assert_eq!(held.still_missing(), 0);
-        held.acknowledge_stored(&[ack(3), Subject::from("$JS.ACK.S.C.2.4.8.0.0")], &metrics)
+        held.acknowledge_done(&[ack(3), Subject::from("$JS.ACK.S.C.2.4.8.0.0")], &metrics)
             .await;
         assert_eq!(held.count(), 0);
         // Without a recovery, or with nothing pending, there is nothing to wait for.

@@ -463,7 +463,7 @@ async fn watch_fence(
 }
 
 /// Asks the puller for batches, stores each and settles it on the AckAll consumer, within the
-/// fence: the registry acknowledges as far as is safe (`HeldMessages::acknowledge_stored`).
+/// fence: the registry acknowledges as far as is safe (`HeldMessages::acknowledge_done`).
 #[allow(clippy::too_many_arguments)]
 async fn write_loop(
     sink: &ClickHouseSink,
@@ -497,7 +497,7 @@ async fn write_loop(
                     .into(),
             );
         }
-        let failed = held.acknowledge_stored(replies, metrics).await;
+        let failed = held.acknowledge_done(replies, metrics).await;
         if failed > 0 {
             tracing::warn!("acknowledgement not sent; the batch may be redelivered");
         }
