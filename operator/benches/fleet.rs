@@ -5,14 +5,17 @@
 //! fresh testkit control plane (etcd, kube-apiserver, kube-controller-manager), a fresh nats-server
 //! and clickhouse-server, and the operator binary run out of cluster with the admin kubeconfig,
 //! watching that namespace. The bench applies N pipelines (each its own stream, consumer and
-//! table, all tables in one database as a platform team would have them) and prints:
+//! table, all tables in one database as a platform team would have them), publishes a health
+//! report for one worker of each every 30 s (no node runs the workers; their reports are what
+//! the operator reads for each pipeline's `WorkersHealthy` condition) and prints:
 //!
 //! - the time until every pipeline's data plane is ready (`StreamReady`, `ConsumerReady` and
 //!   `TableReady` true; no node runs, so workers stay pending) and pipelines per second;
 //! - the operator's peak RSS (`VmHWM`);
 //! - at rest (after all are ready, kube-controller-manager has rolled out every Deployment (a
 //!   thousand take it minutes) and `SIGNAL_FLEET_SETTLE_SECS`, default 60 s, over
-//!   `SIGNAL_FLEET_REST_SECS`, default 120 s: at least one resync of every pipeline), the operator's CPU seconds per minute, NATS connections opened
+//!   `SIGNAL_FLEET_REST_SECS`, default 120 s: at least one resync of every pipeline; 0 measures
+//!   the ramp only), the operator's CPU seconds per minute, NATS connections opened
 //!   per minute (nats-server `/varz` `total_connections`), Kubernetes API requests per minute
 //!   (kube-apiserver `apiserver_request_total`: every client's, the controller manager's
 //!   included, with the writes to pipelines, Deployments, ConfigMaps and events apart) and the
@@ -37,6 +40,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use signal_model::SignalPipeline;
+use signal_model::worker_health::{
+    HEALTH_REPORT_INTERVAL_SECS, WorkerHealthReport, health_subject,
+};
 use signal_testkit::{ClickHouseServer, NatsServer};
 
 use cluster::{Operator, OperatorOptions, admin_client, apply_pipeline};
@@ -151,6 +157,13 @@ impl Row {
             .ready_after
             .map(|after| format!("{:.1}", self.pipelines as f64 / after.as_secs_f64()))
             .unwrap_or_else(|| "-".to_string());
+        if self.rest_minutes == 0.0 {
+            return format!(
+                "| {} | {ready} | {rate} | {:.1} MiB | not measured (SIGNAL_FLEET_REST_SECS=0) | - | - | - | - | - |",
+                self.pipelines,
+                self.peak_rss_kib as f64 / 1024.0
+            );
+        }
         let writes: u64 = self.api_writes.values().sum();
         let writes_detail = self
             .api_writes
@@ -199,6 +212,11 @@ async fn run_size(
     let pid = operator.pid();
     let api: Api<SignalPipeline> = Api::namespaced(client.clone(), &namespace);
 
+    let mut ramp_processes = vec![("operator", pid), ("bench", std::process::id())];
+    ramp_processes.extend(cluster::cluster().pids());
+    ramp_processes.extend(nats.pid().map(|pid| ("nats-server", pid)));
+    ramp_processes.extend(clickhouse.pid().map(|pid| ("clickhouse-server", pid)));
+    let ramp_cpu = CpuSnapshot::take(&ramp_processes)?;
     let started = Instant::now();
     let manifests: Vec<serde_json::Value> = (0..size)
         .map(|index| pipeline_manifest(&namespace, index, &nats.url(), &clickhouse.http_url()))
@@ -212,6 +230,7 @@ async fn run_size(
         result?;
     }
     println!("applied {size} in {:.1?}", started.elapsed());
+    let reports = tokio::spawn(stand_in_health_reports(nats.url(), size));
 
     let mut ready_after = None;
     let mut ready_count = 0;
@@ -238,8 +257,29 @@ async fn run_size(
     }
     counter.abort();
     print_ramp_work(&operator, size)?;
+    ramp_cpu.print_since(&ramp_processes, size, started.elapsed())?;
     if ready_after.is_none() {
         println!("  not all ready within {ready_timeout:?}: {ready_count}/{size}");
+    }
+
+    if rest.is_zero() {
+        reports.abort();
+        // The ramp alone, for a quicker look at how its time grows with the fleet.
+        let peak_rss_kib = proc_status_kib(pid, "VmHWM:")?;
+        drop(operator);
+        return Ok(Row {
+            pipelines: size,
+            ready_after,
+            ready_count,
+            peak_rss_kib,
+            rest_minutes: 0.0,
+            cpu_seconds: 0.0,
+            nats_connections: 0,
+            api_requests: 0,
+            api_writes: BTreeMap::new(),
+            reconciles: 0,
+            operator_writes: 0,
+        });
     }
 
     // No node runs the pods, but kube-controller-manager still rolls out every Deployment (a
@@ -252,8 +292,10 @@ async fn run_size(
     }
     tokio::time::sleep(settle).await;
     let before = RestSnapshot::take(pid, &monitoring, &operator)?;
+    let rest_cpu = CpuSnapshot::take(&ramp_processes)?;
     tokio::time::sleep(rest).await;
     let after = RestSnapshot::take(pid, &monitoring, &operator)?;
+    rest_cpu.print_rest_since(&ramp_processes, rest)?;
     let peak_rss_kib = proc_status_kib(pid, "VmHWM:")?;
     let mut api_writes = BTreeMap::new();
     for (key, count) in &after.api_writes {
@@ -262,6 +304,7 @@ async fn run_size(
             api_writes.insert(key.clone(), delta);
         }
     }
+    reports.abort();
     drop(operator);
     Ok(Row {
         pipelines: size,
@@ -320,6 +363,40 @@ async fn wait_rolled_out(
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     Ok(None)
+}
+
+/// Publishes, every [`HEALTH_REPORT_INTERVAL_SECS`], a healthy report for one worker of each of
+/// the `size` pipelines, as their workers would if a node ran them: what the operator reads for
+/// the `WorkersHealthy` condition on every reconcile. Runs until aborted; a failed publish is
+/// retried on the next round.
+async fn stand_in_health_reports(nats_url: String, size: usize) {
+    let Ok(client) = async_nats::connect(&nats_url).await else {
+        return;
+    };
+    let mut every = tokio::time::interval(Duration::from_secs(HEALTH_REPORT_INTERVAL_SECS));
+    loop {
+        every.tick().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for index in 0..size {
+            let name = format!("p{index:05}");
+            let worker = format!("{name}-workers-0");
+            let report = WorkerHealthReport {
+                worker: worker.clone(),
+                ready: true,
+                reason: None,
+                message: "inserting".to_string(),
+                reported_at_unix_ms: now,
+            };
+            let subject = health_subject(&name.to_uppercase(), &format!("{name}_ingest"), &worker);
+            let Ok(payload) = serde_json::to_vec(&report) else {
+                continue;
+            };
+            let _ = client.publish(subject, payload.into()).await;
+        }
+        let _ = client.flush().await;
+    }
 }
 
 /// Pipeline `index` of the fleet: its own stream, subjects, consumer and table.
@@ -412,6 +489,91 @@ impl RestSnapshot {
     }
 }
 
+/// CPU seconds per process and the machine's busy time at one moment: at the start of the ramp
+/// (where the ramp's time goes, and whether a server's share per pipeline grows with the fleet)
+/// and of the rest window (what the fleet at rest costs each server).
+struct CpuSnapshot {
+    per_process: Vec<f64>,
+    machine_busy: f64,
+}
+
+impl CpuSnapshot {
+    fn take(processes: &[(&str, u32)]) -> Result<Self> {
+        Ok(Self {
+            per_process: processes
+                .iter()
+                .map(|(_, pid)| cpu_seconds(*pid))
+                .collect::<Result<_>>()?,
+            machine_busy: machine_busy_seconds()?,
+        })
+    }
+
+    fn print_since(&self, processes: &[(&str, u32)], size: usize, elapsed: Duration) -> Result<()> {
+        let now = Self::take(processes)?;
+        let per_process = processes
+            .iter()
+            .zip(now.per_process.iter().zip(&self.per_process))
+            .map(|((name, _), (after, before))| {
+                let seconds = after - before;
+                format!(
+                    "{name} {seconds:.1} s ({:.1} ms per pipeline)",
+                    seconds * 1000.0 / size as f64
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let busy = now.machine_busy - self.machine_busy;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "  CPU until ready: {per_process}; machine busy {busy:.1} s of {:.1} ({:.0} %)",
+            elapsed.as_secs_f64() * cores,
+            busy / (elapsed.as_secs_f64() * cores) * 100.0
+        );
+        Ok(())
+    }
+}
+
+impl CpuSnapshot {
+    fn print_rest_since(&self, processes: &[(&str, u32)], elapsed: Duration) -> Result<()> {
+        let now = Self::take(processes)?;
+        let per_process = processes
+            .iter()
+            .zip(now.per_process.iter().zip(&self.per_process))
+            .map(|((name, _), (after, before))| {
+                format!(
+                    "{name} {:.1} %",
+                    (after - before) / elapsed.as_secs_f64() * 100.0
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!("  CPU at rest, % of a core: {per_process}");
+        Ok(())
+    }
+}
+
+/// The machine's non-idle CPU seconds since boot (`/proc/stat`, all cores).
+fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("/proc/stat has a cpu line")?
+        .split_whitespace()
+        .filter_map(|value| value.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: idle and iowait are not busy.
+    let busy: f64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(index, _)| *index != 3 && *index != 4)
+        .map(|(_, ticks)| ticks)
+        .sum();
+    Ok(busy / 100.0)
+}
+
 /// What the operator did to bring the fleet up: reconciles and writes per pipeline, and the mean time and
 /// the total of each reconcile step (`signal_operator_reconcile_step_duration_seconds`), so a
 /// step whose cost grows with the fleet shows.
@@ -462,8 +624,35 @@ fn print_ramp_work(operator: &Operator, size: usize) -> Result<()> {
         .collect::<Vec<_>>()
         .join(", ");
     let writes = operator_writes(operator)?;
+    let by_object = body
+        .lines()
+        .filter(|line| {
+            line.starts_with("signal_operator_writes_total{")
+                && line.contains("outcome=\"written\"")
+        })
+        .filter_map(|line| {
+            let object = line.split_once("object=\"")?.1.split_once('"')?.0;
+            let count = line.rsplit_once(' ')?.1.trim().parse::<f64>().ok()?;
+            Some(format!("{object} {:.2}", count / size as f64))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let failures = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("signal_operator_reconcile_failures_total{"))
+        .filter_map(|rest| {
+            let reason = rest.split_once("reason=\"")?.1.split_once('"')?.0;
+            let count = rest.rsplit_once(' ')?.1.trim().parse::<f64>().ok()?;
+            Some(format!("{reason} {count:.0}"))
+        })
+        .collect::<Vec<_>>();
+    let failures = if failures.is_empty() {
+        "none".to_string()
+    } else {
+        failures.join(", ")
+    };
     println!(
-        "  until ready: {reconciles} reconciles ({:.2} per pipeline), {writes} writes ({:.2} per pipeline); mean step times: {per_step}",
+        "  until ready: {reconciles} reconciles ({:.2} per pipeline), failed: {failures}, {writes} writes ({:.2} per pipeline: {by_object}); mean step times: {per_step}",
         reconciles as f64 / size as f64,
         writes as f64 / size as f64
     );

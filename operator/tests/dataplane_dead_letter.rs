@@ -7,7 +7,9 @@
 //! unmanaged dead-letter subject that no stream captures is reported as `DeadLetterUnroutable`.
 //! The shared health stream is created with the contract's settings and survives pipeline
 //! deletion; a stuck worker's report published to it comes back as the pipeline's health, an old
-//! report does not, and another pipeline's report is not read.
+//! report does not, and another pipeline's report is not read. Through the controller's shared
+//! pool, the reports come from its mirror of the stream, which follows new reports and starts
+//! again after a nats-server restart (the memory stream, and its reports, gone).
 
 #[path = "support/dataplane.rs"]
 mod support;
@@ -22,12 +24,17 @@ use signal_model::worker_health::{
 use signal_model::{
     DeadLetterSpec, DeletionPolicy, HumanDuration, SignalPipelineSpec, StorageKind,
 };
+use signal_operator::dataplane::connections::{ConnectionLimits, Connections};
+use signal_operator::dataplane::table::TableCheck;
 use signal_operator::dataplane::worker_health::WorkerHealth;
 use signal_operator::dataplane::{
     DataPlaneReport, delete_data_plane, read_worker_health, reconcile_data_plane,
+    reconcile_data_plane_with,
 };
+use signal_testkit::NatsServer;
 use support::{
-    STEP_TIMEOUT, jetstream_at, live_stream, nats, no_credentials, shared_pipeline_spec, unique,
+    STEP_TIMEOUT, clickhouse, jetstream_at, live_stream, nats, no_credentials, pipeline_spec,
+    shared_pipeline_spec, unique,
 };
 
 async fn reconcile(name: &str, spec: &SignalPipelineSpec) -> DataPlaneReport {
@@ -309,4 +316,94 @@ async fn a_stuck_workers_report_becomes_the_pipelines_health() {
         reconcile(&name, &spec).await.worker_health,
         WorkerHealth::Healthy { workers: 2 }
     );
+}
+
+#[tokio::test]
+async fn the_shared_pools_mirror_follows_new_reports_and_a_nats_restart() {
+    let mut server = NatsServer::start().expect("nats-server must start");
+    let name = unique("health_mirror");
+    let spec = pipeline_spec(&name, &server.url(), &clickhouse().http_url());
+    let connections = Connections::shared(ConnectionLimits::default(), None);
+    let health = || async {
+        tokio::time::timeout(
+            STEP_TIMEOUT,
+            reconcile_data_plane_with(
+                &connections,
+                &format!("test/{name}"),
+                &name,
+                &spec,
+                &no_credentials(),
+                TableCheck::Full,
+            ),
+        )
+        .await
+        .expect("reconcile_data_plane_with is bounded")
+        .worker_health
+    };
+    // Polls the pool's reconciles until the health is `expected` (the mirror follows the stream
+    // a moment later than a publish is stored).
+    let until = |expected: WorkerHealth, within: Duration| {
+        let health = &health;
+        async move {
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                let found = health().await;
+                if found == expected {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still {found:?}, waiting for {expected:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(health().await, WorkerHealth::NoReports);
+
+    let durable = spec.durable_name(&name);
+    let nats_url = server.url();
+    let publish = |report: WorkerHealthReport| {
+        let url = nats_url.clone();
+        let subject = health_subject(&spec.stream.name, durable, &report.worker);
+        async move {
+            jetstream_at(&url)
+                .await
+                .publish(subject, serde_json::to_vec(&report).expect("json").into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+    };
+    let stuck = WorkerHealthReport {
+        worker: "w-0".to_string(),
+        ready: false,
+        reason: Some(HealthReason::InsertRejected),
+        message: "Code: 60. Table does not exist".to_string(),
+        reported_at_unix_ms: now_ms(),
+    };
+    publish(stuck.clone()).await;
+    until(
+        WorkerHealth::Stuck {
+            reason: "InsertRejected".into(),
+            message: "worker w-0: Code: 60. Table does not exist".into(),
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // The health stream lives in memory: a restart loses it and its reports. The next reconcile
+    // that makes sure of the stream creates it again, and the mirror starts over from it.
+    server.restart().expect("nats-server restarts");
+    until(WorkerHealth::NoReports, Duration::from_secs(30)).await;
+    publish(WorkerHealthReport {
+        ready: true,
+        reason: None,
+        message: String::new(),
+        reported_at_unix_ms: now_ms(),
+        ..stuck
+    })
+    .await;
+    until(WorkerHealth::Healthy { workers: 1 }, Duration::from_secs(5)).await;
 }

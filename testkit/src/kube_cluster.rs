@@ -272,6 +272,19 @@ impl KubeCluster {
         self.started_in
     }
 
+    /// The process ids of etcd, kube-apiserver and kube-controller-manager, by name, while they
+    /// run (for benches that account CPU per process).
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        [
+            ("etcd", &self.etcd),
+            ("kube-apiserver", &self.apiserver),
+            ("kube-controller-manager", &self.controller_manager),
+        ]
+        .into_iter()
+        .filter_map(|(name, process)| Some((name, process.pid()?)))
+        .collect()
+    }
+
     /// Whether all three processes are alive.
     pub fn is_running(&self) -> bool {
         self.etcd.is_running()

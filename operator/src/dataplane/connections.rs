@@ -19,14 +19,16 @@
 //! client goes when the call ends (one-off callers and tests that restart servers under a client).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use signal_model::credentials::{NatsAuth, UserPassword};
 use signal_model::tls::TlsMaterial;
+use signal_model::worker_health::HEALTH_SUBJECTS;
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 
+use super::health_mirror::HealthMirror;
 use super::table::VerifiedTable;
 use super::table_clause_diff::PrintedClauses;
 use super::{DataPlaneError, NATS_CONNECT_BOUND, REQUEST_TIMEOUT, bounded, nats_connect_error};
@@ -84,9 +86,11 @@ struct NatsClient {
     tls: Option<TlsMaterial>,
     /// Set by the first successful connect; a failed one leaves it empty for the next caller.
     client: OnceCell<async_nats::Client>,
-    /// How many reports the shared health stream held when last looked at, and when (see
-    /// [`Session::remembered_health_stream`]).
-    health_stream: Mutex<Option<(Instant, u64)>>,
+    /// When a reconcile last made sure the shared health stream is as the contract says (see
+    /// [`Session::health_stream_checked_within`]).
+    health_stream_checked: Mutex<Option<Instant>>,
+    /// The workers' health reports on this client's server, mirrored once a reconcile asks.
+    health_mirror: OnceLock<Arc<HealthMirror>>,
 }
 
 /// One ClickHouse client and what identifies it.
@@ -258,7 +262,8 @@ impl Session<'_> {
                     auth: auth.clone(),
                     tls: tls.cloned(),
                     client: OnceCell::new(),
-                    health_stream: Mutex::new(None),
+                    health_stream_checked: Mutex::new(None),
+                    health_mirror: OnceLock::new(),
                 });
                 state.nats.push(entry.clone());
                 entry
@@ -357,23 +362,44 @@ impl Session<'_> {
         }
     }
 
-    /// How many reports the shared health stream of this session's NATS client (server and
-    /// credentials) held when a reconcile looked less than `ttl` ago (never without a pool).
-    pub fn remembered_health_stream(&self, ttl: Duration) -> Option<u64> {
-        let nats = self.nats.lock().ok()?.clone()?;
-        let (looked_at, messages) = (*nats.health_stream.lock().ok()?)?;
-        (looked_at.elapsed() < ttl).then_some(messages)
+    /// Whether a reconcile on this session's NATS client (server and credentials) made sure of
+    /// the shared health stream less than `ttl` ago (never without a pool).
+    pub fn health_stream_checked_within(&self, ttl: Duration) -> bool {
+        self.pooled_nats().is_some_and(|nats| {
+            nats.health_stream_checked
+                .lock()
+                .ok()
+                .and_then(|checked| *checked)
+                .is_some_and(|checked| checked.elapsed() < ttl)
+        })
     }
 
-    /// Remembers how many reports the shared health stream holds, for the other reconciles on the
+    /// Notes that the shared health stream was just made sure of, for the other reconciles on the
     /// same NATS client.
-    pub fn remember_health_stream(&self, messages: u64) {
-        let Some(nats) = self.nats.lock().ok().and_then(|nats| nats.clone()) else {
-            return;
-        };
-        if let Ok(mut health_stream) = nats.health_stream.lock() {
-            *health_stream = Some((Instant::now(), messages));
+    pub fn note_health_stream_checked(&self) {
+        if let Some(nats) = self.pooled_nats()
+            && let Ok(mut checked) = nats.health_stream_checked.lock()
+        {
+            *checked = Some(Instant::now());
         }
+    }
+
+    /// The mirror of every worker's health reports on this session's NATS client, started by the
+    /// first caller on `js` (that client's context); `None` without a pool.
+    pub fn health_mirror(&self, js: &jetstream::Context) -> Option<Arc<HealthMirror>> {
+        let nats = self.pooled_nats()?;
+        Some(
+            nats.health_mirror
+                .get_or_init(|| {
+                    Arc::new(HealthMirror::start(js.clone(), HEALTH_SUBJECTS.to_string()))
+                })
+                .clone(),
+        )
+    }
+
+    /// The pooled NATS client [`Session::jetstream`] gave out last.
+    fn pooled_nats(&self) -> Option<Arc<NatsClient>> {
+        self.nats.lock().ok()?.clone()
     }
 
     fn remember(&self, used: Used) {

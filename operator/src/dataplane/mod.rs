@@ -22,6 +22,7 @@
 pub mod connections;
 pub mod consumer;
 pub mod dead_letter_stream;
+pub mod health_mirror;
 pub mod partitions;
 pub mod stream;
 pub mod table;

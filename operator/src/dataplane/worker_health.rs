@@ -4,31 +4,26 @@
 //! The contract lives in [`signal_model::worker_health`]. Here: [`ensure_health_stream`] creates
 //! the one stream every pipeline on a NATS server shares (memory storage, the last report per
 //! subject, reports forgotten after [`HEALTH_REPORT_MAX_AGE_SECS`]); a pipeline never deletes it.
-//! [`read_health_reports`] reads the last report per worker with one short-lived consumer
-//! (deliver policy last-per-subject, nothing to acknowledge) and [`summarise_health`] turns them
-//! into what the `WorkersHealthy` condition says. A reconcile costs one stream lookup when no
-//! worker on the server has reported lately, and a consumer create, one fetch and a delete when
-//! some have.
+//! The reports are read from a [`HealthMirror`] (one per pooled NATS client, so a reconcile makes
+//! no request for them) and [`summarise_health`] turns them into what the `WorkersHealthy`
+//! condition says.
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures::StreamExt;
+use async_nats::jetstream::{self, stream};
 use signal_model::SignalPipelineSpec;
 use signal_model::worker_health::{
     HEALTH_REPORT_MAX_AGE_SECS, HEALTH_STREAM, HEALTH_SUBJECTS, WorkerHealthReport, health_filter,
 };
 
 use super::connections::Session;
+use super::health_mirror::{HealthMirror, now_unix_ms};
 use super::stream::stream_info;
 use super::{DataPlaneError, FieldChange, PART_TIMEOUT, bounded, list_changes};
 
-/// How long one look at the shared health stream (does it exist as the contract says, does it
-/// hold reports) serves the reconciles on the same NATS client: a worker's first report may be
-/// seen this much later.
+/// How long one look at the shared health stream (does it exist as the contract says) serves
+/// the reconciles on the same NATS client.
 const HEALTH_STREAM_RECHECK: Duration = Duration::from_secs(10);
-/// How long the reading consumer outlives a reconcile that died before deleting it.
-const READER_INACTIVE_THRESHOLD: Duration = Duration::from_secs(30);
 /// Reports named in a status message; the rest are counted.
 const REPORTS_NAMED: usize = 3;
 
@@ -87,8 +82,8 @@ pub fn health_stream_drift(live: &stream::Config) -> Vec<FieldChange> {
 /// What [`ensure_health_stream`] found and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HealthStreamState {
-    /// Reports the stream holds, of every pipeline (none: nothing to read).
-    pub messages: u64,
+    /// When the stream was created (Unix nanoseconds): a new time is a new stream.
+    pub created_unix_nanos: i128,
     /// What was changed, one sentence each.
     pub changes: Vec<String>,
 }
@@ -99,14 +94,17 @@ pub async fn ensure_health_stream(
 ) -> Result<HealthStreamState, DataPlaneError> {
     let Some(live) = stream_info(js, HEALTH_STREAM).await? else {
         return match js.create_stream(health_stream_config()).await {
-            Ok(_) => Ok(HealthStreamState {
-                messages: 0,
+            Ok(created) => Ok(HealthStreamState {
+                created_unix_nanos: created.cached_info().created.unix_timestamp_nanos(),
                 changes: vec![format!("created health stream {HEALTH_STREAM}")],
             }),
             // Another reconcile (of another pipeline) may have created it meanwhile.
-            Err(error) if stream_info(js, HEALTH_STREAM).await?.is_some() => {
+            Err(error) if let Some(live) = stream_info(js, HEALTH_STREAM).await? => {
                 tracing::debug!(%error, "health stream created concurrently");
-                Ok(HealthStreamState::default())
+                Ok(HealthStreamState {
+                    created_unix_nanos: live.created.unix_timestamp_nanos(),
+                    changes: Vec::new(),
+                })
             }
             Err(error) => Err(DataPlaneError::NatsRefused {
                 action: format!("create stream {HEALTH_STREAM}"),
@@ -114,11 +112,11 @@ pub async fn ensure_health_stream(
             }),
         };
     };
-    let messages = live.state.messages;
+    let created_unix_nanos = live.created.unix_timestamp_nanos();
     let drift = health_stream_drift(&live.config);
     if drift.is_empty() {
         return Ok(HealthStreamState {
-            messages,
+            created_unix_nanos,
             changes: Vec::new(),
         });
     }
@@ -135,68 +133,12 @@ pub async fn ensure_health_stream(
             message: error.to_string(),
         })?;
     Ok(HealthStreamState {
-        messages,
+        created_unix_nanos,
         changes: vec![format!(
             "updated health stream {HEALTH_STREAM}: {}",
             list_changes(&drift)
         )],
     })
-}
-
-/// The last report of every worker of the pipeline still in the health stream.
-pub async fn read_health_reports(
-    js: &jetstream::Context,
-    source_stream: &str,
-    durable: &str,
-) -> Result<Vec<WorkerHealthReport>, DataPlaneError> {
-    let filter = health_filter(source_stream, durable);
-    let refused = |action: &str, error: &dyn std::fmt::Display| DataPlaneError::NatsRefused {
-        action: format!("{action} health reports on {filter}"),
-        message: error.to_string(),
-    };
-    let stream = js
-        .get_stream_no_info(HEALTH_STREAM)
-        .await
-        .map_err(|e| refused("open the stream of", &e))?;
-    let reader = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            filter_subject: filter.clone(),
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: READER_INACTIVE_THRESHOLD,
-            memory_storage: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| refused("read", &e))?;
-    let pending = reader.cached_info().num_pending;
-    let name = reader.cached_info().name.clone();
-    let mut reports = Vec::new();
-    if pending > 0 {
-        let mut batch = reader
-            .fetch()
-            .max_messages(usize::try_from(pending).unwrap_or(usize::MAX))
-            .expires(Duration::from_secs(2))
-            .messages()
-            .await
-            .map_err(|e| refused("fetch", &e))?;
-        while let Some(message) = batch.next().await {
-            let message = message.map_err(|e| refused("fetch", &e))?;
-            match serde_json::from_slice::<WorkerHealthReport>(&message.payload) {
-                Ok(report) => reports.push(report),
-                Err(error) => tracing::warn!(
-                    subject = %message.subject,
-                    %error,
-                    "ignoring a health report that does not parse"
-                ),
-            }
-        }
-    }
-    if let Err(error) = stream.delete_consumer(&name).await {
-        // It goes by itself after READER_INACTIVE_THRESHOLD.
-        tracing::debug!(%error, consumer = %name, "health reader not deleted");
-    }
-    Ok(reports)
 }
 
 /// What the workers' reports say about a pipeline.
@@ -251,30 +193,38 @@ pub fn summarise_health(reports: &[WorkerHealthReport], now_unix_ms: u64) -> Wor
 }
 
 /// Ensures the health stream and sums up the pipeline's reports; never fails (a problem becomes
-/// [`WorkerHealth::Unknown`]). Also returns what ensuring the stream changed.
+/// [`WorkerHealth::Unknown`]). Also returns what ensuring the stream changed. With a pool, the
+/// reports come from its client's [`HealthMirror`]; without, from a mirror of this pipeline's
+/// subjects made for this one read.
 pub async fn check_worker_health(
     session: &Session<'_>,
     js: &jetstream::Context,
     pipeline_name: &str,
     spec: &SignalPipelineSpec,
 ) -> (WorkerHealth, Vec<String>) {
-    let durable = spec.durable_name(pipeline_name);
+    let filter = health_filter(&spec.stream.name, spec.durable_name(pipeline_name));
     let result = bounded("reading the workers' health reports", PART_TIMEOUT, async {
         // Every pipeline on a server shares the stream: one look serves the reconciles of the
         // next few seconds (a fleet's resyncs would otherwise each ask for the same stream).
-        let (messages, changes) = match session.remembered_health_stream(HEALTH_STREAM_RECHECK) {
-            Some(messages) => (messages, Vec::new()),
-            None => {
-                let state = ensure_health_stream(js).await?;
-                session.remember_health_stream(state.messages);
-                (state.messages, state.changes)
-            }
-        };
-        // An empty stream (no worker anywhere has reported lately) needs no reader.
-        let reports = if messages == 0 {
-            Vec::new()
+        let (changes, created) = if session.health_stream_checked_within(HEALTH_STREAM_RECHECK) {
+            (Vec::new(), None)
         } else {
-            read_health_reports(js, &spec.stream.name, durable).await?
+            let state = ensure_health_stream(js).await?;
+            session.note_health_stream_checked();
+            (state.changes, Some(state.created_unix_nanos))
+        };
+        // Started once the stream exists (ensured above by this or an earlier reconcile).
+        let mirror = session.health_mirror(js);
+        if let (Some(mirror), Some(created)) = (&mirror, created) {
+            mirror.stream_seen(created);
+        }
+        let reports = match mirror {
+            Some(mirror) => mirror.reports(&filter).await?,
+            None => {
+                HealthMirror::start(js.clone(), filter.clone())
+                    .reports(&filter)
+                    .await?
+            }
         };
         Ok((reports, changes))
     })
@@ -283,12 +233,6 @@ pub async fn check_worker_health(
         Ok((reports, changes)) => (summarise_health(&reports, now_unix_ms()), changes),
         Err(error) => (WorkerHealth::Unknown(error.to_string()), Vec::new()),
     }
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
