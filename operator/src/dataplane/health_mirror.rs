@@ -25,6 +25,7 @@ use futures::StreamExt;
 use signal_model::worker_health::{HEALTH_REPORT_MAX_AGE_SECS, HEALTH_STREAM, WorkerHealthReport};
 use tokio::sync::watch;
 
+use super::worker_health::{is_fresh, now_unix_ms};
 use super::{DataPlaneError, REQUEST_TIMEOUT};
 
 /// How long the mirror waits before starting again after its consumer failed.
@@ -244,21 +245,11 @@ fn record(reports: &Mutex<Reports>, subject: &str, payload: &[u8]) {
     }
 }
 
-fn is_fresh(report: &WorkerHealthReport, now_unix_ms: u64) -> bool {
-    now_unix_ms.saturating_sub(report.reported_at_unix_ms) <= HEALTH_REPORT_MAX_AGE_SECS * 1000
-}
-
 fn lock(reports: &Mutex<Reports>) -> MutexGuard<'_, Reports> {
     // Plain inserts and removals: a panic elsewhere leaves the map consistent.
     reports
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-pub(super) fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

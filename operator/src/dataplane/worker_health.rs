@@ -17,7 +17,7 @@ use signal_model::worker_health::{
 };
 
 use super::connections::Session;
-use super::health_mirror::{HealthMirror, now_unix_ms};
+use super::health_mirror::HealthMirror;
 use super::stream::stream_info;
 use super::{DataPlaneError, FieldChange, PART_TIMEOUT, bounded, list_changes};
 
@@ -156,13 +156,23 @@ pub enum WorkerHealth {
     Stuck { reason: String, message: String },
 }
 
+/// Whether `report` is within the contract's max age at `now_unix_ms`.
+pub fn is_fresh(report: &WorkerHealthReport, now_unix_ms: u64) -> bool {
+    now_unix_ms.saturating_sub(report.reported_at_unix_ms) <= HEALTH_REPORT_MAX_AGE_SECS * 1000
+}
+
+pub(super) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Sums up the reports, ignoring those older than the contract's max age at `now_unix_ms` (the
 /// stream drops them too, but only on its own schedule).
 pub fn summarise_health(reports: &[WorkerHealthReport], now_unix_ms: u64) -> WorkerHealth {
-    let max_age_ms = HEALTH_REPORT_MAX_AGE_SECS * 1000;
     let mut fresh: Vec<&WorkerHealthReport> = reports
         .iter()
-        .filter(|r| now_unix_ms.saturating_sub(r.reported_at_unix_ms) <= max_age_ms)
+        .filter(|r| is_fresh(r, now_unix_ms))
         .collect();
     if fresh.is_empty() {
         return WorkerHealth::NoReports;
