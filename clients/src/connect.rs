@@ -9,6 +9,7 @@
 //! takes the configuration as is, ClickHouse gets a hyper client with a rustls connector, and
 //! Redis gets the PEM text (its own rustls configuration, same provider).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use signal_model::credentials::{NatsAuth, UserPassword};
@@ -165,6 +166,44 @@ pub fn clickhouse_tls_failure(url: &str, error: &clickhouse::error::Error) -> Op
         url: url.to_string(),
         cause,
     })
+}
+
+/// Why a TLS connection to the ClickHouse server at `url` fails, found on a connection of our
+/// own: the handshake, then one `GET /ping` read to its end. `None` when that works, when it fails
+/// other than by TLS, or when `url` is not `https://`. Call it after a request failed without a
+/// TLS cause ([`clickhouse_tls_failure`] gave `None`).
+///
+/// With TLS 1.3 a server that refuses the client's certificate says so only after the client has
+/// finished its handshake. hyper's pool may see that connection close before it sends the request
+/// and then reports only that the connection was not ready, so the server's alert is lost and the
+/// server looks unreachable. Here nothing stands between the alert and the read that gets it.
+pub async fn clickhouse_tls_probe(url: &str, tls: &TlsMaterial) -> Option<ConnectError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: http::Uri = url.parse().ok()?;
+    if uri.scheme_str() != Some("https") {
+        return None;
+    }
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_string()).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(tls).ok()?));
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+        let mut stream = connector.connect(server_name, tcp).await?;
+        let request = format!("GET /ping HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Ok(Err(error)) => failure_cause(&error).map(|cause| ConnectError::Tls {
+            server: "ClickHouse",
+            url: url.to_string(),
+            cause,
+        }),
+        Ok(Ok(())) | Err(_) => None,
+    }
 }
 
 /// A Redis client for `url` that authenticates with `auth`; it connects when asked for a

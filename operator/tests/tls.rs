@@ -437,6 +437,15 @@ fn fault_in_status_and_worker_log(server: TlsServer, fault: Fault) {
     assert!(!part.ready, "{part:?}");
     assert_eq!(part.reason, "TlsFailed", "{part:?}");
     assert_names_server_and_cause(&part.message, name, url, fault);
+    if server == TlsServer::ClickHouse {
+        // The probe behind both: it must find the cause on its own, whatever hyper reported.
+        let tls = scenario.credentials().tls.clickhouse.unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let failure = runtime
+            .block_on(signal_clients::connect::clickhouse_tls_probe(url, &tls))
+            .expect("the probe names the TLS failure");
+        assert_names_server_and_cause(&failure.to_string(), name, url, fault);
+    }
 
     let worker = scenario.start_worker();
     let line = worker.wait_for_line(&[&format!("{name} at {url}"), fault.cause()]);

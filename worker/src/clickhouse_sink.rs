@@ -24,9 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use signal_clients::clickhouse::{VersionError, server_version};
+use signal_clients::connect::clickhouse_tls_probe;
 use signal_clients::retry::Backoff;
 use signal_model::credentials::PipelineCredentials;
 use signal_model::live_schema::wire_mismatches;
+use signal_model::tls::TlsMaterial;
 use signal_model::worker_health::HealthReason;
 use signal_model::{ClickHouseSpec, ColumnSpec, SignalPipelineSpec};
 use tokio::sync::mpsc;
@@ -56,6 +58,7 @@ pub enum SinkError {
 pub struct ClickHouseSink {
     /// `(url, client)` of each replica, the spec's `url` first.
     replicas: Vec<(String, clickhouse::Client)>,
+    tls: Option<TlsMaterial>,
     /// The index in `replicas` of the one in use.
     current: AtomicUsize,
     /// Extra settings of every insert (`insert_distributed_sync` for a Distributed table).
@@ -109,29 +112,36 @@ impl<'a> SinkTarget<'a> {
     }
 }
 
+/// The clients a sink writes through, and the TLS material they were made with.
+pub struct Replicas {
+    /// `(url, client)` of each replica, the one to use first first.
+    pub clients: Vec<(String, clickhouse::Client)>,
+    /// For finding the TLS cause a failed request lost ([`clickhouse_tls_probe`]).
+    pub tls: Option<TlsMaterial>,
+}
+
 /// A client for each replica URL of `clickhouse` (`url`, then `cluster.replicaUrls`), in order.
 pub fn replica_clients(
     clickhouse: &ClickHouseSpec,
     credentials: &PipelineCredentials,
-) -> Result<Vec<(String, clickhouse::Client)>, signal_clients::connect::ConnectError> {
-    clickhouse
+) -> Result<Replicas, signal_clients::connect::ConnectError> {
+    let tls = credentials.tls.clickhouse.clone();
+    let clients = clickhouse
         .urls()
         .into_iter()
         .map(|url| {
-            let client = signal_clients::connect::clickhouse(
-                url,
-                &credentials.clickhouse,
-                credentials.tls.clickhouse.as_ref(),
-            )?;
+            let client =
+                signal_clients::connect::clickhouse(url, &credentials.clickhouse, tls.as_ref())?;
             Ok((url.to_string(), client))
         })
-        .collect()
+        .collect::<Result<_, signal_clients::connect::ConnectError>>()?;
+    Ok(Replicas { clients, tls })
 }
 
 impl ClickHouseSink {
-    /// A sink writing through `replicas` (`(url, client)`, at least one; the first is used first).
+    /// A sink writing through `replicas` (at least one; the first is used first).
     pub fn new(
-        replicas: Vec<(String, clickhouse::Client)>,
+        replicas: Replicas,
         target: SinkTarget<'_>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -148,7 +158,8 @@ impl ClickHouseSink {
             stream_created_unix_nanos,
         } = target;
         Self {
-            replicas,
+            replicas: replicas.clients,
+            tls: replicas.tls,
             current: AtomicUsize::new(0),
             // Synchronous: the answer then means the rows reached a replica of their shard, not
             // just a queue on the server that was asked.
@@ -209,7 +220,7 @@ impl ClickHouseSink {
             Err(error) => {
                 self.healthy.store(false, Ordering::Relaxed);
                 let message = match error {
-                    VersionError::Query(error) => self.describe(&error),
+                    VersionError::Query(error) => self.describe_unanswered(&error).await,
                     other => other.to_string(),
                 };
                 if let Some(next) = self.fail_over() {
@@ -267,6 +278,20 @@ impl ClickHouseSink {
             Some(tls) => tls.to_string(),
             None => error.to_string(),
         }
+    }
+
+    /// [`Self::describe`] for a request that got no answer, with the TLS alert that hyper may
+    /// have lost found by a connection of our own ([`clickhouse_tls_probe`]).
+    async fn describe_unanswered(&self, error: &clickhouse::error::Error) -> String {
+        let url = &self.replica().0;
+        if signal_clients::connect::clickhouse_tls_failure(url, error).is_none()
+            && matches!(error, clickhouse::error::Error::Network(_))
+            && let Some(tls) = &self.tls
+            && let Some(failure) = clickhouse_tls_probe(url, tls).await
+        {
+            return failure.to_string();
+        }
+        self.describe(error)
     }
 
     async fn insert_once(&self, batch: &SealedBatch) -> Result<(), clickhouse::error::Error> {

@@ -27,7 +27,7 @@ use signal_model::row_encoder::{MessageMeta, RowEncoder};
 use signal_model::{ClickHouseClusterSpec, HumanDuration, ServerVersion, SignalPipelineSpec, ddl};
 use signal_testkit::{ClickHouseCluster, ClickHouseServer, NatsServer};
 use signal_worker::batch::{Batch, SealedBatch};
-use signal_worker::clickhouse_sink::{ClickHouseSink, SinkTarget};
+use signal_worker::clickhouse_sink::{ClickHouseSink, Replicas, SinkTarget};
 use signal_worker::health::Health;
 use signal_worker::metrics::Metrics;
 use signal_worker::pipeline::{self, WorkerOptions};
@@ -129,15 +129,18 @@ fn sealed_batch(encoder: &RowEncoder, rows: u64) -> SealedBatch {
 }
 
 fn sink_through(urls: &[String], table: &str, encoder: &RowEncoder) -> ClickHouseSink {
-    let replicas = urls
-        .iter()
-        .map(|url| {
-            (
-                url.clone(),
-                connect::clickhouse(url, &UserPassword::default(), None).unwrap(),
-            )
-        })
-        .collect();
+    let replicas = Replicas {
+        clients: urls
+            .iter()
+            .map(|url| {
+                (
+                    url.clone(),
+                    connect::clickhouse(url, &UserPassword::default(), None).unwrap(),
+                )
+            })
+            .collect(),
+        tls: None,
+    };
     let (letters, _) = tokio::sync::mpsc::channel(1);
     ClickHouseSink::new(
         replicas,

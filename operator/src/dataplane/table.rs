@@ -167,6 +167,14 @@ async fn connect_reachable(
         let client = session.clickhouse(url, auth, tls)?;
         match server_version(&client, url).await {
             Ok(version) => return Ok((client, url.to_string(), version)),
+            Err(DataPlaneError::ClickHouseUnreachable { .. })
+                if let Some(tls) = tls
+                    && let Some(failure) =
+                        signal_clients::connect::clickhouse_tls_probe(url, tls).await =>
+            {
+                // The request lost the server's TLS alert (see `clickhouse_tls_probe`).
+                return Err(DataPlaneError::Tls(failure.to_string()));
+            }
             Err(
                 error @ (DataPlaneError::ClickHouseUnreachable { .. }
                 | DataPlaneError::TimedOut { .. }),
