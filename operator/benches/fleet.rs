@@ -217,9 +217,21 @@ async fn run_size(
     ramp_processes.extend(nats.pid().map(|pid| ("nats-server", pid)));
     ramp_processes.extend(clickhouse.pid().map(|pid| ("clickhouse-server", pid)));
     let ramp_cpu = CpuSnapshot::take(&ramp_processes)?;
+    let dead_letters = DeadLetters::from_env()?;
+    if dead_letters == DeadLetters::Shared {
+        create_shared_dead_letter_stream(&nats.url()).await?;
+    }
     let started = Instant::now();
     let manifests: Vec<serde_json::Value> = (0..size)
-        .map(|index| pipeline_manifest(&namespace, index, &nats.url(), &clickhouse.http_url()))
+        .map(|index| {
+            pipeline_manifest(
+                &namespace,
+                index,
+                &nats.url(),
+                &clickhouse.http_url(),
+                dead_letters,
+            )
+        })
         .collect();
     let applied = futures::stream::iter(manifests.iter())
         .map(|manifest| apply_pipeline(&api, manifest))
@@ -399,14 +411,62 @@ async fn stand_in_health_reports(nats_url: String, size: usize) {
     }
 }
 
+/// Where the fleet's dead letters are kept (`SIGNAL_FLEET_DEAD_LETTERS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeadLetters {
+    /// `own` (the default): each pipeline's operator-managed `<stream>_DLQ`.
+    Own,
+    /// `shared`: one stream, `FLEET_DLQ` on `dlq.fleet.>`, made by the bench as a platform
+    /// team's tool would, and named by every pipeline with `managed: false`.
+    Shared,
+}
+
+impl DeadLetters {
+    fn from_env() -> Result<Self> {
+        match std::env::var("SIGNAL_FLEET_DEAD_LETTERS").as_deref() {
+            Err(_) | Ok("") | Ok("own") => Ok(Self::Own),
+            Ok("shared") => Ok(Self::Shared),
+            Ok(other) => {
+                bail!("SIGNAL_FLEET_DEAD_LETTERS must be `own` or `shared`, not `{other}`")
+            }
+        }
+    }
+}
+
+const SHARED_DEAD_LETTER_STREAM: &str = "FLEET_DLQ";
+
+async fn create_shared_dead_letter_stream(nats_url: &str) -> Result<()> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .context("connecting to nats-server for the shared dead-letter stream")?;
+    async_nats::jetstream::new(client)
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: SHARED_DEAD_LETTER_STREAM.to_string(),
+            subjects: vec!["dlq.fleet.>".to_string()],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .context("creating the shared dead-letter stream")?;
+    Ok(())
+}
+
 /// Pipeline `index` of the fleet: its own stream, subjects, consumer and table.
 fn pipeline_manifest(
     namespace: &str,
     index: usize,
     nats_url: &str,
     clickhouse_url: &str,
+    dead_letters: DeadLetters,
 ) -> serde_json::Value {
     let name = format!("p{index:05}");
+    let dead_letter = match dead_letters {
+        DeadLetters::Own => json!({}),
+        DeadLetters::Shared => json!({
+            "subject": format!("dlq.fleet.{name}"),
+            "stream": {"managed": false, "name": SHARED_DEAD_LETTER_STREAM},
+        }),
+    };
     json!({
         "apiVersion": "signals.dev/v1alpha1",
         "kind": "SignalPipeline",
@@ -431,6 +491,7 @@ fn pipeline_manifest(
                     {"name": "amount", "type": "Int32", "from": "$.amount"},
                 ],
             },
+            "deadLetter": dead_letter,
             "deletionPolicy": "Retain",
         },
     })

@@ -9,7 +9,10 @@
 //! CPU seconds per million signals of the consumer (the bare client or the worker), nats-server
 //! and clickhouse-server (`/proc/PID/stat`), and the worker's peak RSS (`VmHWM`). A poisoned
 //! drain ends when every valid row is stored and every dead letter is in the dead-letter stream.
-//! It prints figures only.
+//! It also prints the CPU of all those processes per signal and how many cores they kept busy:
+//! on a machine whose cores the servers share, a pipeline that spends more CPU per signal than
+//! the bare drain can outrun it only by the cores the bare drain left idle. It prints figures
+//! only.
 //!
 //! Last, a partitioned drain (`workers.partitions: 2`, two worker processes, the stream filled
 //! through nats-server's partition mapping) with the same figures per worker process.
@@ -61,6 +64,30 @@ struct Drain {
     peak_rss_mib: Option<f64>,
 }
 
+impl Drain {
+    /// CPU-s per 1M signals of every process the drain measured (consumer, nats-server and, for
+    /// the workers, clickhouse-server).
+    fn all_cpu(&self) -> f64 {
+        self.consumer_cpu + self.nats_cpu + self.clickhouse_cpu.unwrap_or(0.0)
+    }
+
+    /// How many cores those processes kept busy on average.
+    fn cores_busy(&self) -> f64 {
+        self.rate * self.all_cpu() / 1e6
+    }
+
+    /// The most this drain could reach on `cores` at its CPU per signal, were nothing else
+    /// running.
+    fn ceiling(&self, cores: f64) -> f64 {
+        cores * 1e6 / self.all_cpu().max(f64::EPSILON)
+    }
+}
+
+/// Cores of this machine, for the drains' ceilings.
+fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
 /// The servers and the figures every drain needs.
 struct Bench {
     nats: NatsServer,
@@ -110,7 +137,7 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:<20} {:>9} {:>7} {:>9} {:>7}   CPU-s per 1M signals: {:>8} {:>8} {:>10}   {:>9}",
+        "{:<20} {:>9} {:>7} {:>9} {:>7}   CPU-s per 1M signals: {:>8} {:>8} {:>10} {:>6}   {:>5}   {:>9}",
         "drain",
         "msg/s",
         "× bare",
@@ -119,12 +146,14 @@ fn main() -> anyhow::Result<()> {
         "consumer",
         "nats",
         "clickhouse",
+        "all",
+        "cores",
         "peak RSS"
     );
     let bare_rate = drains[0].rate;
     for drain in &drains {
         println!(
-            "{:<20} {:>9.0} {:>7.2} {:>9.0} {:>7.2}                         {:>8.2} {:>8.2} {:>10} {:>9}",
+            "{:<20} {:>9.0} {:>7.2} {:>9.0} {:>7.2}                         {:>8.2} {:>8.2} {:>10} {:>6.2}   {:>5.2}   {:>9}",
             drain.name,
             drain.rate,
             drain.rate / bare_rate,
@@ -135,11 +164,17 @@ fn main() -> anyhow::Result<()> {
             drain
                 .clickhouse_cpu
                 .map_or("-".into(), |cpu| format!("{cpu:.2}")),
+            drain.all_cpu(),
+            drain.cores_busy(),
             drain
                 .peak_rss_mib
                 .map_or("-".into(), |mib| format!("{mib:.1} MiB")),
         );
     }
+    println!(
+        "cores: how many of this machine's {:.0} cores the drain's processes kept busy, on average",
+        cores()
+    );
     let (clean, steady_clean) = (drains[1].rate, drains[1].steady_rate);
     println!(
         "poison vs clean:      3%: {:.2} × (goal ≥ 0.9), 20%: {:.2} × (goal ≥ 0.7); steady: {:.2} ×, {:.2} ×",
@@ -788,5 +823,18 @@ fn print_partitioned(bare: &Drain, partitioned: &PartitionedDrain) {
             .map_or("-".into(), |cpu| format!("{cpu:.2}")),
         bare.consumer_cpu,
         bare.nats_cpu,
+    );
+    // A pipeline that spends more CPU per signal than the bare drain can only beat it by the
+    // cores the bare drain left idle.
+    let cores = cores();
+    println!(
+        "  CPU per signal: partitioned {:.2} (all processes) against bare {:.2}; they kept {:.2} and {:.2} of {cores:.0} cores busy; \
+         at its CPU per signal the partitioned pipeline cannot pass {:.0} msg/s = {:.2} × bare on {cores:.0} cores",
+        drain.all_cpu(),
+        bare.all_cpu(),
+        drain.cores_busy(),
+        bare.cores_busy(),
+        drain.ceiling(cores),
+        drain.ceiling(cores) / bare.rate,
     );
 }
