@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs missing test dependencies, builds the Kubernetes control plane
-# (scripts/build-kube.sh), then runs every test of the workspace.
+# (scripts/build-kube.sh) and the current nats-server (scripts/build-current-nats.sh), then runs
+# every test of the workspace.
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh -p signal-testkit -- --nocapture`.
 set -euo pipefail
 
@@ -17,6 +18,9 @@ scripts/install-test-deps.sh
 # The Kubernetes control plane the cluster tests start (target/kube/signal-kube); a few seconds
 # when nothing changed, about ten minutes the first time on 2 cores.
 scripts/build-kube.sh
+# The current nats-server the tests of newer-server features start (target/nats/nats-server); a
+# few seconds when nothing changed, under a minute the first time.
+scripts/build-current-nats.sh
 
 # The whole workspace, unless the arguments pick packages (`-p NAME` / `--package NAME`).
 scope=(--workspace)

@@ -1,6 +1,7 @@
 //! Partitioned consumers on the operator's side against nats-server 2.9: one AckAll consumer per
 //! partition, those beyond a shrunk count deleted, the stream capturing the partitioned subjects,
-//! and a server without the partition mapping detected and reported (`PartitionMappingMissing`).
+//! and a server without the partition mapping detected and reported (`PartitionMappingMissing`);
+//! and against the current release, which partitions by the stream's subject transform.
 
 #[path = "support/dataplane.rs"]
 mod support;
@@ -138,4 +139,66 @@ async fn with_the_mapping_published_messages_land_in_the_partitions() {
         "both partitions get messages: {pending:?}"
     );
     assert_eq!(report.consumer_status.map(|c| c.num_pending), Some(20));
+}
+
+/// nats-server 2.10+ partitions by the stream's own subject transform: nothing to configure on the
+/// server. Run against the current release the suite builds (`scripts/build-current-nats.sh`).
+#[tokio::test]
+async fn on_a_current_nats_server_the_streams_subject_transform_partitions_published_messages() {
+    let name = unique("transformed");
+    let server = NatsServer::start_current().expect("the current nats-server");
+    let spec = partitioned_spec(&name, &server.url(), 2);
+    let scheme = PartitionScheme::of(&spec, &name).expect("partitioned");
+    let report = reconcile(&name, &spec).await;
+    assert!(report.all_ready(), "{report:#?}");
+    assert!(
+        report
+            .consumer
+            .message
+            .contains("partitioned by the stream's subject transform"),
+        "{report:#?}"
+    );
+    let js = jetstream_at(&server.url()).await;
+    assert_eq!(
+        js.client().server_info().version,
+        signal_testkit::CURRENT_NATS_VERSION
+    );
+    let stream = live_stream(&js, &spec.stream.name).await.expect("stream");
+    assert_eq!(
+        stream.config.subject_transform,
+        Some(signal_operator::dataplane::partitions::desired_transform(
+            &scheme
+        ))
+    );
+
+    for key in 0..20 {
+        js.publish(format!("{name}.k{key}"), "{}".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    let report = reconcile(&name, &spec).await;
+    assert!(report.all_ready(), "{report:#?}");
+    assert_eq!(report.consumer.reason, "UpToDate", "{report:#?}");
+    let pending: Vec<u64> = report.partitions.iter().map(|p| p.num_pending).collect();
+    assert_eq!(pending.iter().sum::<u64>(), 20, "{pending:?}");
+    assert!(
+        pending.iter().all(|n| *n > 0),
+        "both partitions get messages: {pending:?}"
+    );
+    // Stored under the partitioned subject, the published one after the partition token.
+    let stored = js
+        .get_stream(&spec.stream.name)
+        .await
+        .expect("stream")
+        .get_raw_message(1)
+        .await
+        .expect("the first message");
+    let prefix = format!("part.{}.", spec.stream.name);
+    assert!(
+        stored.subject.starts_with(&prefix) && stored.subject.ends_with(&format!("{name}.k0")),
+        "{}",
+        stored.subject
+    );
 }

@@ -101,14 +101,19 @@ pub enum Error {
     #[error("protocol error: {0}")]
     Protocol(String),
 
-    /// The Kubernetes control-plane binary has not been built (or the override names nothing).
+    /// A server the suite builds from Go modules (the Kubernetes control plane, the current
+    /// nats-server) has not been built, or the override names nothing.
     #[error(
-        "the Kubernetes control plane binary {path} does not exist: build it with \
-         `scripts/build-kube.sh` (Go >= 1.26 and the Go module proxy), or point {env_var} at it"
+        "{what} {path} does not exist: build it with `{script}` (Go >= 1.26 and the Go module \
+         proxy), or point {env_var} at it"
     )]
-    ControlPlaneNotBuilt {
+    NotBuilt {
+        /// What is missing, e.g. "the Kubernetes control plane binary".
+        what: &'static str,
         /// Where it was looked for.
         path: std::path::PathBuf,
+        /// The script that builds it.
+        script: &'static str,
         /// The environment variable that overrides the lookup.
         env_var: &'static str,
     },

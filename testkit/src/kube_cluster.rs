@@ -392,6 +392,16 @@ impl Drop for KubeCluster {
     }
 }
 
+/// A missing binary of the control plane (`signal-kube`, or the `pause` beside it).
+pub(crate) fn not_built(path: PathBuf) -> Error {
+    Error::NotBuilt {
+        what: "the Kubernetes control plane binary",
+        path,
+        script: "scripts/build-kube.sh",
+        env_var: BINARY_ENV_VAR,
+    }
+}
+
 /// `SIGNAL_KUBE_BINARY`, else `target/kube/signal-kube` in this workspace.
 pub(crate) fn locate_binary() -> Result<PathBuf> {
     let path = match std::env::var_os(BINARY_ENV_VAR).filter(|v| !v.is_empty()) {
@@ -401,10 +411,7 @@ pub(crate) fn locate_binary() -> Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
-        Err(Error::ControlPlaneNotBuilt {
-            path,
-            env_var: BINARY_ENV_VAR,
-        })
+        Err(not_built(path))
     }
 }
 
@@ -728,10 +735,7 @@ mod tests {
     #[test]
     fn a_missing_binary_names_the_build_script() {
         let dir = tempfile::tempdir().unwrap();
-        let error = Error::ControlPlaneNotBuilt {
-            path: dir.path().join("nothing"),
-            env_var: BINARY_ENV_VAR,
-        };
+        let error = not_built(dir.path().join("nothing"));
         assert!(
             error.to_string().contains("scripts/build-kube.sh"),
             "{error}"

@@ -111,10 +111,7 @@ impl KubeNode {
         let signal_kube = kube_cluster::locate_binary()?;
         let pause = signal_kube.with_file_name("pause");
         if !pause.is_file() {
-            return Err(Error::ControlPlaneNotBuilt {
-                path: pause,
-                env_var: kube_cluster::BINARY_ENV_VAR,
-            });
+            return Err(kube_cluster::not_built(pause));
         }
         let containerd = CONTAINERD.locate()?;
         let ctr = CTR.locate()?;

@@ -15,7 +15,9 @@
 //! The binaries come from Debian packages (`scripts/install-test-deps.sh` installs them); a
 //! missing one is an [`Error::BinaryNotFound`] naming the `apt-get install` command. The
 //! variables `SIGNAL_TEST_NATS_SERVER`, `SIGNAL_TEST_CLICKHOUSE_SERVER` and
-//! `SIGNAL_TEST_REDIS_SERVER` point at other binaries.
+//! `SIGNAL_TEST_REDIS_SERVER` point at other binaries. Besides Debian's nats-server 2.9.10, a
+//! current release ([`NatsServer::start_current`]) is built from its Go module by
+//! `scripts/build-current-nats.sh`; a missing one is an [`Error::NotBuilt`] naming the script.
 //!
 //! ```no_run
 //! let ch = signal_testkit::ClickHouseServer::start()?;
@@ -50,7 +52,7 @@ pub use kube_cluster::{
     BINARY_ENV_VAR as KUBE_BINARY_ENV_VAR, KUBERNETES_VERSION, KubeCluster, NODE_NAME,
 };
 pub use kube_node::{KubeNode, PAUSE_IMAGE};
-pub use nats::NatsServer;
+pub use nats::{CURRENT_NATS_ENV_VAR, CURRENT_NATS_VERSION, NatsServer};
 pub use nats_cluster::NatsCluster;
 pub use oci_image::{ImageSpec, write_image_archive};
 pub use ports::{free_port, is_port_free};

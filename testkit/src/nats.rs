@@ -7,6 +7,10 @@
 //! create streams right away. [`NatsServer::restart`] reuses the port and store directory, so
 //! JetStream data survives. The process is killed on drop and when the test process dies.
 //!
+//! [`NatsServer::start_current`] runs the current release the suite builds from its Go module
+//! (`scripts/build-current-nats.sh`, [`CURRENT_NATS_VERSION`]) instead of Debian's 2.9.10, for
+//! what only newer servers have (a stream's subject transform).
+//!
 //! [`NatsServer::start_with_tls`] serves TLS only (`--tls`, and `--tlsverify` when client
 //! certificates are required); its readiness probe speaks the protocol over TLS.
 //!
@@ -28,6 +32,12 @@ use crate::process::{self, ServerProcess};
 use crate::server_tls::{Duplex, ServerTls, ServerTlsFiles};
 
 const SERVER: &str = "nats-server";
+
+/// The release [`NatsServer::start_current`] runs (pinned by `testkit/nats/go.mod`).
+pub const CURRENT_NATS_VERSION: &str = "2.15.2";
+
+/// Overrides where [`NatsServer::start_current`] finds its binary.
+pub const CURRENT_NATS_ENV_VAR: &str = "SIGNAL_TEST_CURRENT_NATS_SERVER";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -54,7 +64,14 @@ impl NatsServer {
     /// Like [`NatsServer::start`], serving TLS only with `tls`'s certificate; [`Self::url`] is
     /// `tls://127.0.0.1:PORT`.
     pub fn start_with_tls(tls: ServerTls) -> Result<NatsServer> {
-        NatsServer::start_with(Ipv4Addr::LOCALHOST, Some(tls), None)
+        NatsServer::start_with(binary::NATS.locate()?, Ipv4Addr::LOCALHOST, Some(tls), None)
+    }
+
+    /// Like [`NatsServer::start`], running the current release ([`CURRENT_NATS_VERSION`]) that
+    /// `scripts/build-current-nats.sh` builds into `target/nats/nats-server` (or the binary
+    /// [`CURRENT_NATS_ENV_VAR`] names).
+    pub fn start_current() -> Result<NatsServer> {
+        NatsServer::start_with(locate_current()?, Ipv4Addr::LOCALHOST, None, None)
     }
 
     /// Like [`NatsServer::start`], with subject mappings in the server's configuration
@@ -66,7 +83,12 @@ impl NatsServer {
             .map(|(source, destination)| format!("  \"{source}\": \"{destination}\""))
             .collect();
         let config = format!("mappings {{\n{}\n}}\n", lines.join("\n"));
-        NatsServer::start_with(Ipv4Addr::LOCALHOST, None, Some(&config))
+        NatsServer::start_with(
+            binary::NATS.locate()?,
+            Ipv4Addr::LOCALHOST,
+            None,
+            Some(&config),
+        )
     }
 
     /// Starts a new server on a free port with its own JetStream store in a temporary directory.
@@ -78,15 +100,15 @@ impl NatsServer {
     /// a [`KubeNode`](crate::KubeNode)'s bridge address, which the pods and this machine both
     /// reach); [`Self::url`] names `host`.
     pub fn start_on(host: Ipv4Addr) -> Result<NatsServer> {
-        NatsServer::start_with(host, None, None)
+        NatsServer::start_with(binary::NATS.locate()?, host, None, None)
     }
 
     fn start_with(
+        binary: PathBuf,
         host: Ipv4Addr,
         tls: Option<ServerTls>,
         config: Option<&str>,
     ) -> Result<NatsServer> {
-        let binary = binary::NATS.locate()?;
         let dir = process::server_dir("nats")?;
         let config_args = write_config(dir.path(), config.unwrap_or_default())?;
         let name = process::unique_name("signal-test-nats");
@@ -282,6 +304,24 @@ impl Drop for NatsServer {
 /// `maxBytes` (10 GiB in the production example) would be placeable or not depending on the
 /// free disk of the machine running the tests. The limit is accounting only: nothing is
 /// preallocated. Command-line flags still set the rest.
+/// [`CURRENT_NATS_ENV_VAR`], else `target/nats/nats-server` in this workspace.
+fn locate_current() -> Result<PathBuf> {
+    let path = match std::env::var_os(CURRENT_NATS_ENV_VAR).filter(|v| !v.is_empty()) {
+        Some(path) => PathBuf::from(path),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nats/nats-server"),
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(crate::error::Error::NotBuilt {
+            what: "the current nats-server",
+            path,
+            script: "scripts/build-current-nats.sh",
+            env_var: CURRENT_NATS_ENV_VAR,
+        })
+    }
+}
+
 fn write_config(dir: &Path, extra: &str) -> Result<Vec<String>> {
     let path = dir.join("server.conf");
     let text = format!("jetstream {{\n  max_file_store: 1TB\n}}\n{extra}");

@@ -1,5 +1,6 @@
 //! Partitioned consumers against real servers: nats-server 2.9 with the partition mapping in its
-//! configuration, ClickHouse, and `signal-worker` binaries holding partition leases.
+//! configuration (and the current release, partitioning by the stream's subject transform),
+//! ClickHouse, and `signal-worker` binaries holding partition leases.
 //!
 //! Every write to a partition lease is observed on the wire, so the tests can tell that a
 //! partition passed from one worker to another only once the first had let it go or its lease
@@ -58,20 +59,40 @@ fn start(name: &str, partitions: u32) -> (TestEnv, PipelineManifest) {
     };
     let env = TestEnv::start_with_nats(nats);
     let manifest = partitioned_manifest(&env, name, partitions);
-    provision(&env, &manifest);
+    provision(&env, &manifest, Partitioner::ServerMapping);
     (env, manifest)
 }
 
-/// The partitioned stream, a dead-letter stream and the table (what the operator does on 2.9;
-/// the workers create the partition consumers with `--ensure-consumer`).
-fn provision(env: &TestEnv, manifest: &PipelineManifest) {
+/// Who puts the partition token into a published subject.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Partitioner {
+    /// nats-server 2.9: the mapping in the server's configuration.
+    ServerMapping,
+    /// nats-server 2.10+: the stream's subject transform.
+    StreamTransform,
+}
+
+/// The partitioned stream, a dead-letter stream and the table (what the operator does; the
+/// workers create the partition consumers with `--ensure-consumer`).
+fn provision(env: &TestEnv, manifest: &PipelineManifest, partitioner: Partitioner) {
     let spec = &manifest.spec;
     let scheme = scheme(manifest);
+    let (subjects, subject_transform) = match partitioner {
+        Partitioner::ServerMapping => (vec![scheme.partitioned_subjects()], None),
+        Partitioner::StreamTransform => (
+            vec![scheme.partitioned_subjects(), scheme.source_subject.clone()],
+            Some(stream::SubjectTransform {
+                source: scheme.source_subject.clone(),
+                destination: scheme.mapping_destination(),
+            }),
+        ),
+    };
     env.runtime.block_on(async {
         env.jetstream
             .create_stream(stream::Config {
                 name: spec.stream.name.clone(),
-                subjects: vec![scheme.partitioned_subjects()],
+                subjects,
+                subject_transform,
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
@@ -212,14 +233,37 @@ fn partitions_held(worker: &BinaryWorker, partitions: u32) -> Vec<u32> {
 fn two_workers_share_three_partitions_and_store_every_message_once() {
     let name = "parta";
     let (env, manifest) = start(name, 3);
-    let leases = watch_leases(&env, &manifest);
-    let first = env.spawn_binary(&manifest, "w1");
-    let second = env.spawn_binary(&manifest, "w2");
+    two_workers_drain_every_partition(name, &env, &manifest);
+}
+
+/// nats-server 2.10+ partitions by the stream's subject transform, without anything in the
+/// server's configuration: the current release the suite builds (`scripts/build-current-nats.sh`).
+#[test]
+fn on_a_current_nats_server_two_workers_drain_a_stream_partitioned_by_its_transform() {
+    let name = "partt";
+    let env =
+        TestEnv::start_with_nats(NatsServer::start_current().expect("the current nats-server"));
+    assert_eq!(
+        env.jetstream.client().server_info().version,
+        signal_testkit::CURRENT_NATS_VERSION
+    );
+    let manifest = partitioned_manifest(&env, name, 3);
+    provision(&env, &manifest, Partitioner::StreamTransform);
+    two_workers_drain_every_partition(name, &env, &manifest);
+}
+
+/// Two workers share three partitions of `name`'s stream: every clean signal stored once, every
+/// poison one dead-lettered, `@subject` the published subject, every partition's consumer
+/// settled, and no partition ever held by two workers.
+fn two_workers_drain_every_partition(name: &str, env: &TestEnv, manifest: &PipelineManifest) {
+    let leases = watch_leases(env, manifest);
+    let first = env.spawn_binary(manifest, "w1");
+    let second = env.spawn_binary(manifest, "w2");
     let total = 12_000;
-    publish(&env, name, 0..total);
+    publish(env, name, 0..total);
     let poison = poison_in(0..total);
     wait_for("every clean signal stored", Duration::from_secs(90), || {
-        env.row_count(&manifest) >= total - poison && dead_letters(&env, &manifest) >= poison
+        env.row_count(manifest) >= total - poison && dead_letters(env, manifest) >= poison
     });
     wait_for(
         "both workers hold partitions",
@@ -231,16 +275,16 @@ fn two_workers_share_three_partitions_and_store_every_message_once() {
     );
     // Nothing more arrives and each partition's consumer is settled.
     std::thread::sleep(Duration::from_secs(2));
-    let summary = env.sequences(&manifest);
+    let summary = env.sequences(manifest);
     assert_eq!(summary.rows, total - poison, "{summary:?}");
     assert_eq!(summary.distinct, total - poison, "{summary:?}");
-    assert_eq!(dead_letters(&env, &manifest), poison);
+    assert_eq!(dead_letters(env, manifest), poison);
     let table = ddl::qualified_table(common::DATABASE, name);
     let prefixed = env.query(&format!(
         "SELECT count() FROM {table} WHERE subject NOT LIKE '{name}.k%'"
     ));
     assert_eq!(prefixed, "0", "@subject is the published subject");
-    let scheme = scheme(&manifest);
+    let scheme = scheme(manifest);
     env.runtime.block_on(async {
         let stream = env
             .jetstream
@@ -264,7 +308,7 @@ fn two_workers_share_three_partitions_and_store_every_message_once() {
             );
         }
     });
-    assert_never_doubled(&leases, &manifest);
+    assert_never_doubled(&leases, manifest);
     drop((first, second));
 }
 
