@@ -25,7 +25,7 @@ use signal_model::credentials::NatsAuth;
 use signal_model::manifest::PipelineManifest;
 use signal_model::{ColumnSpec, HumanDuration, SignalPipelineSpec, StreamPlacement};
 use signal_operator::dataplane::stream::{
-    PLACEMENT_IMPOSSIBLE, REPLICAS_DEGRADED, SCALED_BEFORE_MOVE, reconcile_stream,
+    PLACEMENT_IMPOSSIBLE, REPLICAS_DEGRADED, SCALED_BEFORE_MOVE, STREAM_MOVING, reconcile_stream,
 };
 use signal_operator::dataplane::{DataPlaneReport, reconcile_data_plane};
 use signal_testkit::{ChildProcess, NatsCluster};
@@ -131,9 +131,18 @@ async fn replicas_scale_up_in_place_and_impossible_placements_are_refused_with_a
         Some(cluster.name())
     );
 
-    // More replicas than servers: refused with the reason, the stream left at 3.
+    // More replicas than servers: refused with the reason, the stream left at 3. A current
+    // nats-server may still be carrying out the move to 3 (`StreamMoving`): later reconciles send
+    // the change again.
     spec.replicas = 5;
-    let refused = reconcile_stream(&js, &spec).await;
+    let mut refused = reconcile_stream(&js, &spec).await;
+    for _ in 0..20 {
+        if refused.report.reason != STREAM_MOVING {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        refused = reconcile_stream(&js, &spec).await;
+    }
     assert!(!refused.report.ready);
     assert_eq!(
         refused.report.reason, PLACEMENT_IMPOSSIBLE,

@@ -286,6 +286,11 @@ pub const PLACEMENT_IMPOSSIBLE: &str = "PlacementImpossible";
 pub const SCALED_BEFORE_MOVE: &str = "ScaledBeforeMove";
 /// The reason of a stream that works while some of its replicas are offline or behind.
 pub const REPLICAS_DEGRADED: &str = "ReplicasDegraded";
+/// JetStream's error code for "stream move already in progress" (2.10+): the cluster is still
+/// carrying out the stream's last change of replicas or placement.
+const MOVE_IN_PROGRESS: jetstream::ErrorCode = jetstream::ErrorCode(10124);
+/// The reason of an update that waits for the stream's last replicas or placement change.
+pub const STREAM_MOVING: &str = "StreamMoving";
 
 /// The updates that carry out `diff`, in order; a reconcile sends the first. NATS 2.9 refuses to
 /// move and scale a stream in one update ("can not move and scale a stream in a single update"),
@@ -532,8 +537,15 @@ async fn apply_stream(
 }
 
 fn is_no_suitable_peers(error: &jetstream::context::CreateStreamError) -> bool {
-    matches!(error.kind(), jetstream::context::CreateStreamErrorKind::JetStream(api)
-        if api.error_code() == NO_SUITABLE_PEERS)
+    api_error_code(error) == Some(NO_SUITABLE_PEERS)
+}
+
+/// The JetStream error code of a refusal by the server.
+fn api_error_code(error: &jetstream::context::CreateStreamError) -> Option<jetstream::ErrorCode> {
+    match error.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(api) => Some(api.error_code()),
+        _ => None,
+    }
 }
 
 /// The server's description of an API refusal, or the error itself.
@@ -565,6 +577,19 @@ fn update_refused(
                 update.num_replicas,
                 placement_text(update.placement.as_ref()),
                 server_words(&error),
+            ),
+            Vec::new(),
+        );
+    }
+    if api_error_code(&error) == Some(MOVE_IN_PROGRESS) {
+        // Not a refusal of the change: a later reconcile sends it again.
+        return PartReport::not_ready(
+            STREAM_MOVING,
+            format!(
+                "stream {name} is still carrying out its last change of replicas or placement \
+                 ({}); {} follows once it has finished",
+                server_words(&error),
+                list_changes(&diff.mutable)
             ),
             Vec::new(),
         );
