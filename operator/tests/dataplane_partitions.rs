@@ -123,6 +123,17 @@ async fn with_the_mapping_published_messages_land_in_the_partitions() {
     let spec = partitioned_spec(&name, &server.url(), 2);
     assert!(reconcile(&name, &spec).await.all_ready());
     let js = jetstream_at(&server.url()).await;
+    let report = publish_to_both_partitions(&js, &name, &spec).await;
+    assert_eq!(report.consumer_status.map(|c| c.num_pending), Some(20));
+}
+
+/// Publishes 20 messages on as many keys of `name`'s subjects, reconciles, and checks that both
+/// partitions' consumers have some of them to deliver and all 20 between them.
+async fn publish_to_both_partitions(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    spec: &SignalPipelineSpec,
+) -> DataPlaneReport {
     for key in 0..20 {
         js.publish(format!("{name}.k{key}"), "{}".into())
             .await
@@ -130,7 +141,7 @@ async fn with_the_mapping_published_messages_land_in_the_partitions() {
             .await
             .expect("stored");
     }
-    let report = reconcile(&name, &spec).await;
+    let report = reconcile(name, spec).await;
     assert!(report.all_ready(), "{report:#?}");
     let pending: Vec<u64> = report.partitions.iter().map(|p| p.num_pending).collect();
     assert_eq!(pending.iter().sum::<u64>(), 20, "{pending:?}");
@@ -138,7 +149,7 @@ async fn with_the_mapping_published_messages_land_in_the_partitions() {
         pending.iter().all(|n| *n > 0),
         "both partitions get messages: {pending:?}"
     );
-    assert_eq!(report.consumer_status.map(|c| c.num_pending), Some(20));
+    report
 }
 
 /// nats-server 2.10+ partitions by the stream's own subject transform: nothing to configure on the
@@ -171,22 +182,8 @@ async fn on_a_current_nats_server_the_streams_subject_transform_partitions_publi
         ))
     );
 
-    for key in 0..20 {
-        js.publish(format!("{name}.k{key}"), "{}".into())
-            .await
-            .expect("publish")
-            .await
-            .expect("stored");
-    }
-    let report = reconcile(&name, &spec).await;
-    assert!(report.all_ready(), "{report:#?}");
+    let report = publish_to_both_partitions(&js, &name, &spec).await;
     assert_eq!(report.consumer.reason, "UpToDate", "{report:#?}");
-    let pending: Vec<u64> = report.partitions.iter().map(|p| p.num_pending).collect();
-    assert_eq!(pending.iter().sum::<u64>(), 20, "{pending:?}");
-    assert!(
-        pending.iter().all(|n| *n > 0),
-        "both partitions get messages: {pending:?}"
-    );
     // Stored under the partitioned subject, the published one after the partition token.
     let stored = js
         .get_stream(&spec.stream.name)
