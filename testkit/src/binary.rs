@@ -69,6 +69,47 @@ pub(crate) const HELM: Program = Program {
     install: "scripts/install-test-deps.sh",
 };
 
+/// A server binary the suite builds from Go modules into this workspace's `target/` (no Debian
+/// package has it): the Kubernetes control plane, the current nats-server.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GoBuilt {
+    /// What it is, for the error: e.g. "the current nats-server".
+    pub what: &'static str,
+    /// Where the build script puts it, relative to the workspace's `target/`.
+    pub in_target: &'static str,
+    /// The script that builds it.
+    pub script: &'static str,
+    /// Environment variable that overrides the lookup.
+    pub env_var: &'static str,
+}
+
+impl GoBuilt {
+    /// The override variable's path if set, else the build script's output; either must exist.
+    pub(crate) fn locate(&self) -> Result<PathBuf> {
+        let path = match env::var_os(self.env_var).filter(|v| !v.is_empty()) {
+            Some(path) => PathBuf::from(path),
+            None => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target")
+                .join(self.in_target),
+        };
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(self.not_built(path))
+        }
+    }
+
+    /// The error for `path` (this binary, or a file built beside it) missing.
+    pub(crate) fn not_built(&self, path: PathBuf) -> Error {
+        Error::NotBuilt {
+            what: self.what,
+            path,
+            script: self.script,
+            env_var: self.env_var,
+        }
+    }
+}
+
 impl Program {
     /// Finds the binary: the override variable if set, else `PATH`, else the system directories.
     pub(crate) fn locate(&self) -> Result<PathBuf> {

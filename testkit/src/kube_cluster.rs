@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::binary::GoBuilt;
 use crate::certs::{self, CertificateAuthority};
 use crate::error::{Error, IoContext, Result};
 use crate::https::TlsClient;
@@ -86,7 +87,7 @@ impl KubeCluster {
     /// Starts a new control plane (typically 10-20 s on two cores; see [`KubeCluster::started_in`]).
     pub fn start() -> Result<KubeCluster> {
         let started = Instant::now();
-        let binary = locate_binary()?;
+        let binary = SIGNAL_KUBE.locate()?;
         let dir = process::server_dir("kube")?;
         let files = Files::new(dir.path());
         let pki = Pki::write(&files)?;
@@ -392,28 +393,14 @@ impl Drop for KubeCluster {
     }
 }
 
-/// A missing binary of the control plane (`signal-kube`, or the `pause` beside it).
-pub(crate) fn not_built(path: PathBuf) -> Error {
-    Error::NotBuilt {
-        what: "the Kubernetes control plane binary",
-        path,
-        script: "scripts/build-kube.sh",
-        env_var: BINARY_ENV_VAR,
-    }
-}
-
-/// `SIGNAL_KUBE_BINARY`, else `target/kube/signal-kube` in this workspace.
-pub(crate) fn locate_binary() -> Result<PathBuf> {
-    let path = match std::env::var_os(BINARY_ENV_VAR).filter(|v| !v.is_empty()) {
-        Some(path) => PathBuf::from(path),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kube/signal-kube"),
-    };
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(not_built(path))
-    }
-}
+/// `signal-kube`: `SIGNAL_KUBE_BINARY`, else `target/kube/signal-kube` in this workspace (the
+/// node's `pause` is built beside it).
+pub(crate) const SIGNAL_KUBE: GoBuilt = GoBuilt {
+    what: "the Kubernetes control plane binary",
+    in_target: "kube/signal-kube",
+    script: "scripts/build-kube.sh",
+    env_var: BINARY_ENV_VAR,
+};
 
 /// Every file of one control plane, inside its temporary directory.
 struct Files {
@@ -735,7 +722,7 @@ mod tests {
     #[test]
     fn a_missing_binary_names_the_build_script() {
         let dir = tempfile::tempdir().unwrap();
-        let error = not_built(dir.path().join("nothing"));
+        let error = SIGNAL_KUBE.not_built(dir.path().join("nothing"));
         assert!(
             error.to_string().contains("scripts/build-kube.sh"),
             "{error}"

@@ -108,10 +108,10 @@ impl KubeNode {
                 "a node needs root: containerd, runc and the bridge do".to_string(),
             ));
         }
-        let signal_kube = kube_cluster::locate_binary()?;
+        let signal_kube = kube_cluster::SIGNAL_KUBE.locate()?;
         let pause = signal_kube.with_file_name("pause");
         if !pause.is_file() {
-            return Err(kube_cluster::not_built(pause));
+            return Err(kube_cluster::SIGNAL_KUBE.not_built(pause));
         }
         let containerd = CONTAINERD.locate()?;
         let ctr = CTR.locate()?;

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::binary;
+use crate::binary::{self, GoBuilt};
 use crate::error::{IoContext, Result};
 use crate::ports::{PortReservation, reserve_port};
 use crate::process::{self, ServerProcess};
@@ -38,6 +38,15 @@ pub const CURRENT_NATS_VERSION: &str = "2.15.2";
 
 /// Overrides where [`NatsServer::start_current`] finds its binary.
 pub const CURRENT_NATS_ENV_VAR: &str = "SIGNAL_TEST_CURRENT_NATS_SERVER";
+
+/// The current nats-server: [`CURRENT_NATS_ENV_VAR`], else `target/nats/nats-server`.
+const CURRENT_NATS: GoBuilt = GoBuilt {
+    what: "the current nats-server",
+    in_target: "nats/nats-server",
+    script: "scripts/build-current-nats.sh",
+    env_var: CURRENT_NATS_ENV_VAR,
+};
+
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
@@ -71,7 +80,7 @@ impl NatsServer {
     /// `scripts/build-current-nats.sh` builds into `target/nats/nats-server` (or the binary
     /// [`CURRENT_NATS_ENV_VAR`] names).
     pub fn start_current() -> Result<NatsServer> {
-        NatsServer::start_with(locate_current()?, Ipv4Addr::LOCALHOST, None, None)
+        NatsServer::start_with(CURRENT_NATS.locate()?, Ipv4Addr::LOCALHOST, None, None)
     }
 
     /// Like [`NatsServer::start`], with subject mappings in the server's configuration
@@ -304,24 +313,6 @@ impl Drop for NatsServer {
 /// `maxBytes` (10 GiB in the production example) would be placeable or not depending on the
 /// free disk of the machine running the tests. The limit is accounting only: nothing is
 /// preallocated. Command-line flags still set the rest.
-/// [`CURRENT_NATS_ENV_VAR`], else `target/nats/nats-server` in this workspace.
-fn locate_current() -> Result<PathBuf> {
-    let path = match std::env::var_os(CURRENT_NATS_ENV_VAR).filter(|v| !v.is_empty()) {
-        Some(path) => PathBuf::from(path),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nats/nats-server"),
-    };
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(crate::error::Error::NotBuilt {
-            what: "the current nats-server",
-            path,
-            script: "scripts/build-current-nats.sh",
-            env_var: CURRENT_NATS_ENV_VAR,
-        })
-    }
-}
-
 fn write_config(dir: &Path, extra: &str) -> Result<Vec<String>> {
     let path = dir.join("server.conf");
     let text = format!("jetstream {{\n  max_file_store: 1TB\n}}\n{extra}");

@@ -114,7 +114,7 @@ impl<'a> SinkTarget<'a> {
 
 /// The clients a sink writes through, and the TLS material they were made with.
 pub struct Replicas {
-    /// `(url, client)` of each replica, the one to use first first.
+    /// `(url, client)` of each replica, in the order they are tried.
     pub clients: Vec<(String, clickhouse::Client)>,
     /// For finding the TLS cause a failed request lost ([`clickhouse_tls_probe`]).
     pub tls: Option<TlsMaterial>,
@@ -284,14 +284,16 @@ impl ClickHouseSink {
     /// have lost found by a connection of our own ([`clickhouse_tls_probe`]).
     async fn describe_unanswered(&self, error: &clickhouse::error::Error) -> String {
         let url = &self.replica().0;
-        if signal_clients::connect::clickhouse_tls_failure(url, error).is_none()
-            && matches!(error, clickhouse::error::Error::Network(_))
+        if let Some(failure) = signal_clients::connect::clickhouse_tls_failure(url, error) {
+            return failure.to_string();
+        }
+        if matches!(error, clickhouse::error::Error::Network(_))
             && let Some(tls) = &self.tls
             && let Some(failure) = clickhouse_tls_probe(url, tls).await
         {
             return failure.to_string();
         }
-        self.describe(error)
+        error.to_string()
     }
 
     async fn insert_once(&self, batch: &SealedBatch) -> Result<(), clickhouse::error::Error> {
