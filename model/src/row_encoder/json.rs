@@ -1,8 +1,10 @@
-//! Scanning a JSON message: its top level as raw values borrowed from the payload, and the value
-//! a column's path leads to, parsed only when a column reads it.
+//! Scanning a JSON message: the raw values of the keys the columns read, recorded while the
+//! message is read once and borrowed from the payload, then each parsed only when a column
+//! reads it.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
@@ -11,34 +13,175 @@ use serde_json::value::RawValue;
 use super::Poison;
 use crate::value_source::PathStep;
 
-/// The top level of a JSON object message: each key with its raw value text, borrowed from the
-/// payload. Parsing a message this way allocates (almost) nothing; only the values columns read
-/// are parsed further, so the hot path does not build a whole `Value` tree per message.
+/// The keys that the columns read, level by level, compiled once per encoder. While a message is
+/// read, the value of each of these keys is recorded in its slot, so no column searches the
+/// message afterwards, and an object inside the message is read once, not once per column.
+#[derive(Clone, Debug, Default)]
+pub(super) struct WantedKeys {
+    keys: Vec<WantedKey>,
+}
+
+#[derive(Clone, Debug)]
+struct WantedKey {
+    key: String,
+    /// The slot its raw value is recorded in, when a column reads it.
+    slot: Option<usize>,
+    /// The keys read inside its value, when that is an object.
+    inner: WantedKeys,
+    /// The slots of `inner`, all of them: emptied when the key comes again (the last of
+    /// duplicate keys wins, as it does for a parsed `Value`).
+    inner_slots: Range<usize>,
+}
+
+impl WantedKeys {
+    /// The keys of `paths`, each up to its first array index. Returns them with, for each path,
+    /// the slot of its last key (`None` for a path that starts with an index: the top level is an
+    /// object) and the steps left after it, and the number of slots.
+    pub(super) fn compile(paths: &[&[PathStep]]) -> (Self, Vec<Option<(usize, usize)>>, usize) {
+        let mut wanted = WantedKeys::default();
+        for path in paths {
+            let keys = key_prefix(path);
+            if !keys.is_empty() {
+                wanted.insert(&keys);
+            }
+        }
+        let mut slots = 0;
+        wanted.number(&mut slots);
+        let found = paths
+            .iter()
+            .map(|path| {
+                let keys = key_prefix(path);
+                Some((wanted.slot_of(&keys)?, keys.len()))
+            })
+            .collect();
+        (wanted, found, slots)
+    }
+
+    fn insert(&mut self, keys: &[&str]) {
+        let Some((first, rest)) = keys.split_first() else {
+            return;
+        };
+        let at = match self.keys.iter().position(|wanted| wanted.key == *first) {
+            Some(at) => at,
+            None => {
+                self.keys.push(WantedKey {
+                    key: first.to_string(),
+                    slot: None,
+                    inner: WantedKeys::default(),
+                    inner_slots: 0..0,
+                });
+                self.keys.len() - 1
+            }
+        };
+        let wanted = &mut self.keys[at];
+        if rest.is_empty() {
+            // Marked as read; numbered later.
+            wanted.slot = Some(usize::MAX);
+        } else {
+            wanted.inner.insert(rest);
+        }
+    }
+
+    /// Numbers the slots depth first, so that the slots below a key are one range.
+    fn number(&mut self, next: &mut usize) {
+        for wanted in &mut self.keys {
+            if wanted.slot.is_some() {
+                wanted.slot = Some(*next);
+                *next += 1;
+            }
+            let first_inner = *next;
+            wanted.inner.number(next);
+            wanted.inner_slots = first_inner..*next;
+        }
+    }
+
+    fn slot_of(&self, keys: &[&str]) -> Option<usize> {
+        let (first, rest) = keys.split_first()?;
+        let wanted = self.keys.iter().find(|wanted| wanted.key == *first)?;
+        if rest.is_empty() {
+            wanted.slot
+        } else {
+            wanted.inner.slot_of(rest)
+        }
+    }
+
+    /// The wanted key `key`, looked for from `hint` on (and then from the start). A message's
+    /// keys mostly come in the order the columns read them, so starting after the last key found
+    /// mostly finds the next one at once. Returns it with the hint for the next key.
+    fn find(&self, key: &str, hint: usize) -> Option<(&WantedKey, usize)> {
+        let (earlier, from_hint) = self.keys.split_at(hint.min(self.keys.len()));
+        let at = from_hint
+            .iter()
+            .position(|wanted| wanted.key == key)
+            .map(|at| hint + at)
+            .or_else(|| earlier.iter().position(|wanted| wanted.key == key))?;
+        Some((&self.keys[at], at + 1))
+    }
+
+    /// Records the values of the wanted keys among `fields` (an object's keys and raw values, in
+    /// order), reading the objects inside them with serde_json: the way for messages the scanner
+    /// leaves to serde_json.
+    fn record_fields<'a>(&self, fields: &[(Cow<'a, str>, &'a str)], slots: &mut [Option<&'a str>]) {
+        for wanted in &self.keys {
+            let Some((_, raw)) = fields.iter().rev().find(|(key, _)| *key == wanted.key) else {
+                continue;
+            };
+            if let Some(slot) = wanted.slot {
+                slots[slot] = Some(raw);
+            }
+            if !wanted.inner.keys.is_empty()
+                && let Ok(inner) = serde_json::from_str::<Fields<'a>>(raw)
+            {
+                wanted.inner.record_fields(&inner.0, slots);
+            }
+        }
+    }
+}
+
+/// The keys a path starts with, up to its first array index.
+fn key_prefix(path: &[PathStep]) -> Vec<&str> {
+    path.iter()
+        .map_while(|step| match step {
+            PathStep::Key(key) => Some(key.as_str()),
+            PathStep::Index(_) => None,
+        })
+        .collect()
+}
+
+/// A JSON object message, read: the raw value of each wanted key, borrowed from the payload.
 #[derive(Default)]
-pub(super) struct TopLevel<'a> {
-    /// Each key and its value's raw JSON text.
-    fields: Vec<(Cow<'a, str>, &'a str)>,
+pub(super) struct Scanned<'a> {
+    /// By slot of [`WantedKeys`]: the raw value, if the message has the key.
+    slots: Vec<Option<&'a str>>,
     /// Read by [`scan`]: no string anywhere in the message has an escape.
     escape_free: bool,
 }
 
-/// A column's value parsed out of its top-level field.
+/// A column's value parsed out of its raw value.
 pub(super) enum Parsed<'a> {
     /// A JSON string, borrowed from the payload unless it had escapes.
     Text(Cow<'a, str>),
     Value(Value),
 }
 
-impl<'a> TopLevel<'a> {
-    pub(super) fn parse(payload: &'a [u8]) -> Result<Self, Poison> {
+impl<'a> Scanned<'a> {
+    pub(super) fn parse(
+        payload: &'a [u8],
+        wanted: &WantedKeys,
+        slot_count: usize,
+    ) -> Result<Self, Poison> {
         // UTF-8 is checked once for the whole message: parsed from a `str`, serde_json does not
         // check each string and each raw value again.
         let text = std::str::from_utf8(payload).map_err(|e| Poison::NotJson(e.to_string()))?;
-        if let Some(top_level) = scan::object(text) {
-            return Ok(top_level);
+        let mut slots = vec![None; slot_count];
+        if scan::object(text, wanted, &mut slots).is_some() {
+            return Ok(Scanned {
+                slots,
+                escape_free: true,
+            });
         }
         // Escapes, broken JSON or not an object: serde_json decides, and names what is wrong.
-        serde_json::from_str(text).map_err(|error| {
+        let fields = serde_json::from_str::<Fields<'a>>(text).map_err(|error| {
             // A type error means valid JSON that is not an object, unless the text is broken too.
             if error.classify() == serde_json::error::Category::Data
                 && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
@@ -47,7 +190,33 @@ impl<'a> TopLevel<'a> {
             } else {
                 Poison::NotJson(error.to_string())
             }
+        })?;
+        // The scan may have recorded some before it gave up.
+        slots.fill(None);
+        wanted.record_fields(&fields.0, &mut slots);
+        Ok(Scanned {
+            slots,
+            escape_free: false,
         })
+    }
+
+    /// The raw value a column's path leads to: its slot's, then the steps after the slot's key
+    /// (from an array index on), if any.
+    pub(super) fn raw_at(&self, slot: usize, steps_after: &[PathStep]) -> Option<&'a str> {
+        let mut raw = self.slots[slot]?;
+        for step in steps_after {
+            raw = match step {
+                PathStep::Key(key) => {
+                    let object: Fields<'a> = serde_json::from_str(raw).ok()?;
+                    object.0.into_iter().rev().find(|(k, _)| k == key)?.1
+                }
+                PathStep::Index(index) => {
+                    let items: Vec<&'a RawValue> = serde_json::from_str(raw).ok()?;
+                    items.get(*index)?.get()
+                }
+            };
+        }
+        Some(raw)
     }
 
     /// A raw value of this message ([`Self::raw_at`]), parsed.
@@ -72,117 +241,56 @@ impl<'a> TopLevel<'a> {
     }
 
     /// The text of a raw number as the payload spells it (`None` for anything other than a
-    /// number). Decimals are encoded from it, so no digit is lost to `f64`.
+    /// number). Decimals and floats are encoded from it.
     pub(super) fn number_text(raw: &'a str) -> Option<&'a str> {
         let text = raw.trim();
         text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
             .then_some(text)
     }
-
-    /// The raw value the path leads to. The last of duplicate keys wins, as it does for a
-    /// parsed `Value`; a key into an array or an index into an object leads nowhere.
-    pub(super) fn raw_at(&self, steps: &[PathStep]) -> Option<&'a str> {
-        let Some(PathStep::Key(first)) = steps.first() else {
-            // An index into the top level, which is an object: nothing there.
-            return None;
-        };
-        let mut raw: &'a str = self.fields.iter().rev().find(|(key, _)| key == first)?.1;
-        for step in &steps[1..] {
-            raw = match step {
-                PathStep::Key(key) => {
-                    let object = match scan::object(raw) {
-                        Some(object) => object,
-                        None => serde_json::from_str::<TopLevel<'a>>(raw).ok()?,
-                    };
-                    object.fields.iter().rev().find(|(k, _)| k == key)?.1
-                }
-                PathStep::Index(index) => {
-                    let items: Vec<&'a RawValue> = serde_json::from_str(raw).ok()?;
-                    items.get(*index)?.get()
-                }
-            };
-        }
-        Some(raw)
-    }
 }
 
-/// A JSON object's top level read without serde_json, for the common message: no escapes in any
-/// of its strings. Every byte is still checked against JSON's grammar, so what it accepts
-/// serde_json accepts too, with the same keys and values; anything else (an escape, broken
-/// JSON, nesting deeper than [`scan::MAX_DEPTH`]) gives `None` and serde_json reads it instead.
+/// A JSON object read without serde_json, for the common message: no escapes in any of its
+/// strings. Every byte is still checked against JSON's grammar, so what it accepts serde_json
+/// accepts too, with the same values for the same keys; anything else (an escape, broken JSON,
+/// nesting deeper than [`scan::MAX_DEPTH`]) gives `None` and serde_json reads it instead.
 mod scan {
-    use std::borrow::Cow;
-
-    use super::TopLevel;
+    use super::WantedKeys;
 
     /// Deeper values are left to serde_json, which has its own limit (128).
     pub(super) const MAX_DEPTH: usize = 64;
 
-    /// The top level of `text` if it is a JSON object (with whitespace around it) that
-    /// [`scan`](self) reads.
-    pub(in super::super) fn object(text: &str) -> Option<TopLevel<'_>> {
+    /// Reads `text` if it is a JSON object (with whitespace around it) that [`scan`](self)
+    /// reads, recording the raw value of each key in `wanted` in its slot.
+    pub(in super::super) fn object<'a>(
+        text: &'a str,
+        wanted: &WantedKeys,
+        slots: &mut [Option<&'a str>],
+    ) -> Option<()> {
         let mut scan = Scan { text, at: 0 };
         scan.whitespace();
-        scan.expect(b'{')?;
-        let mut fields = Vec::with_capacity(16);
-        scan.whitespace();
-        if scan.peek() == Some(b'}') {
-            scan.at += 1;
-        } else {
-            loop {
-                scan.whitespace();
-                let key = scan.string()?;
-                scan.whitespace();
-                scan.expect(b':')?;
-                scan.whitespace();
-                let start = scan.at;
-                scan.value(1)?;
-                fields.push((Cow::Borrowed(key), &text[start..scan.at]));
-                scan.whitespace();
-                match scan.next()? {
-                    b',' => continue,
-                    b'}' => break,
-                    _ => return None,
-                }
-            }
+        if scan.peek() != Some(b'{') {
+            return None;
         }
+        scan.nested(0, b'}', Some(wanted), slots)?;
         scan.whitespace();
-        (scan.at == text.len()).then_some(TopLevel {
-            fields,
-            escape_free: true,
-        })
+        (scan.at == text.len()).then_some(())
     }
 
-    /// Where the first quote, backslash or control character of `bytes` is: eight bytes at a
-    /// time, since most of a message is the text of its strings.
-    fn string_end(bytes: &[u8]) -> Option<usize> {
+    /// Whether `word`, eight bytes of a string, holds a quote, a backslash or a control
+    /// character, and if so the offset of the first.
+    fn string_stop(word: u64) -> Option<usize> {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGHS: u64 = 0x8080_8080_8080_8080;
-        let mut chunks = bytes.chunks_exact(8);
-        let mut at = 0;
-        for chunk in &mut chunks {
-            let mut word = [0; 8];
-            word.copy_from_slice(chunk);
-            let word = u64::from_le_bytes(word);
-            // A byte's high bit is set for the lowest byte that is zero after the XOR (a quote or
-            // a backslash) or below 0x20; bytes above the lowest may be flagged wrongly by the
-            // borrow, so only the lowest flag is read.
-            let quote = word ^ (ONES * u64::from(b'"'));
-            let backslash = word ^ (ONES * u64::from(b'\\'));
-            let flags = (quote.wrapping_sub(ONES) & !quote
-                | backslash.wrapping_sub(ONES) & !backslash
-                | word.wrapping_sub(ONES * 0x20) & !word)
-                & HIGHS;
-            if flags != 0 {
-                return Some(at + (flags.trailing_zeros() / 8) as usize);
-            }
-            at += 8;
-        }
-        chunks
-            .remainder()
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-            .map(|offset| at + offset)
+        // A byte's high bit is set for the lowest byte that is zero after the XOR (a quote or a
+        // backslash) or below 0x20; bytes above the lowest may be flagged wrongly by the borrow,
+        // so only the lowest flag is read.
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        let flags = (quote.wrapping_sub(ONES) & !quote
+            | backslash.wrapping_sub(ONES) & !backslash
+            | word.wrapping_sub(ONES * 0x20) & !word)
+            & HIGHS;
+        (flags != 0).then(|| (flags.trailing_zeros() / 8) as usize)
     }
 
     struct Scan<'a> {
@@ -213,27 +321,52 @@ mod scan {
 
         /// A string without escapes or control characters: its content.
         fn string(&mut self) -> Option<&'a str> {
-            self.expect(b'"')?;
-            let start = self.at;
-            let rest = &self.text.as_bytes()[start..];
-            let end = string_end(rest)?;
-            if rest[end] != b'"' {
+            let bytes = self.text.as_bytes();
+            if bytes.get(self.at) != Some(&b'"') {
                 return None;
             }
-            self.at = start + end + 1;
+            let start = self.at + 1;
+            let mut end = start;
+            // Eight bytes at a time, since most of a message is the text of its strings; the
+            // last few of the message one by one.
+            loop {
+                match bytes.get(end..end + 8) {
+                    Some(&[b0, b1, b2, b3, b4, b5, b6, b7]) => {
+                        let word = u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+                        if let Some(offset) = string_stop(word) {
+                            end += offset;
+                            break;
+                        }
+                        end += 8;
+                    }
+                    _ => match bytes.get(end)? {
+                        b'"' | b'\\' | 0..0x20 => break,
+                        _ => end += 1,
+                    },
+                }
+            }
+            if bytes[end] != b'"' {
+                return None;
+            }
+            self.at = end + 1;
             // Both ends are ASCII quotes, so the slice falls on character boundaries.
-            Some(&self.text[start..start + end])
+            self.text.get(start..end)
         }
 
-        /// Steps over one value, checking it.
-        fn value(&mut self, depth: usize) -> Option<()> {
+        /// Steps over one value, checking it; an object's wanted keys are recorded.
+        fn value(
+            &mut self,
+            depth: usize,
+            wanted: Option<&WantedKeys>,
+            slots: &mut [Option<&'a str>],
+        ) -> Option<()> {
             if depth > MAX_DEPTH {
                 return None;
             }
             match self.peek()? {
                 b'"' => self.string().map(|_| ()),
-                b'{' => self.nested(depth, b'}', true),
-                b'[' => self.nested(depth, b']', false),
+                b'{' => self.nested(depth, b'}', wanted, slots),
+                b'[' => self.nested(depth, b']', None, slots),
                 b't' => self.literal("true"),
                 b'f' => self.literal("false"),
                 b'n' => self.literal("null"),
@@ -242,23 +375,49 @@ mod scan {
             }
         }
 
-        /// An object (`keyed`) or an array, from its opening bracket to `close`.
-        fn nested(&mut self, depth: usize, close: u8, keyed: bool) -> Option<()> {
+        /// An object (`close` is `}`; `wanted` its keys to record) or an array, from its opening
+        /// bracket to `close`.
+        fn nested(
+            &mut self,
+            depth: usize,
+            close: u8,
+            wanted: Option<&WantedKeys>,
+            slots: &mut [Option<&'a str>],
+        ) -> Option<()> {
+            let keyed = close == b'}';
             self.at += 1;
             self.whitespace();
             if self.peek() == Some(close) {
                 self.at += 1;
                 return Some(());
             }
+            let mut hint = 0;
             loop {
                 self.whitespace();
+                let mut this = None;
                 if keyed {
-                    self.string()?;
+                    let key = self.string()?;
+                    if let Some((found, next)) = wanted.and_then(|wanted| wanted.find(key, hint)) {
+                        this = Some(found);
+                        hint = next;
+                    }
                     self.whitespace();
                     self.expect(b':')?;
                     self.whitespace();
                 }
-                self.value(depth + 1)?;
+                let start = self.at;
+                match this {
+                    Some(this) => {
+                        // Only this value of the key counts: forget what an earlier one left.
+                        slots[this.inner_slots.clone()].fill(None);
+                        let inner = (!this.inner.keys.is_empty()).then_some(&this.inner);
+                        self.value(depth + 1, inner, slots)?;
+                        if let Some(slot) = this.slot {
+                            slots[slot] = Some(&self.text[start..self.at]);
+                        }
+                    }
+                    None => self.value(depth + 1, None, slots)?,
+                }
                 self.whitespace();
                 match self.next()? {
                     b',' => continue,
@@ -339,11 +498,14 @@ fn plain_integer(raw: &str) -> Option<serde_json::Number> {
     }
 }
 
-impl<'de> Deserialize<'de> for TopLevel<'de> {
+/// An object's keys and raw values, in order, as serde_json reads them.
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a str)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct ObjectVisitor;
         impl<'de> Visitor<'de> for ObjectVisitor {
-            type Value = TopLevel<'de>;
+            type Value = Fields<'de>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
@@ -354,10 +516,7 @@ impl<'de> Deserialize<'de> for TopLevel<'de> {
                 while let Some(key) = map.next_key::<JsonText<'de>>()? {
                     fields.push((key.0, map.next_value::<&'de RawValue>()?.get()));
                 }
-                Ok(TopLevel {
-                    fields,
-                    escape_free: false,
-                })
+                Ok(Fields(fields))
             }
         }
         deserializer.deserialize_map(ObjectVisitor)
@@ -400,12 +559,21 @@ impl<'de> Deserialize<'de> for JsonText<'de> {
 mod tests {
     use super::*;
 
+    fn path(text: &str) -> Vec<PathStep> {
+        match crate::value_source::ValueSource::parse(text).unwrap() {
+            crate::value_source::ValueSource::Json(steps) => steps,
+            other => panic!("{text} is not a path: {other:?}"),
+        }
+    }
+
     /// What `parse_raw` makes of the value at `$.v` of `{"v": <raw>}`.
     fn found(raw: &str) -> Option<String> {
         let message = format!(r#"{{"v": {raw}}}"#);
-        let top = TopLevel::parse(message.as_bytes()).unwrap();
-        let path = [PathStep::Key("v".into())];
-        match top.parse_raw(top.raw_at(&path)?).unwrap() {
+        let steps = path("$.v");
+        let (wanted, slots, count) = WantedKeys::compile(&[&steps]);
+        let (slot, keys) = slots[0].unwrap();
+        let top = Scanned::parse(message.as_bytes(), &wanted, count).unwrap();
+        match top.parse_raw(top.raw_at(slot, &steps[keys..])?).unwrap() {
             Parsed::Text(text) => Some(format!(
                 "text {text:?} borrowed {}",
                 matches!(text, Cow::Borrowed(_))
@@ -414,27 +582,58 @@ mod tests {
         }
     }
 
-    /// serde_json's reading of `text`'s top level, as (key, raw value) pairs.
-    fn serde_fields(text: &str) -> Option<Vec<(String, String)>> {
-        let top: TopLevel<'_> = serde_json::from_str(text).ok()?;
-        Some(fields(&top))
-    }
-
-    fn fields(top: &TopLevel<'_>) -> Vec<(String, String)> {
-        top.fields
-            .iter()
-            .map(|(key, raw)| (key.to_string(), raw.to_string()))
-            .collect()
-    }
-
     #[test]
-    fn the_scanner_accepts_only_what_serde_json_accepts_and_reads_it_alike() {
+    fn the_scanner_accepts_only_what_serde_json_accepts_and_finds_the_same_values() {
         let bases = [
             r#"{"event_time":"2026-03-01T10:00:00.123Z","severity":3,"ok":true,"no":false,"n":null,"payload":{"amount":-12.5e+3,"list":[0,1.0,{"k":[]}],"e":{}},"s":""}"#,
             " { \"a\" : [ 1 , 2 ] ,\n\t\"b\":\r\"é ✓\" } ",
             "{}",
             r#"{"a":"x\"y"}"#,
+            r#"{"payload":{"amount":1,"e":2},"payload":{"amount":3},"s":"1","s":2}"#,
+            r#"{"payload":{"amount":1},"payload":"text","a":{"b":{"c":[1,{"d":5}]}}}"#,
         ];
+        let paths: Vec<Vec<PathStep>> = [
+            "$.event_time",
+            "$.severity",
+            "$.n",
+            "$.payload",
+            "$.payload.amount",
+            "$.payload.list[2].k",
+            "$.payload.e",
+            "$.s",
+            "$.a",
+            "$.a.b.c[1].d",
+            "$.a[0]",
+            "$.b",
+            "$.missing",
+        ]
+        .iter()
+        .map(|text| path(text))
+        .collect();
+        let path_refs: Vec<&[PathStep]> = paths.iter().map(Vec::as_slice).collect();
+        let (wanted, slots, count) = WantedKeys::compile(&path_refs);
+        // What serde_json's own `Value` has at each path: a key leads into an object only, an
+        // index into an array only.
+        let at_path = |value: &Value, steps: &[PathStep]| -> Option<Value> {
+            steps
+                .iter()
+                .try_fold(value, |value, step| match step {
+                    PathStep::Key(key) => value.as_object()?.get(key),
+                    PathStep::Index(index) => value.as_array()?.get(*index),
+                })
+                .cloned()
+        };
+        let values = |scanned: &Scanned<'_>| -> Vec<Option<Value>> {
+            paths
+                .iter()
+                .zip(&slots)
+                .map(|(steps, slot)| {
+                    let (slot, keys) = (*slot)?;
+                    let raw = scanned.raw_at(slot, &steps[keys..])?;
+                    Some(serde_json::from_str(raw).unwrap())
+                })
+                .collect()
+        };
         // Every base, and every base with one byte removed, doubled or replaced by each of a
         // few bytes that JSON's grammar cares about.
         let mut texts: Vec<Vec<u8>> = Vec::new();
@@ -455,26 +654,48 @@ mod tests {
                 }
             }
         }
-        let mut scanned = 0;
+        let (mut scanned, mut objects) = (0, 0);
         for bytes in &texts {
             let Ok(text) = std::str::from_utf8(bytes) else {
                 continue;
             };
-            if let Some(top) = scan::object(text) {
+            let serde_value = serde_json::from_str::<Value>(text).ok();
+            let mut scan_slots = vec![None; count];
+            if scan::object(text, &wanted, &mut scan_slots).is_some() {
                 scanned += 1;
-                assert_eq!(
-                    Some(fields(&top)),
-                    serde_fields(text),
-                    "the scanner read {text:?} otherwise than serde_json"
+                assert!(
+                    serde_value.as_ref().is_some_and(Value::is_object),
+                    "the scanner read {text:?}, which serde_json does not read as an object"
                 );
             }
+            let Some(value) = serde_value.filter(Value::is_object) else {
+                assert!(Scanned::parse(bytes, &wanted, count).is_err(), "{text:?}");
+                continue;
+            };
+            objects += 1;
+            let expected: Vec<Option<Value>> =
+                paths.iter().map(|steps| at_path(&value, steps)).collect();
+            let parsed = Scanned::parse(bytes, &wanted, count).unwrap();
+            assert_eq!(values(&parsed), expected, "{text:?}");
+            let mut fallback = vec![None; count];
+            wanted.record_fields(
+                &serde_json::from_str::<Fields<'_>>(text).unwrap().0,
+                &mut fallback,
+            );
+            let fallback = Scanned {
+                slots: fallback,
+                escape_free: false,
+            };
+            assert_eq!(values(&fallback), expected, "serde_json's way, {text:?}");
         }
         assert!(scanned > 100, "only {scanned} texts were scanned");
+        assert!(objects > scanned, "no text was left to serde_json");
         // Escapes and deep nesting are left to serde_json.
-        assert!(scan::object(r#"{"a":"x\"y"}"#).is_none());
+        let mut unused = vec![None; count];
+        assert!(scan::object(r#"{"a":"x\"y"}"#, &wanted, &mut unused).is_none());
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(100), "]".repeat(100));
-        assert!(scan::object(&deep).is_none());
-        assert!(serde_fields(&deep).is_some());
+        assert!(scan::object(&deep, &wanted, &mut unused).is_none());
+        assert!(Scanned::parse(deep.as_bytes(), &wanted, count).is_ok());
     }
 
     #[test]

@@ -21,9 +21,9 @@ use serde_json::Value;
 
 use crate::column_type::ColumnType;
 use crate::spec::ColumnSpec;
-use crate::value_source::ValueSource;
+use crate::value_source::{PathStep, ValueSource};
 
-use json::{Parsed, TopLevel};
+use json::{Parsed, Scanned, WantedKeys};
 use values::encode_value;
 
 /// Headers of a message, looked up by name.
@@ -133,11 +133,15 @@ struct Column {
     ty: ColumnType,
     source: ValueSource,
     default: Option<Value>,
-    /// A (nullable) decimal: its value is read from the number's text.
-    decimal: bool,
+    /// A (nullable) decimal or float: a JSON number for it is read from its text. Decimals keep
+    /// every digit that way; floats are parsed once, without building a JSON value first.
+    number_text: bool,
     /// A string column (`Some(nullable)`): an object or array found for it is stored as the
     /// message's own text, without parsing it into a value and printing it again.
     text: Option<bool>,
+    /// A path into the message: the slot of [`WantedKeys`] its keys lead to, and how many of
+    /// its steps that slot covers (the rest start at an array index). Set by [`RowEncoder::new`].
+    slot: Option<(usize, usize)>,
 }
 
 /// Whether `ty` is a string column, and if so whether it is nullable.
@@ -147,6 +151,15 @@ fn string_column(ty: &ColumnType) -> Option<bool> {
         ColumnType::LowCardinality(inner) => string_column(inner),
         ColumnType::Nullable(inner) => string_column(inner).map(|_| true),
         _ => None,
+    }
+}
+
+/// Whether a JSON number for a column of type `ty` is encoded from the number's text.
+fn reads_number_text(ty: &ColumnType) -> bool {
+    match ty {
+        ColumnType::Nullable(inner) => reads_number_text(inner),
+        ColumnType::Decimal { .. } | ColumnType::Float32 | ColumnType::Float64 => true,
+        _ => false,
     }
 }
 
@@ -196,6 +209,9 @@ fn shorten(text: &str) -> String {
 pub struct RowEncoder {
     columns: Vec<Column>,
     max_message_bytes: usize,
+    /// The keys the columns read, recorded while a message is scanned, in this many slots.
+    wanted: WantedKeys,
+    slot_count: usize,
     needs_json: bool,
     needs_whole_message: bool,
 }
@@ -217,20 +233,16 @@ impl RowEncoder {
             match (ty, source) {
                 (Ok(ty), Ok(source)) => {
                     let default = spec.default.as_deref().map(|text| default_value(&ty, text));
-                    let decimal = match &ty {
-                        ColumnType::Nullable(inner) => {
-                            matches!(**inner, ColumnType::Decimal { .. })
-                        }
-                        other => matches!(other, ColumnType::Decimal { .. }),
-                    };
+                    let number_text = reads_number_text(&ty);
                     let text = string_column(&ty);
                     let column = Column {
                         name: spec.name.clone(),
                         ty,
                         source,
                         default,
-                        decimal,
+                        number_text,
                         text,
+                        slot: None,
                     };
                     if let Some(default) = &column.default {
                         let mut scratch = Vec::new();
@@ -251,6 +263,17 @@ impl RowEncoder {
         if !errors.is_empty() {
             return Err(errors);
         }
+        let paths: Vec<&[PathStep]> = compiled
+            .iter()
+            .map(|column| match &column.source {
+                ValueSource::Json(steps) => steps.as_slice(),
+                _ => &[],
+            })
+            .collect();
+        let (wanted, slots, slot_count) = WantedKeys::compile(&paths);
+        for (column, slot) in compiled.iter_mut().zip(slots) {
+            column.slot = slot;
+        }
         let needs_json = compiled
             .iter()
             .any(|c| matches!(c.source, ValueSource::Json(_)));
@@ -260,6 +283,8 @@ impl RowEncoder {
         Ok(Self {
             columns: compiled,
             max_message_bytes,
+            wanted,
+            slot_count,
             needs_json,
             needs_whole_message,
         })
@@ -318,10 +343,10 @@ impl RowEncoder {
                 limit: self.max_message_bytes,
             });
         }
-        let top_level = if self.needs_json {
-            TopLevel::parse(payload)?
+        let scanned = if self.needs_json {
+            Scanned::parse(payload, &self.wanted, self.slot_count)?
         } else {
-            TopLevel::default()
+            Scanned::default()
         };
         // Only a column that takes the whole message (`$`) needs it as one parsed value.
         let whole: Value = if self.needs_whole_message {
@@ -336,8 +361,10 @@ impl RowEncoder {
             .enumerate()
             .try_for_each(|(index, column)| {
                 // The path is walked once, whatever the value turns out to be.
-                let raw = match &column.source {
-                    ValueSource::Json(steps) if !steps.is_empty() => top_level.raw_at(steps),
+                let raw = match (&column.source, column.slot) {
+                    (ValueSource::Json(steps), Some((slot, keys))) => {
+                        scanned.raw_at(slot, &steps[keys..])
+                    }
                     _ => None,
                 };
                 // An object or array into a string column: the message's own text.
@@ -358,10 +385,10 @@ impl RowEncoder {
                     return Ok(());
                 }
                 let number = raw
-                    .filter(|_| column.decimal)
-                    .and_then(TopLevel::number_text);
+                    .filter(|_| column.number_text)
+                    .and_then(Scanned::number_text);
                 let parsed = match raw {
-                    Some(text) if number.is_none() => Some(top_level.parse_raw(text)?),
+                    Some(text) if number.is_none() => Some(scanned.parse_raw(text)?),
                     _ => None,
                 };
                 let found = match (&column.source, &parsed) {

@@ -45,6 +45,14 @@ pub(super) fn write_string(out: &mut Vec<u8>, text: &[u8]) {
 /// without the whitespace between its tokens (so a payload reads the same whatever its
 /// producer's formatting).
 pub(super) fn write_compact_json_string(out: &mut Vec<u8>, raw: &str) {
+    // Most producers write compact JSON: then the text is written as it is, its length known.
+    if !raw
+        .bytes()
+        .any(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        write_string(out, raw.as_bytes());
+        return;
+    }
     let start = out.len();
     compact_json_into(raw, out);
     let (prefix, len) = varint((out.len() - start) as u64);
@@ -313,6 +321,8 @@ fn encode_unsigned(
     Ok(())
 }
 
+/// Floats come as JSON numbers (read from their text, see `reads_number_text`) or as text holding
+/// one; beyond `f64`'s range they are infinite, as ClickHouse reads them.
 fn float_of(found: Found<'_>) -> Option<f64> {
     match found {
         Found::Json(Value::Number(n)) => n.as_f64(),
