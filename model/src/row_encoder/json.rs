@@ -35,8 +35,9 @@ struct WantedKey {
 
 impl WantedKeys {
     /// The keys of `paths`, each up to its first array index. Returns them with, for each path,
-    /// the slot of its last key (`None` for a path that starts with an index: the top level is an
-    /// object) and the steps left after it, and the number of slots.
+    /// the slot of its last key and how many of its steps lead there (`None` for a path that
+    /// starts with an index, since the top level is an object, or is empty), and the number of
+    /// slots.
     pub(super) fn compile(paths: &[&[PathStep]]) -> (Self, Vec<Option<(usize, usize)>>, usize) {
         let mut wanted = WantedKeys::default();
         for path in paths {
@@ -109,7 +110,8 @@ impl WantedKeys {
     /// keys mostly come in the order the columns read them, so starting after the last key found
     /// mostly finds the next one at once. Returns it with the hint for the next key.
     fn find(&self, key: &str, hint: usize) -> Option<(&WantedKey, usize)> {
-        let (earlier, from_hint) = self.keys.split_at(hint.min(self.keys.len()));
+        let hint = hint.min(self.keys.len());
+        let (earlier, from_hint) = self.keys.split_at(hint);
         let at = from_hint
             .iter()
             .position(|wanted| wanted.key == key)
