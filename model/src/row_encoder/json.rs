@@ -18,6 +18,13 @@ use crate::value_source::PathStep;
 /// message afterwards, and an object inside the message is read once, not once per column.
 #[derive(Clone, Debug, Default)]
 pub(super) struct WantedKeys {
+    top: KeyLevel,
+    slot_count: usize,
+}
+
+/// The wanted keys of one object.
+#[derive(Clone, Debug, Default)]
+struct KeyLevel {
     keys: Vec<WantedKey>,
 }
 
@@ -27,7 +34,7 @@ struct WantedKey {
     /// The slot its raw value is recorded in, when a column reads it.
     slot: Option<usize>,
     /// The keys read inside its value, when that is an object.
-    inner: WantedKeys,
+    inner: KeyLevel,
     /// The slots of `inner`, all of them: emptied when the key comes again (the last of
     /// duplicate keys wins, as it does for a parsed `Value`).
     inner_slots: Range<usize>,
@@ -36,28 +43,30 @@ struct WantedKey {
 impl WantedKeys {
     /// The keys of `paths`, each up to its first array index. Returns them with, for each path,
     /// the slot of its last key and how many of its steps lead there (`None` for a path that
-    /// starts with an index, since the top level is an object, or is empty), and the number of
-    /// slots.
-    pub(super) fn compile(paths: &[&[PathStep]]) -> (Self, Vec<Option<(usize, usize)>>, usize) {
-        let mut wanted = WantedKeys::default();
-        for path in paths {
-            let keys = key_prefix(path);
-            if !keys.is_empty() {
-                wanted.insert(&keys);
-            }
+    /// starts with an index, since the top level is an object, or is empty).
+    pub(super) fn compile(paths: &[&[PathStep]]) -> (Self, Vec<Option<(usize, usize)>>) {
+        let mut top = KeyLevel::default();
+        let prefixes: Vec<Vec<&str>> = paths.iter().map(|path| key_prefix(path)).collect();
+        for keys in &prefixes {
+            top.insert(keys);
         }
-        let mut slots = 0;
-        wanted.number(&mut slots);
-        let found = paths
+        let mut slot_count = 0;
+        top.number(&mut slot_count);
+        let found = prefixes
             .iter()
-            .map(|path| {
-                let keys = key_prefix(path);
-                Some((wanted.slot_of(&keys)?, keys.len()))
-            })
+            .map(|keys| Some((top.slot_of(keys)?, keys.len())))
             .collect();
-        (wanted, found, slots)
+        (WantedKeys { top, slot_count }, found)
     }
 
+    /// A slot for each wanted key, none recorded yet.
+    fn empty_slots<'a>(&self) -> Vec<Option<&'a str>> {
+        vec![None; self.slot_count]
+    }
+}
+
+impl KeyLevel {
+    /// Adds the path `keys` (below this level), marking its last key as read by a column.
     fn insert(&mut self, keys: &[&str]) {
         let Some((first, rest)) = keys.split_first() else {
             return;
@@ -68,7 +77,7 @@ impl WantedKeys {
                 self.keys.push(WantedKey {
                     key: first.to_string(),
                     slot: None,
-                    inner: WantedKeys::default(),
+                    inner: KeyLevel::default(),
                     inner_slots: 0..0,
                 });
                 self.keys.len() - 1
@@ -76,18 +85,19 @@ impl WantedKeys {
         };
         let wanted = &mut self.keys[at];
         if rest.is_empty() {
-            // Marked as read; numbered later.
-            wanted.slot = Some(usize::MAX);
+            // Read by a column; [`Self::number`] gives it its slot.
+            wanted.slot = Some(0);
         } else {
             wanted.inner.insert(rest);
         }
     }
 
-    /// Numbers the slots depth first, so that the slots below a key are one range.
+    /// Numbers the slots of the keys read depth first, so that the slots below a key are one
+    /// range.
     fn number(&mut self, next: &mut usize) {
         for wanted in &mut self.keys {
-            if wanted.slot.is_some() {
-                wanted.slot = Some(*next);
+            if let Some(slot) = &mut wanted.slot {
+                *slot = *next;
                 *next += 1;
             }
             let first_inner = *next;
@@ -167,15 +177,11 @@ pub(super) enum Parsed<'a> {
 }
 
 impl<'a> Scanned<'a> {
-    pub(super) fn parse(
-        payload: &'a [u8],
-        wanted: &WantedKeys,
-        slot_count: usize,
-    ) -> Result<Self, Poison> {
+    pub(super) fn parse(payload: &'a [u8], wanted: &WantedKeys) -> Result<Self, Poison> {
         // UTF-8 is checked once for the whole message: parsed from a `str`, serde_json does not
         // check each string and each raw value again.
         let text = std::str::from_utf8(payload).map_err(|e| Poison::NotJson(e.to_string()))?;
-        let mut slots = vec![None; slot_count];
+        let mut slots = wanted.empty_slots();
         if scan::object(text, wanted, &mut slots).is_some() {
             return Ok(Scanned {
                 slots,
@@ -195,7 +201,7 @@ impl<'a> Scanned<'a> {
         })?;
         // The scan may have recorded some before it gave up.
         slots.fill(None);
-        wanted.record_fields(&fields.0, &mut slots);
+        wanted.top.record_fields(&fields.0, &mut slots);
         Ok(Scanned {
             slots,
             escape_free: false,
@@ -256,7 +262,7 @@ impl<'a> Scanned<'a> {
 /// accepts too, with the same values for the same keys; anything else (an escape, broken JSON,
 /// nesting deeper than [`scan::MAX_DEPTH`]) gives `None` and serde_json reads it instead.
 mod scan {
-    use super::WantedKeys;
+    use super::{KeyLevel, WantedKeys};
 
     /// Deeper values are left to serde_json, which has its own limit (128).
     pub(super) const MAX_DEPTH: usize = 64;
@@ -273,7 +279,7 @@ mod scan {
         if scan.peek() != Some(b'{') {
             return None;
         }
-        scan.nested(0, b'}', Some(wanted), slots)?;
+        scan.nested(0, b'}', Some(&wanted.top), slots)?;
         scan.whitespace();
         (scan.at == text.len()).then_some(())
     }
@@ -359,7 +365,7 @@ mod scan {
         fn value(
             &mut self,
             depth: usize,
-            wanted: Option<&WantedKeys>,
+            wanted: Option<&KeyLevel>,
             slots: &mut [Option<&'a str>],
         ) -> Option<()> {
             if depth > MAX_DEPTH {
@@ -383,7 +389,7 @@ mod scan {
             &mut self,
             depth: usize,
             close: u8,
-            wanted: Option<&WantedKeys>,
+            wanted: Option<&KeyLevel>,
             slots: &mut [Option<&'a str>],
         ) -> Option<()> {
             let keyed = close == b'}';
@@ -572,9 +578,9 @@ mod tests {
     fn found(raw: &str) -> Option<String> {
         let message = format!(r#"{{"v": {raw}}}"#);
         let steps = path("$.v");
-        let (wanted, slots, count) = WantedKeys::compile(&[&steps]);
+        let (wanted, slots) = WantedKeys::compile(&[&steps]);
         let (slot, keys) = slots[0].unwrap();
-        let top = Scanned::parse(message.as_bytes(), &wanted, count).unwrap();
+        let top = Scanned::parse(message.as_bytes(), &wanted).unwrap();
         match top.parse_raw(top.raw_at(slot, &steps[keys..])?).unwrap() {
             Parsed::Text(text) => Some(format!(
                 "text {text:?} borrowed {}",
@@ -613,7 +619,7 @@ mod tests {
         .map(|text| path(text))
         .collect();
         let path_refs: Vec<&[PathStep]> = paths.iter().map(Vec::as_slice).collect();
-        let (wanted, slots, count) = WantedKeys::compile(&path_refs);
+        let (wanted, slots) = WantedKeys::compile(&path_refs);
         // What serde_json's own `Value` has at each path: a key leads into an object only, an
         // index into an array only.
         let at_path = |value: &Value, steps: &[PathStep]| -> Option<Value> {
@@ -662,7 +668,7 @@ mod tests {
                 continue;
             };
             let serde_value = serde_json::from_str::<Value>(text).ok();
-            let mut scan_slots = vec![None; count];
+            let mut scan_slots = wanted.empty_slots();
             if scan::object(text, &wanted, &mut scan_slots).is_some() {
                 scanned += 1;
                 assert!(
@@ -671,16 +677,16 @@ mod tests {
                 );
             }
             let Some(value) = serde_value.filter(Value::is_object) else {
-                assert!(Scanned::parse(bytes, &wanted, count).is_err(), "{text:?}");
+                assert!(Scanned::parse(bytes, &wanted).is_err(), "{text:?}");
                 continue;
             };
             objects += 1;
             let expected: Vec<Option<Value>> =
                 paths.iter().map(|steps| at_path(&value, steps)).collect();
-            let parsed = Scanned::parse(bytes, &wanted, count).unwrap();
+            let parsed = Scanned::parse(bytes, &wanted).unwrap();
             assert_eq!(values(&parsed), expected, "{text:?}");
-            let mut fallback = vec![None; count];
-            wanted.record_fields(
+            let mut fallback = wanted.empty_slots();
+            wanted.top.record_fields(
                 &serde_json::from_str::<Fields<'_>>(text).unwrap().0,
                 &mut fallback,
             );
@@ -693,11 +699,11 @@ mod tests {
         assert!(scanned > 100, "only {scanned} texts were scanned");
         assert!(objects > scanned, "no text was left to serde_json");
         // Escapes and deep nesting are left to serde_json.
-        let mut unused = vec![None; count];
+        let mut unused = wanted.empty_slots();
         assert!(scan::object(r#"{"a":"x\"y"}"#, &wanted, &mut unused).is_none());
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(100), "]".repeat(100));
         assert!(scan::object(&deep, &wanted, &mut unused).is_none());
-        assert!(Scanned::parse(deep.as_bytes(), &wanted, count).is_ok());
+        assert!(Scanned::parse(deep.as_bytes(), &wanted).is_ok());
     }
 
     #[test]

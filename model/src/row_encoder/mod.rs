@@ -209,9 +209,8 @@ fn shorten(text: &str) -> String {
 pub struct RowEncoder {
     columns: Vec<Column>,
     max_message_bytes: usize,
-    /// The keys the columns read, recorded while a message is scanned, in this many slots.
+    /// The keys the columns read, recorded while a message is scanned.
     wanted: WantedKeys,
-    slot_count: usize,
     needs_json: bool,
     needs_whole_message: bool,
 }
@@ -270,7 +269,7 @@ impl RowEncoder {
                 _ => &[],
             })
             .collect();
-        let (wanted, slots, slot_count) = WantedKeys::compile(&paths);
+        let (wanted, slots) = WantedKeys::compile(&paths);
         for (column, slot) in compiled.iter_mut().zip(slots) {
             column.slot = slot;
         }
@@ -284,7 +283,6 @@ impl RowEncoder {
             columns: compiled,
             max_message_bytes,
             wanted,
-            slot_count,
             needs_json,
             needs_whole_message,
         })
@@ -344,7 +342,7 @@ impl RowEncoder {
             });
         }
         let scanned = if self.needs_json {
-            Scanned::parse(payload, &self.wanted, self.slot_count)?
+            Scanned::parse(payload, &self.wanted)?
         } else {
             Scanned::default()
         };
@@ -380,7 +378,10 @@ impl RowEncoder {
                     {
                         let mut compact = Vec::with_capacity(composite.len());
                         values::compact_json_into(composite, &mut compact);
-                        texts[index] = String::from_utf8_lossy(&compact).into_owned();
+                        // Only ASCII whitespace was taken out of UTF-8: still UTF-8.
+                        texts[index] = String::from_utf8(compact).unwrap_or_else(|error| {
+                            String::from_utf8_lossy(error.as_bytes()).into_owned()
+                        });
                     }
                     return Ok(());
                 }
@@ -699,6 +700,19 @@ mod tests {
         }
         let poison = encoder.encode(br#""text""#, &meta(), &mut out).unwrap_err();
         assert_eq!(poison.label(), "not_object");
+    }
+
+    #[test]
+    fn compact_objects_in_string_columns_are_stored_and_cached_as_they_are() {
+        let encoder = RowEncoder::new(&[ColumnSpec::new("object", "String", "$.o")], 1024).unwrap();
+        let object = br#"{"b":1.50,"a":"x\u0020y","l":[1,{"k":null}]}"#;
+        let payload = [br#"{"o":"#.as_slice(), object, b"}"].concat();
+        let (mut out, mut texts) = (Vec::new(), Vec::new());
+        encoder
+            .encode_with_texts(&payload, &meta(), &mut out, &[0], &mut texts)
+            .unwrap();
+        assert_eq!(out, [&[object.len() as u8][..], object].concat());
+        assert_eq!(texts, [String::from_utf8(object.to_vec()).unwrap()]);
     }
 
     #[test]

@@ -45,22 +45,35 @@ pub(super) fn write_string(out: &mut Vec<u8>, text: &[u8]) {
 /// without the whitespace between its tokens (so a payload reads the same whatever its
 /// producer's formatting).
 pub(super) fn write_compact_json_string(out: &mut Vec<u8>, raw: &str) {
-    // Most producers write compact JSON: then the text is written as it is, its length known.
-    if !raw
-        .bytes()
-        .any(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
-    {
+    // Compact already: written as it is, its length known, no prefix to put in front after.
+    if is_compact(raw) {
         write_string(out, raw.as_bytes());
         return;
     }
     let start = out.len();
-    compact_json_into(raw, out);
+    remove_whitespace(raw, out);
     let (prefix, len) = varint((out.len() - start) as u64);
     out.splice(start..start, prefix[..len].iter().copied());
 }
 
+/// Whether `raw` has no whitespace byte at all, as most producers write JSON: then nothing is
+/// to be taken out of it.
+fn is_compact(raw: &str) -> bool {
+    !raw.bytes()
+        .any(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
 /// Appends `raw`, valid JSON, to `out` without the whitespace outside its strings.
 pub(super) fn compact_json_into(raw: &str, out: &mut Vec<u8>) {
+    if is_compact(raw) {
+        out.extend_from_slice(raw.as_bytes());
+    } else {
+        remove_whitespace(raw, out);
+    }
+}
+
+/// Appends `raw`, valid JSON, to `out`, leaving out the whitespace outside its strings.
+fn remove_whitespace(raw: &str, out: &mut Vec<u8>) {
     let bytes = raw.as_bytes();
     let (mut in_string, mut escaped) = (false, false);
     let mut run_start = 0;
