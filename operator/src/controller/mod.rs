@@ -241,12 +241,27 @@ pub struct Context {
 /// (and never longer than half the resync interval, so a resync always looks again).
 pub const DATA_PLANE_REUSE: Duration = Duration::from_secs(10);
 
+/// The first look again at lagging replicas (a new stream's followers are current within a
+/// second or two).
+const LAGGING_RECHECK_FIRST: Duration = Duration::from_secs(2);
+
+/// How soon to look again at replicas that have lagged for `lagging_for`: after
+/// [`LAGGING_RECHECK_FIRST`], then as long again as they have lagged, so the status shows a new
+/// stream's replicas current within seconds while a server that stays away costs a fleet ever
+/// fewer looks (the resync interval caps the delay).
+pub fn lagging_recheck_delay(lagging_for: Duration) -> Duration {
+    lagging_for.max(LAGGING_RECHECK_FIRST)
+}
+
 /// The recent data-plane reports, and when the expired ones were last dropped: dropping them on
 /// every insert walked every report of the last window (hundreds while a fleet is created).
 #[derive(Default)]
 struct RecentReports {
     by_pipeline: HashMap<String, RecentReport>,
     pruned: Option<std::time::Instant>,
+    /// Since when each pipeline's data plane has reported lagging replicas, without a report
+    /// in between that found them current (see [`Context::lagging_recheck`]).
+    lagging_since: HashMap<String, std::time::Instant>,
 }
 
 impl RecentReports {
@@ -353,7 +368,16 @@ impl Context {
             return;
         };
         let key = Self::key(pipeline);
-        if !(report.all_ready() && report.dead_letter.ready) {
+        if report.replicas_lagging() {
+            recent
+                .lagging_since
+                .entry(key.clone())
+                .or_insert_with(std::time::Instant::now);
+        } else {
+            recent.lagging_since.remove(&key);
+        }
+        // A report with lagging replicas is not reused: the next look is to see them current.
+        if !(report.all_ready() && report.dead_letter.ready) || report.replicas_lagging() {
             recent.by_pipeline.remove(&key);
             return;
         }
@@ -430,8 +454,18 @@ impl Context {
             manifests.remove(&format!("{namespace}/{name}"));
         }
         if let Ok(mut recent) = self.recent_reports.lock() {
-            recent.by_pipeline.remove(&format!("{namespace}/{name}"));
+            let key = format!("{namespace}/{name}");
+            recent.by_pipeline.remove(&key);
+            recent.lagging_since.remove(&key);
         }
+    }
+
+    /// How soon to look again at a pipeline whose last data-plane report found lagging replicas
+    /// (`None` when it found none): [`lagging_recheck_delay`] of how long they have lagged.
+    pub fn lagging_recheck(&self, pipeline: &SignalPipeline) -> Option<Duration> {
+        let recent = self.recent_reports.lock().ok()?;
+        let since = recent.lagging_since.get(&Self::key(pipeline))?;
+        Some(lagging_recheck_delay(since.elapsed()))
     }
 
     /// The config hash and fingerprint of the ConfigMap `pipeline` renders to, rendered once per
@@ -943,6 +977,64 @@ mod tests {
         let ctx = offline_context(hurried);
         ctx.remember_data_plane(&pipeline, &credentials, &report);
         assert!(ctx.recent_data_plane(&pipeline, &credentials).is_none());
+    }
+
+    #[tokio::test]
+    async fn lagging_replicas_are_looked_at_again_soon_and_ever_later_while_they_lag() {
+        let ctx = offline_context(Settings::new("signal-worker:test"));
+        let pipeline = crate::workload::fixtures::stored_pipeline("orders");
+        let credentials = PipelineCredentials::default();
+        let ready = crate::dataplane::PartReport::ready("Created", "created", Vec::new());
+        let current = DataPlaneReport {
+            stream: ready.clone(),
+            consumer: ready.clone(),
+            table: ready.clone(),
+            dead_letter: ready,
+            stream_status: Some(signal_model::StreamStatus {
+                leader: Some("n1".into()),
+                current_replicas: Some(3),
+                ..signal_model::StreamStatus::default()
+            }),
+            ..DataPlaneReport::default()
+        };
+        let mut lagging = current.clone();
+        lagging.stream_status = Some(signal_model::StreamStatus {
+            current_replicas: Some(2),
+            lagging_replicas: vec!["n3".into()],
+            ..current.stream_status.clone().expect("figures")
+        });
+        assert!(lagging.replicas_lagging() && !current.replicas_lagging());
+
+        ctx.remember_data_plane(&pipeline, &credentials, &lagging);
+        assert_eq!(
+            ctx.lagging_recheck(&pipeline),
+            Some(LAGGING_RECHECK_FIRST),
+            "a stream just found lagging is looked at again within seconds"
+        );
+        assert!(
+            ctx.recent_data_plane(&pipeline, &credentials).is_none(),
+            "a report with lagging replicas is not reused: the next look is a new one"
+        );
+        ctx.remember_data_plane(&pipeline, &credentials, &current);
+        assert_eq!(ctx.lagging_recheck(&pipeline), None);
+        assert!(ctx.recent_data_plane(&pipeline, &credentials).is_some());
+
+        // The dead-letter stream's lagging replicas count too.
+        let mut dead_letter_lagging = current.clone();
+        dead_letter_lagging.dead_letter.reason = crate::dataplane::stream::REPLICAS_DEGRADED.into();
+        assert!(dead_letter_lagging.replicas_lagging());
+
+        // The delay grows with how long they have lagged, so a server that stays away costs a
+        // fleet ever fewer looks.
+        assert_eq!(lagging_recheck_delay(Duration::ZERO), LAGGING_RECHECK_FIRST);
+        assert_eq!(
+            lagging_recheck_delay(Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            lagging_recheck_delay(Duration::from_secs(40)),
+            Duration::from_secs(40)
+        );
     }
 
     #[test]

@@ -341,6 +341,9 @@ async fn apply(
     if let Some(recheck) = autoscale.and_then(|d| d.recheck_after) {
         next = next.min(recheck.max(Duration::from_secs(1)));
     }
+    if let Some(recheck) = ctx.lagging_recheck(pipeline) {
+        next = next.min(recheck);
+    }
     Ok(Action::requeue(next))
 }
 

@@ -152,6 +152,16 @@ impl DataPlaneReport {
         self.stream.ready && self.consumer.ready && self.table.ready
     }
 
+    /// The stream or the dead-letter stream has replicas that are not current with its leader:
+    /// just created or scaled (followers catching up, usually within seconds), or a server is
+    /// away. The workers run; the status is looked at again sooner than a resync.
+    pub fn replicas_lagging(&self) -> bool {
+        self.stream_status
+            .as_ref()
+            .is_some_and(|status| !status.lagging_replicas.is_empty())
+            || self.dead_letter.reason == stream::REPLICAS_DEGRADED
+    }
+
     /// Every change made to the pipeline's own parts, in order stream, consumer, table,
     /// dead-letter stream (the shared health stream's are in `health_stream_changes`).
     pub fn changes(&self) -> impl Iterator<Item = &str> {

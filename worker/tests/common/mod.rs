@@ -396,6 +396,27 @@ pub struct BinaryWorker {
     pub log: PathBuf,
 }
 
+/// A failing test shows the end of each worker's log with its panic: CI keeps no files.
+impl Drop for BinaryWorker {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_PANIC)..];
+        eprintln!(
+            "--- the last {} lines of {}:\n{}",
+            tail.len(),
+            self.log.display(),
+            tail.join("\n")
+        );
+    }
+}
+
+/// Lines of a worker's log shown when its test fails.
+const LOG_TAIL_ON_PANIC: usize = 20;
+
 impl BinaryWorker {
     /// Starts the binary with `--ensure-consumer` on a free port, stderr into `log`.
     pub fn spawn(manifest: &std::path::Path, log: &std::path::Path) -> BinaryWorker {
