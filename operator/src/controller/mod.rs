@@ -249,7 +249,7 @@ const LAGGING_RECHECK_FIRST: Duration = Duration::from_secs(2);
 /// [`LAGGING_RECHECK_FIRST`], then as long again as they have lagged, so the status shows a new
 /// stream's replicas current within seconds while a server that stays away costs a fleet ever
 /// fewer looks (the resync interval caps the delay).
-pub fn lagging_recheck_delay(lagging_for: Duration) -> Duration {
+fn lagging_recheck_delay(lagging_for: Duration) -> Duration {
     lagging_for.max(LAGGING_RECHECK_FIRST)
 }
 
