@@ -376,12 +376,7 @@ impl RowEncoder {
                     if let Some((wanted, texts)) = texts.as_mut()
                         && wanted.contains(&index)
                     {
-                        let mut compact = Vec::with_capacity(composite.len());
-                        values::compact_json_into(composite, &mut compact);
-                        // Only ASCII whitespace was taken out of UTF-8: still UTF-8.
-                        texts[index] = String::from_utf8(compact).unwrap_or_else(|error| {
-                            String::from_utf8_lossy(error.as_bytes()).into_owned()
-                        });
+                        texts[index] = values::compact_json(composite);
                     }
                     return Ok(());
                 }

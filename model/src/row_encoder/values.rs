@@ -63,13 +63,17 @@ fn is_compact(raw: &str) -> bool {
         .any(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
 }
 
-/// Appends `raw`, valid JSON, to `out` without the whitespace outside its strings.
-pub(super) fn compact_json_into(raw: &str, out: &mut Vec<u8>) {
+/// `raw`, valid JSON, without the whitespace outside its strings (the Redis cache's copy of
+/// what [`write_compact_json_string`] stores).
+pub(super) fn compact_json(raw: &str) -> String {
     if is_compact(raw) {
-        out.extend_from_slice(raw.as_bytes());
-    } else {
-        remove_whitespace(raw, out);
+        return raw.to_owned();
     }
+    let mut compact = Vec::with_capacity(raw.len());
+    remove_whitespace(raw, &mut compact);
+    // Only ASCII whitespace was taken out of UTF-8: still UTF-8.
+    String::from_utf8(compact)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
 }
 
 /// Appends `raw`, valid JSON, to `out`, leaving out the whitespace outside its strings.

@@ -368,7 +368,8 @@ impl Context {
             return;
         };
         let key = Self::key(pipeline);
-        if report.replicas_lagging() {
+        let lagging = report.replicas_lagging();
+        if lagging {
             recent
                 .lagging_since
                 .entry(key.clone())
@@ -377,7 +378,7 @@ impl Context {
             recent.lagging_since.remove(&key);
         }
         // A report with lagging replicas is not reused: the next look is to see them current.
-        if !(report.all_ready() && report.dead_letter.ready) || report.replicas_lagging() {
+        if !(report.all_ready() && report.dead_letter.ready) || lagging {
             recent.by_pipeline.remove(&key);
             return;
         }
