@@ -110,9 +110,14 @@ fn main() -> anyhow::Result<()> {
         runtime: tokio::runtime::Runtime::new().context("tokio runtime")?,
         messages,
     };
+    // The batch settings decide much of clickhouse-server's CPU (README, `spec.workers`).
+    let spec = bench_manifest("", "").spec;
     println!(
-        "end_to_end: {messages} messages of ~{} B; nats-server on {}, ClickHouse {} on {}",
+        "end_to_end: {messages} messages of ~{} B; batches of {} rows, {} acks pending; \
+         nats-server on {}, ClickHouse {} on {}",
         demo_message(messages / 2, 0).payload.len(),
+        spec.workers.batch.max_rows,
+        spec.consumer.max_ack_pending,
         bench.nats.port(),
         bench.clickhouse.query("SELECT version()")?.trim(),
         bench.clickhouse.http_port()
