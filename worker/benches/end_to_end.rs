@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         messages,
     };
     // The batch settings decide much of clickhouse-server's CPU (README, `spec.workers`).
-    let spec = bench_manifest("", "").spec;
+    let spec = bench_manifest(&bench.nats.url(), &bench.clickhouse.http_url()).spec;
     println!(
         "end_to_end: {messages} messages of ~{} B; batches of {} rows, {} acks pending; \
          nats-server on {}, ClickHouse {} on {}",

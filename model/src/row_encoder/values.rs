@@ -69,15 +69,19 @@ pub(super) fn compact_json(raw: &str) -> String {
     if is_compact(raw) {
         return raw.to_owned();
     }
-    let mut compact = Vec::with_capacity(raw.len());
-    remove_whitespace(raw, &mut compact);
-    // Only ASCII whitespace was taken out of UTF-8: still UTF-8.
-    String::from_utf8(compact)
-        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+    let mut compact = String::with_capacity(raw.len());
+    for_each_token_run(raw, |run| compact.push_str(run));
+    compact
 }
 
 /// Appends `raw`, valid JSON, to `out`, leaving out the whitespace outside its strings.
 fn remove_whitespace(raw: &str, out: &mut Vec<u8>) {
+    for_each_token_run(raw, |run| out.extend_from_slice(run.as_bytes()));
+}
+
+/// Hands `raw`, valid JSON, to `emit` in runs between the whitespace outside its strings. Each
+/// run ends at an ASCII byte, so it is still a `str`: no UTF-8 to check again.
+fn for_each_token_run<'a>(raw: &'a str, mut emit: impl FnMut(&'a str)) {
     let bytes = raw.as_bytes();
     let (mut in_string, mut escaped) = (false, false);
     let mut run_start = 0;
@@ -93,11 +97,11 @@ fn remove_whitespace(raw: &str, out: &mut Vec<u8>) {
         } else if byte == b'"' {
             in_string = true;
         } else if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
-            out.extend_from_slice(&bytes[run_start..at]);
+            emit(&raw[run_start..at]);
             run_start = at + 1;
         }
     }
-    out.extend_from_slice(&bytes[run_start..]);
+    emit(&raw[run_start..]);
 }
 
 /// Writes a JSON value's compact text as a RowBinary string. The text is serialized straight
